@@ -1,0 +1,1 @@
+"""VGGish embedding producer: plans chunks, enqueues them, follows progress and finalizes."""

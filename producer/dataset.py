@@ -1,0 +1,113 @@
+"""The user's input pair: the spectrogram .dat and the CSV frame with one row per spectrogram."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from worker.errors import InputError
+from worker.spectrogram import digest, first_bad_rows, read_rows, row_count
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int
+    stop: int
+    digest: str
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def csv_header(path: Path) -> list[str]:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a CSV file")
+    with open(path, newline="") as f:
+        try:
+            header = next(csv.reader(f), None)
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: not a readable CSV ({e})") from e
+    if not header:
+        raise InputError(f"{path}: CSV is empty (no header row)")
+    return header
+
+
+def csv_reader(path: Path, block_size: int = 1 << 22) -> pacsv.CSVStreamingReader:
+    """Stream the CSV with every column read as text, so its values are copied, never reinterpreted."""
+    header = csv_header(path)
+    names = [f"_{i}" for i in range(len(header))]
+    try:
+        return pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=block_size),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names}, strings_can_be_null=False, quoted_strings_can_be_null=False
+            ),
+        )
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+
+
+def csv_rows(path: Path) -> int:
+    rows = 0
+    try:
+        for batch in csv_reader(path):
+            rows += batch.num_rows
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+    return rows
+
+
+def validate(spec: Path, frame: Path) -> int:
+    """Row count of a matching .dat/CSV pair, or an InputError naming what does not match."""
+    rows = row_count(spec)
+    header = csv_header(frame)
+    if any(name.startswith("e") and name[1:].isdigit() for name in header):
+        raise InputError(f"{frame}: already has embedding columns (e0...); give the input frame, not an output")
+    n = csv_rows(frame)
+    if n != rows:
+        raise InputError(f"{frame} has {n} rows but {spec} has {rows} spectrograms; they must match one to one")
+    return rows
+
+
+def scan(spec: Path, rows: int, chunk_rows: int) -> list[Chunk]:
+    """Plan chunks aligned to multiples of chunk_rows, fingerprint each, and refuse NaN or Inf."""
+    chunks = []
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        data = read_rows(spec, start, stop)
+        bad = first_bad_rows(data, start)
+        if bad:
+            raise InputError(f"{spec}: NaN or Inf in spectrogram rows {', '.join(map(str, bad))}")
+        chunks.append(Chunk(start, stop, digest(data)))
+    return chunks
+
+
+def write_sample(out_dir: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
+    """Synthetic log-mel-like spectrograms and a matching frame, in the seed notebook's layout."""
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec, frame = out_dir / "wavfile_spec.dat", out_dir / "wavfile_df.csv"
+    labels = ["yes", "no", "up", "down", "left", "right", "on", "off"]
+    with open(spec, "wb") as f:
+        for start in range(0, rows, 1024):
+            n = min(1024, rows - start)
+            bands = np.linspace(0.0, -3.0, 64)
+            tone = rng.integers(0, 64, size=(n, 1, 1))
+            data = bands + 2.0 * np.exp(-0.5 * ((np.arange(64) - tone) / 3.0) ** 2) + rng.normal(0, 0.5, (n, 96, 64))
+            data.astype("<f8").tofile(f)
+    label = rng.integers(0, len(labels), rows)
+    with open(frame, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["", "file_name", "label", "valid"])
+        for i in range(rows):
+            w.writerow([i, f"{labels[label[i]]}/clip_{i // 2:06d}.wav", labels[label[i]], bool(rng.random() < 0.2)])
+    return spec, frame

@@ -1,0 +1,130 @@
+"""The finalizer: merge a job's shards, in row order, into the seed notebook's output files.
+
+It streams: one CSV block and the shards under it are in memory at a time, whatever N is.
+Every output is written to a temp name and renamed when whole, so a crash leaves the old
+outputs (or none), never a torn one; re-running finalize is always safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from producer.dataset import csv_header, csv_reader
+from producer.job import Job
+from producer.postprocess import PCA
+from worker.errors import InputError
+from worker.files import atomic_write
+from worker.shard import EMBEDDING_SIZE, read_shard
+
+OUTPUT_DAT = "wavfile_embed.dat"
+OUTPUT_CSV = "wavfile_embed.csv"
+OUTPUT_PCA = "wavfile_embed_pca.dat"
+EMBEDDING_COLUMNS = [f"e{i}" for i in range(EMBEDDING_SIZE)]
+
+
+def ranges(pairs: list[tuple[int, int]], limit: int = 6) -> str:
+    shown = ", ".join(f"{a}-{b}" for a, b in pairs[:limit])
+    return shown + (f" and {len(pairs) - limit} more" if len(pairs) > limit else "")
+
+
+def check_complete(job: Job) -> None:
+    """Refuse, naming row ranges, unless every chunk has exactly the shard the plan asks for."""
+    failures = job.dir.failures()
+    if failures:
+        reasons = "; ".join(f"{f['start']}-{f['stop']}: {f['reason']}" for f in failures[:3])
+        raise InputError(f"{len(failures)} chunks failed (rows {reasons}); fix the cause and re-run `producer enqueue`")
+    missing = job.missing()
+    if missing:
+        raise InputError(
+            f"{len(missing)} of {len(job.chunks)} chunks have no shard yet (rows {ranges([(c.start, c.stop) for c in missing])})"
+        )
+
+
+def shard_rows(job: Job) -> Iterator[np.ndarray]:
+    """Each chunk's embeddings as float64, in row order, after checking they fit the job."""
+    model = job.dir.pinned_model()
+    for chunk in job.chunks:
+        path = job.shard_path(chunk)
+        try:
+            meta, embeddings = read_shard(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"{path}: unreadable shard ({e}); delete it and re-run `producer enqueue`") from e
+        if meta.model != model:
+            raise InputError(f"{path}: made by model {meta.model}, but the job is pinned to {model}")
+        yield embeddings.astype(np.float64)
+
+
+class RowTaker:
+    """Hands out the next n rows of a stream of arrays, across array boundaries."""
+
+    def __init__(self, arrays: Iterator[np.ndarray]) -> None:
+        self.arrays = arrays
+        self.pending: list[np.ndarray] = []
+        self.count = 0
+
+    def take(self, n: int) -> np.ndarray:
+        while self.count < n:
+            block = next(self.arrays, None)
+            if block is None:
+                raise InputError(f"the CSV has more rows than the job's {self.count} embeddings left")
+            self.pending.append(block)
+            self.count += len(block)
+        joined = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        head, tail = joined[:n], joined[n:]
+        self.pending, self.count = ([tail] if len(tail) else []), len(tail)
+        return head
+
+    def exhausted(self) -> bool:
+        return self.count == 0 and next(self.arrays, None) is None
+
+
+def header_line(names: list[str]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow([*names, *EMBEDDING_COLUMNS])
+    return out.getvalue().encode()
+
+
+def finalize(job: Job, pca: PCA | None = None) -> dict:
+    """Write wavfile_embed.dat (N x 128 float64), wavfile_embed.csv (frame + e0..e127) and,
+    with PCA params, wavfile_embed_pca.dat (N x 128 uint8). Returns a summary."""
+    began = time.perf_counter()
+    check_complete(job)
+    out = Path(job.out_dir)
+    frame = Path(job.csv)
+    names = csv_header(frame)
+    taker = RowTaker(shard_rows(job))
+    rows = 0
+    with contextlib.ExitStack() as stack:
+        dat = stack.enter_context(atomic_write(out / OUTPUT_DAT))
+        quantized = stack.enter_context(atomic_write(out / OUTPUT_PCA)) if pca else None
+        table_csv = stack.enter_context(atomic_write(out / OUTPUT_CSV))
+        table_csv.write(header_line(names))
+        writer = None
+        for batch in csv_reader(frame, block_size=1 << 20):
+            embeddings = taker.take(batch.num_rows)
+            embeddings.tofile(dat)
+            if quantized is not None:
+                pca.quantize(embeddings).tofile(quantized)
+            columns = [*batch.columns, *(pa.array(embeddings[:, i]) for i in range(EMBEDDING_SIZE))]
+            table = pa.RecordBatch.from_arrays(columns, names=[*batch.schema.names, *EMBEDDING_COLUMNS])
+            if writer is None:
+                writer = pacsv.CSVWriter(
+                    table_csv, table.schema, write_options=pacsv.WriteOptions(include_header=False, quoting_style="needed")
+                )
+            writer.write_batch(table)
+            rows += batch.num_rows
+        if writer is not None:
+            writer.close()
+        if rows != job.rows or not taker.exhausted():
+            raise InputError(f"{frame} has {rows} rows but the job has {job.rows}: the CSV changed since enqueue")
+    outputs = [str(out / OUTPUT_DAT), str(out / OUTPUT_CSV)] + ([str(out / OUTPUT_PCA)] if pca else [])
+    return {"rows": rows, "outputs": outputs, "seconds": round(time.perf_counter() - began, 3)}

@@ -1,0 +1,91 @@
+"""Planning a run of a job: which chunks already have a shard that fits, and which must be sent."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from celery import Celery
+
+from producer.dataset import Chunk, scan, validate
+from producer.job import Job, check_writable, default_chunk_rows
+from worker.message import QUEUE, TASK_NAME
+
+
+@dataclass
+class Plan:
+    job: Job
+    send: list[Chunk]
+    reused: list[Chunk]
+    dropped_shards: bool
+
+    def summary(self) -> dict:
+        return {
+            "job": self.job.id,
+            "out_dir": self.job.out_dir,
+            "source": self.job.source,
+            "csv": self.job.csv,
+            "rows": self.job.rows,
+            "chunks": len(self.job.chunks),
+            "chunk_rows": self.job.chunk_rows,
+            "embedding": self.job.embedding,
+            "model": self.job.dir.pinned_model(),
+            "reused_rows": sum(c.rows for c in self.reused),
+            "reused_chunks": len(self.reused),
+            "enqueued_rows": sum(c.rows for c in self.send),
+            "enqueued_chunks": len(self.send),
+            "dropped_shards_of_other_model": self.dropped_shards,
+        }
+
+
+def plan_job(
+    spec: Path,
+    frame: Path,
+    out_dir: Path,
+    embedding: str,
+    chunk_rows: int | None,
+    workers: int,
+    model: str | None,
+) -> Plan:
+    """Validate the inputs, record the job in out_dir, and work out which chunks need a worker.
+
+    A chunk keeps its shard when its rows' bytes, the embedding form and the model are unchanged,
+    so re-running on grown or edited inputs sends only what changed.
+    """
+    spec, frame, out_dir = (Path(os.path.realpath(p)) for p in (spec, frame, out_dir))
+    rows = validate(spec, frame)
+    check_writable(out_dir)
+    old = Job.load_or_new(out_dir)
+    if chunk_rows is None:
+        chunk_rows = old.chunk_rows if old else default_chunk_rows(rows, workers)
+    job = Job(
+        id=old.id if old else Job.new_id(),
+        out_dir=str(out_dir),
+        source=str(spec),
+        csv=str(frame),
+        rows=rows,
+        chunk_rows=chunk_rows,
+        embedding=embedding,
+        chunks=scan(spec, rows, chunk_rows),
+    )
+    jobdir = job.dir
+    jobdir.ensure()
+    dropped = jobdir.repin_model(model) if model else False
+    wanted = {job.shard_path(c).name for c in job.chunks}
+    for stale in jobdir.shards.glob("*.npz"):
+        if stale.name not in wanted:
+            stale.unlink()
+    send = job.missing()
+    for failure in jobdir.failures():  # every chunk without a shard gets a fresh try
+        jobdir.clear_failure(failure["start"], failure["stop"])
+    job.save()
+    reused = [c for c in job.chunks if c not in send]
+    return Plan(job, send, reused, dropped)
+
+
+def send(app: Celery, job: Job, chunks: list[Chunk]) -> None:
+    """One small JSON message per chunk: a reference to rows, never the rows."""
+    with app.producer_or_acquire() as producer:
+        for chunk in chunks:
+            app.send_task(TASK_NAME, kwargs=job.message(chunk).encode(), queue=QUEUE, producer=producer)

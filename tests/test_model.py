@@ -1,0 +1,97 @@
+"""The model: official variable names, V1 and V2 checkpoints, both embedding forms, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reference import assert_close, vggish
+from worker import checkpoint
+from worker.errors import CheckpointError
+from worker.model import Embedder
+
+
+def rows(sample_source: Path, n: int = 8) -> np.ndarray:
+    return np.fromfile(sample_source / "wavfile_spec.dat").reshape(-1, 96, 64)[:n]
+
+
+def test_untrained_checkpoint_is_official_v1_layout(model_files):
+    ckpt = model_files["checkpoint"]
+    assert ckpt.is_file() and not Path(f"{ckpt}.index").exists()  # V1: one file, no .index/.data
+    assert checkpoint.checkpoint_files(ckpt) == [ckpt]
+    variables = checkpoint.read_variables(ckpt)
+    assert set(variables) == set(checkpoint.VARIABLE_SHAPES)
+    assert "vggish/fc2/biases" in variables and variables["vggish/fc1/fc1_1/weights"].shape == (12288, 4096)
+    assert checkpoint.is_untrained(ckpt)
+
+
+def test_v1_checkpoint_restores_and_matches_numpy_reference(model_files, weights, sample_source, expected):
+    model = Embedder(model_files["checkpoint"], batch_size=3)  # odd batch size: sub-batches must stitch
+    x = rows(sample_source)
+    linear = model.embed(x, "linear")
+    relu = model.embed(x, "relu")
+    assert linear.dtype == np.float32 and linear.shape == (8, 128)
+    assert_close(linear, expected["linear"][:8])
+    assert_close(relu, expected["relu"][:8])
+    assert (relu == 0).any() and (linear < 0).any()  # the two forms really differ
+    assert model.untrained and model.device == "CPU"
+    model.close()
+
+
+def test_v2_checkpoint_loads_to_the_same_model(tmp_path, model_files, sample_source):
+    v2 = checkpoint.write_untrained_checkpoint(tmp_path / "v2.ckpt", seed=0, v1=False)
+    assert Path(f"{v2}.index").exists()
+    x = rows(sample_source, 4)
+    a = Embedder(model_files["checkpoint"]).embed(x, "linear")
+    b = Embedder(v2).embed(x, "linear")
+    np.testing.assert_array_equal(a, b)
+
+
+def test_fingerprint_tells_checkpoints_apart(tmp_path, model_files):
+    other = checkpoint.write_untrained_checkpoint(tmp_path / "seed1.ckpt", seed=1)
+    assert checkpoint.fingerprint(other) != checkpoint.fingerprint(model_files["checkpoint"])
+    assert checkpoint.fingerprint(model_files["checkpoint"]) == checkpoint.fingerprint(model_files["checkpoint"])
+
+
+def write_partial_checkpoint(path: Path, shapes: dict[str, tuple]) -> Path:
+    from worker.devices import load_tensorflow
+
+    tf = load_tensorflow()
+    tf1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default(), tf1.Session(graph=graph) as sess:
+        variables = [tf1.get_variable(name, shape=shape) for name, shape in shapes.items()]
+        sess.run(tf1.global_variables_initializer())
+        tf1.train.Saver(variables, write_version=tf1.train.SaverDef.V1).save(
+            sess, str(path), write_meta_graph=False, write_state=False
+        )
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such checkpoint"),
+        ("directory", "is a directory"),
+        ("corrupt", "not a readable TensorFlow checkpoint"),
+        ("other_model", "not a VGGish checkpoint"),
+        ("wrong_shape", "has shape (3, 3, 1, 32), VGGish needs (3, 3, 1, 64)"),
+    ],
+)
+def test_bad_checkpoints_fail_with_a_clear_error(tmp_path, case, message):
+    path = tmp_path / "bad.ckpt"
+    if case == "directory":
+        path.mkdir()
+    elif case == "corrupt":
+        path.write_bytes(b"\x00not a checkpoint" * 100)
+    elif case == "other_model":
+        write_partial_checkpoint(path, {"resnet/conv1/weights": (3, 3, 1, 64)})
+    elif case == "wrong_shape":
+        shapes = dict(checkpoint.VARIABLE_SHAPES)
+        shapes["vggish/conv1/weights"] = (3, 3, 1, 32)
+        shapes["vggish/fc1/fc1_1/weights"] = (1, 1)  # keep the file small; conv1 is checked first
+        write_partial_checkpoint(path, shapes)
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Embedder(path)

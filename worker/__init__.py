@@ -1,0 +1,1 @@
+"""VGGish embedding worker: a Celery worker holding one warm VGGish session."""

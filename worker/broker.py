@@ -1,0 +1,54 @@
+"""The Celery app both sides share: JSON only, late acks, one chunk in flight per worker."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from celery import Celery
+
+from worker.errors import BrokerError
+from worker.message import QUEUE
+
+BROKER_ENV = "VGGISH_BROKER_URL"
+VISIBILITY_ENV = "VGGISH_VISIBILITY_TIMEOUT"
+
+
+def broker_url(flag: str | None) -> str:
+    url = flag or os.environ.get(BROKER_ENV)
+    if not url:
+        raise BrokerError(f"no broker: pass --broker URL or set {BROKER_ENV} (e.g. redis://:PASSWORD@host:6379/0)")
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for logs and status output."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def make_app(url: str) -> Celery:
+    app = Celery("vggish", broker=url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_default_queue=QUEUE,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": int(os.environ.get(VISIBILITY_ENV, "3600"))},
+        worker_hijack_root_logger=True,
+    )
+    return app
+
+
+def check_connection(app: Celery) -> None:
+    """Fail now, with the URL (password hidden), if the broker cannot be reached."""
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5, timeout=5)
+    except Exception as e:
+        raise BrokerError(f"cannot reach broker {redact(app.conf.broker_url)}: {e}") from e

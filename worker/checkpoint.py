@@ -1,0 +1,134 @@
+"""VGGish checkpoint files: locating, fingerprinting and checking them, and writing untrained ones.
+
+The public `vggish_model.ckpt` is a TF1 checkpoint in the old V1 format (one file); V2
+checkpoints (`PREFIX.index` + `PREFIX.data-*`) load too. Checkpoints written here hold seeded
+random weights: they exercise the real loading code but are NOT trained and embed nothing useful.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from worker.devices import load_tensorflow
+from worker.errors import CheckpointError
+from worker.files import atomic_write
+from worker.shard import EMBEDDING_SIZE
+
+VARIABLE_SHAPES: dict[str, tuple[int, ...]] = {}
+for _scope, _shape in [
+    ("conv1", (3, 3, 1, 64)),
+    ("conv2", (3, 3, 64, 128)),
+    ("conv3/conv3_1", (3, 3, 128, 256)),
+    ("conv3/conv3_2", (3, 3, 256, 256)),
+    ("conv4/conv4_1", (3, 3, 256, 512)),
+    ("conv4/conv4_2", (3, 3, 512, 512)),
+    ("fc1/fc1_1", (12288, 4096)),
+    ("fc1/fc1_2", (4096, 4096)),
+    ("fc2", (4096, EMBEDDING_SIZE)),
+]:
+    VARIABLE_SHAPES[f"vggish/{_scope}/weights"] = _shape
+    VARIABLE_SHAPES[f"vggish/{_scope}/biases"] = _shape[-1:]
+
+UNTRAINED_MARKER = "vggish_pipeline/untrained_seed"
+UNTRAINED_CHECKPOINT = "vggish_untrained.ckpt"
+UNTRAINED_PCA = "vggish_untrained_pca_params.npz"
+PCA_EIGEN_VECTORS = "pca_eigen_vectors"
+PCA_MEANS = "pca_means"
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files that make up a checkpoint: the file itself (V1), or PREFIX.index and PREFIX.data-* (V2)."""
+    if path.suffix == ".index":
+        path = path.with_suffix("")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; give the checkpoint file, e.g. vggish_model.ckpt")
+    if path.is_file():
+        return [path]
+    index = path.with_name(path.name + ".index")
+    if index.is_file():
+        return [index, *sorted(path.parent.glob(path.name + ".data-*"))]
+    raise CheckpointError(f"{path}: no such checkpoint")
+
+
+def fingerprint(path: Path) -> str:
+    """A digest of the checkpoint's bytes: two jobs share shards only when this matches."""
+    h = hashlib.sha256()
+    for file in checkpoint_files(path):
+        with open(file, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def read_variables(path: Path) -> dict[str, np.ndarray]:
+    """Every VGGish variable of a checkpoint, after checking names and shapes."""
+    tf = load_tensorflow()
+
+    files = checkpoint_files(path)
+    prefix = files[0].with_suffix("") if files[0].suffix == ".index" else files[0]
+    try:
+        reader = tf.compat.v1.train.NewCheckpointReader(str(prefix))
+    except Exception as e:  # TensorFlow raises several types for unreadable files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable TensorFlow checkpoint ({first})") from e
+    shapes = reader.get_variable_to_shape_map()
+    missing = [name for name in VARIABLE_SHAPES if name not in shapes]
+    if missing:
+        raise CheckpointError(f"{path}: not a VGGish checkpoint: lacks {len(missing)} variables, e.g. {missing[0]}")
+    for name, shape in VARIABLE_SHAPES.items():
+        if tuple(shapes[name]) != shape:
+            raise CheckpointError(f"{path}: variable {name} has shape {tuple(shapes[name])}, VGGish needs {shape}")
+    return {name: reader.get_tensor(name) for name in VARIABLE_SHAPES}
+
+
+def is_untrained(path: Path) -> bool:
+    tf = load_tensorflow()
+
+    files = checkpoint_files(path)
+    prefix = files[0].with_suffix("") if files[0].suffix == ".index" else files[0]
+    return tf.compat.v1.train.NewCheckpointReader(str(prefix)).has_tensor(UNTRAINED_MARKER)
+
+
+def untrained_weights(seed: int) -> dict[str, np.ndarray]:
+    """He-scaled normal weights and small biases, so activations neither vanish nor explode."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in VARIABLE_SHAPES.items():
+        if name.endswith("/weights"):
+            fan_in = int(np.prod(shape[:-1]))
+            weights[name] = (rng.standard_normal(shape, dtype=np.float32) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        else:
+            weights[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.05).astype(np.float32)
+    return weights
+
+
+def write_untrained_checkpoint(path: Path, seed: int = 0, v1: bool = True) -> Path:
+    """Write a checkpoint in the official layout (V1 by default) with seeded random, UNTRAINED weights."""
+    tf = load_tensorflow()
+
+    tf1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        variables = [tf1.get_variable(name, shape=shape, dtype=tf.float32) for name, shape in VARIABLE_SHAPES.items()]
+        marker = tf1.get_variable(UNTRAINED_MARKER, initializer=tf.constant(seed, dtype=tf.int64))
+        values = untrained_weights(seed)
+        with tf1.Session(graph=graph) as sess:
+            sess.run(marker.initializer)
+            for var in variables:
+                var.load(values[var.op.name], sess)
+            version = tf1.train.SaverDef.V1 if v1 else tf1.train.SaverDef.V2
+            saver = tf1.train.Saver([*variables, marker], write_version=version)
+            saver.save(sess, str(path), write_meta_graph=False, write_state=False)
+    return path
+
+
+def write_untrained_pca(path: Path, seed: int = 0) -> Path:
+    """PCA params in the official npz layout: an orthogonal 128x128 matrix and a 128x1 mean. UNTRAINED."""
+    rng = np.random.default_rng(seed + 1)
+    q, _ = np.linalg.qr(rng.standard_normal((EMBEDDING_SIZE, EMBEDDING_SIZE)))
+    with atomic_write(path) as f:
+        np.savez(f, **{PCA_EIGEN_VECTORS: q * 0.3, PCA_MEANS: rng.standard_normal((EMBEDDING_SIZE, 1))})
+    return path

@@ -1,0 +1,112 @@
+"""Running one chunk: check the message, read only its rows, embed them, write its shard."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from worker.errors import ChunkRefused, InputError
+from worker.jobdir import JobDir
+from worker.message import ChunkMessage, MessageError
+from worker.shard import ShardMeta, write_shard
+from worker.spectrogram import digest, read_rows
+
+log = logging.getLogger(__name__)
+
+
+class Model(Protocol):
+    fingerprint: str
+
+    def embed(self, rows: np.ndarray, form: str) -> np.ndarray: ...
+
+
+def inside(path: str, roots: list[Path]) -> Path:
+    """`path` with symlinks and `..` resolved, if that lies under one of `roots`; else refuse."""
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(root) for root in roots):
+        raise ChunkRefused(f"path {path!r} lies outside the data roots {[str(r) for r in roots]}")
+    return real
+
+
+class ChunkRunner:
+    """Everything a worker does per chunk, around its warm model."""
+
+    def __init__(self, model: Model, roots: list[Path], worker: str) -> None:
+        self.model = model
+        self.roots = [Path(os.path.realpath(r)) for r in roots]
+        self.worker = worker
+
+    def job_dir(self, msg: ChunkMessage) -> JobDir:
+        jobdir = JobDir(inside(msg.out_dir, self.roots))
+        if not jobdir.job_file.is_file():
+            raise ChunkRefused(f"{msg.out_dir} is not a job folder (no job.json)")
+        return jobdir
+
+    def run(self, payload: dict) -> dict:
+        try:
+            msg = ChunkMessage.decode(payload)
+        except (MessageError, TypeError) as e:
+            raise ChunkRefused(f"malformed message: {e}") from e
+        jobdir = self.job_dir(msg)
+        source = inside(msg.source, self.roots)
+        shard = jobdir.shard_path(msg.start, msg.stop, msg.digest, msg.embedding)
+        if shard.exists():
+            log.info("rows %d-%d: shard exists, skipped", msg.start, msg.stop)
+            return {"start": msg.start, "stop": msg.stop, "skipped": True}
+        pinned = jobdir.pin_model(self.model.fingerprint)
+        if pinned != self.model.fingerprint:
+            raise ChunkRefused(
+                f"job {msg.job} is pinned to model {pinned}; this worker has {self.model.fingerprint} loaded"
+            )
+        began = time.perf_counter()
+        try:
+            rows = read_rows(source, msg.start, msg.stop)
+        except (InputError, OSError) as e:
+            raise ChunkRefused(str(e)) from e
+        if digest(rows) != msg.digest:
+            raise ChunkRefused(
+                f"{source}: rows {msg.start}-{msg.stop} changed since they were enqueued; re-run `producer enqueue`"
+            )
+        embeddings = self.model.embed(rows, msg.embedding)
+        seconds = time.perf_counter() - began
+        meta = ShardMeta(msg.start, msg.stop, msg.digest, msg.embedding, self.model.fingerprint, self.worker, seconds)
+        write_shard(jobdir.shards, meta, embeddings)
+        jobdir.clear_failure(msg.start, msg.stop)
+        log.info("rows %d-%d embedded in %.2fs (%.1f rows/s)", msg.start, msg.stop, seconds, (msg.stop - msg.start) / seconds)
+        return {"start": msg.start, "stop": msg.stop, "seconds": seconds}
+
+    def record_failure(self, payload: dict, reason: str) -> None:
+        """Note a chunk's failure in its job folder, if the message names a real job inside the roots."""
+        try:
+            msg = ChunkMessage.decode(payload)
+            self.job_dir(msg).record_failure(msg.start, msg.stop, reason, self.worker)
+        except (MessageError, TypeError, ChunkRefused, OSError):
+            pass
+
+
+def register(app, runner: ChunkRunner, max_retries: int = 2) -> None:
+    """Bind the runner to the Celery task TASK_NAME on `app`: refusals fail at once, other errors retry."""
+    from worker.message import TASK_NAME
+
+    @app.task(name=TASK_NAME, bind=True, max_retries=max_retries)
+    def embed_chunk(task, *args, **payload):
+        try:
+            if args:
+                raise ChunkRefused("message has positional arguments; the schema is keyword-only")
+            return runner.run(payload)
+        except ChunkRefused as e:
+            log.error("refused chunk: %s", e)
+            runner.record_failure(payload, str(e))
+            return {"refused": str(e)}
+        except Exception as e:
+            if task.request.retries >= max_retries:
+                log.exception("chunk failed %d times, giving up", task.request.retries + 1)
+                runner.record_failure(payload, f"failed {task.request.retries + 1} times: {type(e).__name__}: {e}")
+                raise
+            log.warning("chunk failed (%s: %s), retrying", type(e).__name__, e)
+            raise task.retry(exc=e, countdown=2) from e

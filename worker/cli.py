@@ -1,0 +1,144 @@
+"""`worker`: start a Celery worker with a warm VGGish session, or write an untrained checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from worker.errors import PipelineError
+
+CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
+DATA_ROOTS_ENV = "VGGISH_DATA_ROOTS"
+
+log = logging.getLogger("worker")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="worker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    start = sub.add_parser("start", help="run one worker process on one device")
+    start.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
+    start.add_argument("--checkpoint", type=Path, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
+    device = start.add_mutually_exclusive_group()
+    device.add_argument("--gpu", type=int, metavar="I", help="pin to GPU I (sets CUDA_VISIBLE_DEVICES=I)")
+    device.add_argument("--cpu", action="store_true", help="hide every GPU (CUDA_VISIBLE_DEVICES=-1)")
+    start.add_argument("--name", help="worker name, e.g. gpu0@host (default: from the device and host)")
+    start.add_argument("--threads", type=int, default=0, help="TensorFlow threads per pool (0: all cores)")
+    start.add_argument("--batch-size", type=int, default=64, help="rows per session.run (default 64)")
+    start.add_argument(
+        "--data-root",
+        type=Path,
+        action="append",
+        help=f"folder the worker may read and write under; repeatable (env {DATA_ROOTS_ENV}, "
+        "separated by ':'; default: the current folder)",
+    )
+    start.add_argument("--loglevel", default="info")
+
+    make = sub.add_parser("make-checkpoint", help="write an UNTRAINED checkpoint and PCA params for tests and demos")
+    make.add_argument("out_dir", type=Path)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--v2", action="store_true", help="write the V2 format instead of the official V1")
+    return parser.parse_args(argv)
+
+
+def default_name(args: argparse.Namespace) -> str:
+    host = socket.gethostname()
+    if args.gpu is not None:
+        return f"gpu{args.gpu}@{host}"
+    return f"cpu{os.getpid()}@{host}" if args.cpu else f"worker{os.getpid()}@{host}"
+
+
+def data_roots(flags: list[Path] | None) -> list[Path]:
+    if flags:
+        roots = flags
+    elif os.environ.get(DATA_ROOTS_ENV):
+        roots = [Path(p) for p in os.environ[DATA_ROOTS_ENV].split(os.pathsep) if p]
+    else:
+        roots = [Path.cwd()]
+    for root in roots:
+        if not root.is_dir():
+            raise PipelineError(f"data root {root} is not a folder this worker can see (shared storage mounted?)")
+    return roots
+
+
+def start(args: argparse.Namespace) -> int:
+    from worker import broker
+    from worker.chunk import ChunkRunner, register
+    from worker.message import QUEUE
+
+    url = broker.broker_url(args.broker)
+    checkpoint = args.checkpoint or (Path(os.environ[CHECKPOINT_ENV]) if os.environ.get(CHECKPOINT_ENV) else None)
+    if checkpoint is None:
+        raise PipelineError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    elif args.cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    roots = data_roots(args.data_root)
+    name = args.name or default_name(args)
+    app = broker.make_app(url)
+    broker.check_connection(app)
+
+    from worker.model import Embedder  # TensorFlow loads only now, after CUDA_VISIBLE_DEVICES is set
+
+    model = Embedder(checkpoint, threads=args.threads, batch_size=args.batch_size)
+    if args.gpu is not None and not model.device.startswith("GPU"):
+        log.warning("GPU %d was asked for but none is visible: running on the CPU", args.gpu)
+    log.info(
+        "%s: device %s, CUDA_VISIBLE_DEVICES=%s, checkpoint %s (model %s), data roots %s",
+        name,
+        model.device,
+        os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"),
+        checkpoint,
+        model.fingerprint,
+        ", ".join(map(str, roots)),
+    )
+    if model.untrained:
+        log.warning("checkpoint %s holds UNTRAINED seeded random weights: its embeddings mean nothing", checkpoint)
+    register(app, ChunkRunner(model, roots, name))
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            f"--hostname={name}",
+            f"--queues={QUEUE}",
+            f"--loglevel={args.loglevel}",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
+    return 0
+
+
+def make_checkpoint(args: argparse.Namespace) -> int:
+    from worker import checkpoint
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint.write_untrained_checkpoint(args.out_dir / checkpoint.UNTRAINED_CHECKPOINT, args.seed, not args.v2)
+    pca = checkpoint.write_untrained_pca(args.out_dir / checkpoint.UNTRAINED_PCA, args.seed)
+    (args.out_dir / "UNTRAINED.txt").write_text(
+        f"{ckpt.name} and {pca.name} hold seeded random weights (seed {args.seed}), NOT the trained VGGish.\n"
+        "They exist to test the pipeline; embeddings made with them mean nothing.\n"
+    )
+    print(f"wrote UNTRAINED checkpoint {ckpt} and PCA params {pca} (seed {args.seed})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse(argv)
+    try:
+        return {"start": start, "make-checkpoint": make_checkpoint}[args.command](args)
+    except PipelineError as e:
+        print(f"worker: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The job folder that producer, workers and finalizer share: job.json, model.json, shards/, failed/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from worker.files import create_json, write_json
+from worker.shard import shard_name
+
+JOB_FILE = "job.json"
+MODEL_FILE = "model.json"
+
+
+class JobDir:
+    """Where each piece of a job's state lives on disk; the disk is the job's source of truth."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.job_file = path / JOB_FILE
+        self.model_file = path / MODEL_FILE
+        self.shards = path / "shards"
+        self.failed = path / "failed"
+
+    def ensure(self) -> None:
+        self.shards.mkdir(parents=True, exist_ok=True)
+        self.failed.mkdir(exist_ok=True)
+
+    def shard_path(self, start: int, stop: int, digest: str, embedding: str) -> Path:
+        return self.shards / shard_name(start, stop, digest, embedding)
+
+    def pinned_model(self) -> str | None:
+        try:
+            return json.loads(self.model_file.read_text())["fingerprint"]
+        except FileNotFoundError:
+            return None
+
+    def pin_model(self, fingerprint: str) -> str:
+        """Pin the job to a model unless one is pinned already; return the job's model."""
+        create_json(self.model_file, {"fingerprint": fingerprint})
+        return self.pinned_model() or fingerprint
+
+    def repin_model(self, fingerprint: str) -> bool:
+        """Pin the job to `fingerprint`, dropping every shard of another model; True if shards were dropped."""
+        old = self.pinned_model()
+        if old == fingerprint:
+            return False
+        dropped = False
+        if old is not None:
+            for shard in self.shards.glob("*.npz"):
+                shard.unlink()
+                dropped = True
+        write_json(self.model_file, {"fingerprint": fingerprint})
+        return dropped
+
+    def _failure_path(self, start: int, stop: int) -> Path:
+        return self.failed / f"{start:012d}-{stop:012d}.json"
+
+    def record_failure(self, start: int, stop: int, reason: str, worker: str) -> None:
+        write_json(self._failure_path(start, stop), {"start": start, "stop": stop, "reason": reason, "worker": worker})
+
+    def clear_failure(self, start: int, stop: int) -> None:
+        self._failure_path(start, stop).unlink(missing_ok=True)
+
+    def failures(self) -> list[dict]:
+        if not self.failed.is_dir():
+            return []
+        return [json.loads(p.read_text()) for p in sorted(self.failed.glob("*.json"))]

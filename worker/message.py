@@ -1,0 +1,63 @@
+"""The one message a producer sends per chunk: a reference to rows of a file, never the data.
+
+It travels as the keyword arguments of the Celery task TASK_NAME, JSON-encoded, on QUEUE.
+A producer in another language can enqueue by sending a Celery protocol-2 message with
+these kwargs (see README, "Message").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+TASK_NAME = "vggish.embed_chunk"
+QUEUE = "vggish"
+SCHEMA = 1
+EMBEDDING_FORMS = ("relu", "linear")
+
+
+class MessageError(ValueError):
+    """A message that does not follow the schema."""
+
+
+@dataclass(frozen=True)
+class ChunkMessage:
+    """Embed rows [start, stop) of `source` into a shard under `out_dir`."""
+
+    job: str
+    out_dir: str
+    source: str
+    start: int
+    stop: int
+    digest: str
+    embedding: str
+    schema: int = SCHEMA
+
+    def encode(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def decode(cls, payload: dict) -> "ChunkMessage":
+        if not isinstance(payload, dict):
+            raise MessageError("message is not a JSON object")
+        names = {f.name for f in fields(cls)}
+        missing = names - set(payload) - {"schema"}
+        if missing:
+            raise MessageError(f"message lacks {sorted(missing)}")
+        unknown = set(payload) - names
+        if unknown:
+            raise MessageError(f"message has unknown fields {sorted(unknown)}")
+        msg = cls(**payload)
+        for name in ("job", "out_dir", "source", "digest", "embedding"):
+            if not isinstance(getattr(msg, name), str):
+                raise MessageError(f"message field {name} must be a string")
+        for name in ("start", "stop", "schema"):
+            value = getattr(msg, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise MessageError(f"message field {name} must be an integer")
+        if msg.schema != SCHEMA:
+            raise MessageError(f"message schema {msg.schema} is not {SCHEMA}")
+        if not 0 <= msg.start < msg.stop:
+            raise MessageError(f"message row range {msg.start}-{msg.stop} is empty or negative")
+        if msg.embedding not in EMBEDDING_FORMS:
+            raise MessageError(f"message embedding {msg.embedding!r} is not one of {EMBEDDING_FORMS}")
+        return msg

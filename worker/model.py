@@ -1,0 +1,105 @@
+"""VGGish in tf-slim under the official variable names, and the warm session a worker keeps."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from worker import checkpoint
+from worker.devices import load_tensorflow
+from worker.errors import CheckpointError
+from worker.spectrogram import BANDS, FRAMES
+
+log = logging.getLogger(__name__)
+
+INPUT_TENSOR = "vggish/input_features:0"
+EMBEDDING_TENSOR = "vggish/embedding:0"
+
+
+def define_vggish():
+    """Build VGGish in the default graph; return (input placeholder, linear 128-d embedding).
+
+    The 128-d layer is built linear, as upstream has it now; the older `relu` form that the
+    seed notebook's outputs come from is the same tensor through a ReLU, applied per job.
+    """
+    tf = load_tensorflow()
+    import tf_slim as slim
+
+    tf1 = tf.compat.v1
+    with slim.arg_scope(
+        [slim.conv2d, slim.fully_connected],
+        weights_initializer=tf1.truncated_normal_initializer(stddev=0.01),
+        biases_initializer=tf1.zeros_initializer(),
+        activation_fn=tf.nn.relu,
+        trainable=False,
+    ), slim.arg_scope([slim.conv2d], kernel_size=[3, 3], stride=1, padding="SAME"), slim.arg_scope(
+        [slim.max_pool2d], kernel_size=[2, 2], stride=2, padding="SAME"
+    ), tf1.variable_scope("vggish"):
+        features = tf1.placeholder(tf.float32, shape=(None, FRAMES, BANDS), name="input_features")
+        net = tf.reshape(features, [-1, FRAMES, BANDS, 1])
+        net = slim.conv2d(net, 64, scope="conv1")
+        net = slim.max_pool2d(net, scope="pool1")
+        net = slim.conv2d(net, 128, scope="conv2")
+        net = slim.max_pool2d(net, scope="pool2")
+        net = slim.repeat(net, 2, slim.conv2d, 256, scope="conv3")
+        net = slim.max_pool2d(net, scope="pool3")
+        net = slim.repeat(net, 2, slim.conv2d, 512, scope="conv4")
+        net = slim.max_pool2d(net, scope="pool4")
+        net = slim.flatten(net)
+        net = slim.repeat(net, 2, slim.fully_connected, 4096, scope="fc1")
+        net = slim.fully_connected(net, 128, scope="fc2", activation_fn=None)
+        return features, tf.identity(net, name="embedding")
+
+
+def visible_device() -> str:
+    """What TensorFlow will run on in this process: the first visible GPU's name, or 'CPU'."""
+    tf = load_tensorflow()
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU"
+    details = tf.config.experimental.get_device_details(gpus[0])
+    return f"GPU {details.get('device_name', gpus[0].name)}"
+
+
+class Embedder:
+    """One VGGish graph and session, restored once and reused for every chunk a worker runs."""
+
+    def __init__(self, checkpoint_path: Path, threads: int = 0, batch_size: int = 64) -> None:
+        tf = load_tensorflow()
+
+        tf1 = tf.compat.v1
+        checkpoint.read_variables(checkpoint_path)  # names and shapes, with a clear error
+        self.fingerprint = checkpoint.fingerprint(checkpoint_path)
+        self.untrained = checkpoint.is_untrained(checkpoint_path)
+        self.batch_size = batch_size
+        self.device = visible_device()
+        files = checkpoint.checkpoint_files(checkpoint_path)
+        prefix = files[0].with_suffix("") if files[0].suffix == ".index" else files[0]
+        self._graph = tf.Graph()
+        with self._graph.as_default():
+            self._input, self._output = define_vggish()
+            config = tf1.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
+            config.gpu_options.allow_growth = True
+            self._session = tf1.Session(graph=self._graph, config=config)
+            saver = tf1.train.Saver(tf1.global_variables(), write_version=tf1.train.SaverDef.V1)
+            try:
+                saver.restore(self._session, str(prefix))
+            except Exception as e:  # a checkpoint whose index reads but whose data does not
+                raise CheckpointError(f"{checkpoint_path}: cannot restore VGGish ({type(e).__name__})") from e
+        self._graph.finalize()  # any per-task graph growth is a bug: fail loudly
+
+    def embed(self, rows: np.ndarray, form: str) -> np.ndarray:
+        """Embeddings (float32, n x 128) of n spectrograms, in sub-batches of `batch_size`."""
+        out = np.empty((len(rows), 128), dtype=np.float32)
+        for i in range(0, len(rows), self.batch_size):
+            batch = np.asarray(rows[i : i + self.batch_size], dtype=np.float32)
+            out[i : i + len(batch)] = self._session.run(self._output, {self._input: batch})
+        if form == "relu":
+            np.maximum(out, 0, out=out)
+        return out
+
+    def close(self) -> None:
+        self._session.close()

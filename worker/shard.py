@@ -1,0 +1,61 @@
+"""The shard format: one chunk's embeddings plus the facts that say which rows and model made them.
+
+A shard is an uncompressed .npz holding `embeddings` (float32, rows x 128) and `meta` (a JSON
+string). Its name carries the row range, the rows' fingerprint and the embedding form, so a
+shard made from other rows or another form can never be mistaken for the one wanted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from worker.files import atomic_write
+
+EMBEDDING_SIZE = 128
+
+
+@dataclass(frozen=True)
+class ShardMeta:
+    start: int
+    stop: int
+    digest: str
+    embedding: str
+    model: str
+    worker: str
+    seconds: float
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.start, self.stop, self.digest, self.embedding)
+
+
+def shard_name(start: int, stop: int, digest: str, embedding: str) -> str:
+    return f"{start:012d}-{stop:012d}-{digest}-{embedding}.npz"
+
+
+def write_shard(directory: Path, meta: ShardMeta, embeddings: np.ndarray) -> Path:
+    """Write atomically: a redelivered chunk replaces a shard whole, never tears or doubles it."""
+    if embeddings.shape != (meta.stop - meta.start, EMBEDDING_SIZE):
+        raise ValueError(f"embeddings of shape {embeddings.shape} do not fit rows {meta.start}-{meta.stop}")
+    path = directory / meta.name
+    with atomic_write(path) as f:
+        np.savez(f, embeddings=embeddings.astype(np.float32, copy=False), meta=np.array(json.dumps(asdict(meta))))
+    return path
+
+
+def read_shard(path: Path) -> tuple[ShardMeta, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        meta = ShardMeta(**json.loads(str(npz["meta"])))
+        embeddings = npz["embeddings"]
+    if embeddings.shape != (meta.stop - meta.start, EMBEDDING_SIZE) or path.name != meta.name:
+        raise ValueError(f"{path}: shard contents do not match its name")
+    return meta, embeddings
+
+
+def read_meta(path: Path) -> ShardMeta:
+    with np.load(path, allow_pickle=False) as npz:
+        return ShardMeta(**json.loads(str(npz["meta"])))
