@@ -80,14 +80,14 @@ def validate(spec: Path, frame: Path) -> int:
 
 def scan(spec: Path, rows: int, chunk_rows: int) -> list[Chunk]:
     """Plan chunks aligned to multiples of chunk_rows, fingerprint each, and refuse NaN or Inf."""
-    chunks = []
+    chunks, bad = [], []
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
         data = read_rows(spec, start, stop)
-        bad = first_bad_rows(data, start)
-        if bad:
-            raise InputError(f"{spec}: NaN or Inf in spectrogram rows {', '.join(map(str, bad))}")
+        bad += first_bad_rows(data, start, limit=5 - len(bad)) if len(bad) < 5 else []
         chunks.append(Chunk(start, stop, digest(data)))
+    if bad:
+        raise InputError(f"{spec}: NaN or Inf in spectrogram rows {', '.join(map(str, bad))} (first {len(bad)} shown)")
     return chunks
 
 

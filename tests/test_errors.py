@@ -1,0 +1,169 @@
+"""Bad input: one line naming the problem, exit code 2, no traceback, no output files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import cli
+from worker.errors import ChunkRefused
+from worker.spectrogram import ROW_BYTES
+
+
+def outputs(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("wavfile_embed*"))
+
+
+def assert_one_line_error(result, fragment: str, after_progress: bool = False) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and (after_progress or len(lines) == 1), result.stderr
+    assert lines[-1].startswith("producer: error: ") and fragment in lines[-1], lines[-1]
+
+
+def break_input(case: str, sample: dict, tmp_path: Path) -> list[str]:
+    """Damage the sample as named; return the enqueue arguments that then must fail."""
+    spec, frame = sample["spec"], sample["csv"]
+    args = [str(spec)]
+    if case == "ragged_dat":
+        with open(spec, "ab") as f:
+            f.write(b"\0" * 100)
+    elif case == "empty_dat":
+        spec.write_bytes(b"")
+    elif case == "csv_rows":
+        frame.write_text("\n".join(frame.read_text().splitlines()[:-3]) + "\n")
+    elif case == "nan":
+        data = np.fromfile(spec).reshape(-1, 96, 64)
+        data[17, 3, 5] = np.nan
+        data[150, 0, 0] = np.inf
+        data.tofile(spec)
+    elif case == "dat_is_dir":
+        args = [str(tmp_path)]
+        (tmp_path / "wavfile_df.csv").write_text(",file_name,label,valid\n")
+        args = [str(sample["dir"] / "adir")]
+        (sample["dir"] / "adir").mkdir()
+    elif case == "out_is_file":
+        (tmp_path / "afile").write_text("x")
+        args += ["--out", str(tmp_path / "afile")]
+    elif case == "no_csv":
+        frame.unlink()
+    return args
+
+
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("ragged_dat", "is not a multiple of one 96x64 float64 spectrogram"),
+        ("empty_dat", "file is empty"),
+        ("csv_rows", "has 197 rows but"),
+        ("nan", "NaN or Inf in spectrogram rows 17, 150"),
+        ("dat_is_dir", "is a directory"),
+        ("out_is_file", "is a file, expected an output folder"),
+        ("no_csv", "wavfile_df.csv: no such file"),
+    ],
+)
+def test_enqueue_refuses_bad_input(case, fragment, sample, redis_url, tmp_path):
+    args = break_input(case, sample, tmp_path)
+    result = cli("producer", "enqueue", *args, "--broker", redis_url)
+    assert_one_line_error(result, fragment)
+    assert outputs(sample["dir"]) == []
+
+
+def test_run_refuses_bad_checkpoint_and_pca_before_starting_anything(sample, model_files, tmp_path):
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"garbage" * 1000)
+    result = cli("producer", "run", str(sample["spec"]), "--checkpoint", str(corrupt))
+    assert_one_line_error(result, "not a readable TensorFlow checkpoint")
+    bad_pca = tmp_path / "pca.npz"
+    np.savez(bad_pca, pca_eigen_vectors=np.eye(64), pca_means=np.zeros(128))
+    result = cli(
+        "producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]), "--pca-params", str(bad_pca)
+    )
+    assert_one_line_error(result, "pca_eigen_vectors has shape (64, 64), expected (128, 128)")
+    assert outputs(sample["dir"]) == [] and not (sample["dir"] / "job.json").exists()
+
+
+def test_worker_refuses_a_missing_checkpoint_at_start(redis_url, tmp_path):
+    result = cli("worker", "start", "--broker", redis_url, "--checkpoint", str(tmp_path / "nope.ckpt"), "--cpu")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("worker: error: ")
+    assert "no such checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_broker_is_one_line(sample):
+    result = cli("producer", "enqueue", str(sample["spec"]), "--broker", "redis://127.0.0.1:1/0")
+    assert_one_line_error(result, "cannot reach broker redis://127.0.0.1:1/0")
+
+
+def test_broker_password_never_printed(sample):
+    result = cli("producer", "enqueue", str(sample["spec"]), "--broker", "redis://user:s3cret@127.0.0.1:1/0")
+    assert "s3cret" not in result.stderr + result.stdout and "user:***@" in result.stderr
+
+
+def test_finalize_refuses_an_incomplete_job_naming_rows(sample, redis_url):
+    enqueued = cli("producer", "enqueue", str(sample["spec"]), "--broker", redis_url, "--chunk-rows", "50", "--json")
+    assert enqueued.returncode == 0, enqueued.stderr
+    result = cli("producer", "finalize", str(sample["dir"]))
+    assert_one_line_error(result, "4 of 4 chunks have no shard yet (rows 0-50, 50-100, 100-150, 150-200)")
+    assert outputs(sample["dir"]) == []
+
+
+def test_source_changed_after_enqueue_is_refused_not_mixed(sample, redis_url, workers, model_files):
+    assert cli("producer", "enqueue", str(sample["spec"]), "--broker", redis_url, "--chunk-rows", "100").returncode == 0
+    data = np.fromfile(sample["spec"]).reshape(-1, 96, 64)
+    data[120] += 1.0  # the previous step rewrote a row after enqueue
+    data.tofile(sample["spec"])
+    workers.start("w1", [sample["dir"]])
+    waited = cli("producer", "wait", str(sample["dir"]), "--timeout", "120")
+    assert_one_line_error(waited, "rows 100-200 (", after_progress=True)
+    assert "changed since they were enqueued" in waited.stderr
+    status = json.loads(cli("producer", "status", str(sample["dir"]), "--json").stdout)
+    assert status["chunks_done"] == 1 and [f["start"] for f in status["failed"]] == [100]
+    assert_one_line_error(cli("producer", "finalize", str(sample["dir"])), "1 chunks failed (rows 100-200")
+    assert outputs(sample["dir"]) == []
+
+
+def test_hostile_messages_are_refused_and_touch_nothing(sample, redis_url, workers, tmp_path):
+    from worker.broker import make_app
+    from worker.message import QUEUE, TASK_NAME
+
+    enqueued = cli("producer", "enqueue", str(sample["spec"]), "--broker", redis_url, "--chunk-rows", "200", "--json")
+    job = json.loads(enqueued.stdout)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.dat"
+    secret.write_bytes(b"\0" * ROW_BYTES)
+    (sample["dir"] / "escape").symlink_to(outside)
+    good = {"job": job["job"], "out_dir": job["out_dir"], "source": job["source"], "start": 0, "stop": 1,
+            "digest": "0" * 32, "embedding": "relu"}
+    hostile = [
+        {**good, "source": str(secret)},  # outside the data root
+        {**good, "source": str(sample["dir"] / ".." / "outside" / "secret.dat")},  # .. trick
+        {**good, "source": str(sample["dir"] / "escape" / "secret.dat")},  # symlink out
+        {**good, "out_dir": str(outside)},  # write outside
+        {**good, "embedding": "sigmoid"},
+        {"source": "/etc/passwd"},
+    ]
+    app = make_app(redis_url)
+    for payload in hostile:
+        app.send_task(TASK_NAME, kwargs=payload, queue=QUEUE)
+    app.send_task(TASK_NAME, args=["/etc/passwd"], queue=QUEUE)
+    workers.start("w1", [sample["dir"]])
+    deadline = time.monotonic() + 60
+    while workers.log("w1").count("refused chunk") < len(hostile) + 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = workers.log("w1")
+    assert log.count("refused chunk") == len(hostile) + 1, log
+    assert log.count("refused chunk: path ") == 4  # the four path tricks, each refused before any I/O
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.dat"]
+    shards = [p.name[:25] for p in (sample["dir"] / "shards").iterdir()]
+    assert shards == ["000000000000-000000000200"]  # only the producer's own, legitimate chunk
+    shutil.rmtree(outside)
+    with pytest.raises(ChunkRefused):
+        from worker.chunk import inside
+
+        inside("/etc/passwd", [sample["dir"]])

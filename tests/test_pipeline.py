@@ -1,0 +1,76 @@
+"""End to end, as a user runs it: `producer run`, and `producer enqueue` + workers + wait + finalize."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from conftest import cli
+from outputs import check_outputs
+from reference import assert_close
+from worker.devices import load_tensorflow
+
+
+def seed_loop(checkpoint_path, spectrograms: np.ndarray) -> np.ndarray:
+    """The seed notebook's way: one session, the whole array in memory, 20 batches, relu output."""
+    from worker.model import define_vggish
+
+    tf = load_tensorflow()
+    tf1 = tf.compat.v1
+    with tf.Graph().as_default() as graph, tf1.Session(graph=graph) as sess:
+        define_vggish()
+        tf1.train.Saver().restore(sess, str(checkpoint_path))
+        features = graph.get_tensor_by_name("vggish/input_features:0")
+        embedding = tf.nn.relu(graph.get_tensor_by_name("vggish/embedding:0"))
+        return np.concatenate([sess.run(embedding, {features: b}) for b in np.array_split(spectrograms, 20)])
+
+
+def test_run_with_two_workers_writes_all_three_outputs_equal_to_reference(sample, model_files, expected):
+    result = cli(
+        "producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]),
+        "--workers", "2", "--pca-params", str(model_files["pca"]), "--chunk-rows", "48", "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["rows"] == 200 and summary["chunks"] == 5 and summary["enqueued_chunks"] == 5
+    assert "rows/s" in result.stderr and "ETA" in result.stderr  # progress was shown
+    dat = check_outputs(sample["dir"], sample["csv"], expected["relu"], model_files["pca"])
+
+    spectrograms = np.fromfile(sample["spec"]).reshape(-1, 96, 64)
+    assert_close(dat, seed_loop(model_files["checkpoint"], spectrograms))
+
+    status = json.loads(cli("producer", "status", str(sample["dir"]), "--json").stdout)
+    assert status["rows_done"] == 200 and status["chunks_done"] == 5 and not status["failed"]
+    assert sum(w["chunks"] for w in status["workers"].values()) == 5
+
+    again = cli("producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]), "--json")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["reused_chunks"] == 5 and summary["enqueued_chunks"] == 0
+
+
+def test_enqueue_to_running_workers_then_wait_and_finalize(sample, workers, redis_url, model_files, expected, tmp_path):
+    env = {"VGGISH_BROKER_URL": redis_url}
+    out = tmp_path / "job"
+    out.mkdir()
+    workers.start("w1", [sample["dir"], out])
+    workers.start("w2", [sample["dir"], out])
+    enqueued = cli("producer", "enqueue", str(sample["spec"]), "--out", str(out), "--embedding", "linear", "--json", env=env)
+    assert enqueued.returncode == 0, enqueued.stderr
+    summary = json.loads(enqueued.stdout)
+    assert summary["enqueued_rows"] == 200 and summary["chunk_rows"] == 64  # 2 live workers: 200 rows -> 64-row chunks
+    assert summary["model"] is None  # the producer had no checkpoint: the first worker pins the job
+
+    waited = cli("producer", "wait", str(out), "--timeout", "300")
+    assert waited.returncode == 0, waited.stderr
+    assert cli("producer", "finalize", str(out)).returncode == 0
+    check_outputs(out, sample["csv"], expected["linear"])
+
+    status = json.loads(cli("producer", "status", str(out), "--json").stdout)
+    assert set(status["workers"]) <= {"w1@test", "w2@test"}
+    assert sum(w["rows"] for w in status["workers"].values()) == 200
+
+    again = json.loads(cli("producer", "enqueue", str(sample["spec"]), "--out", str(out), "--embedding", "linear", "--json", env=env).stdout)
+    assert again["reused_rows"] == 200 and again["enqueued_chunks"] == 0
+    assert again["model"]  # pinned by the workers that embedded it
