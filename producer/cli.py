@@ -40,6 +40,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
     wait = sub.add_parser("wait", help="block with a progress line until every chunk has a shard")
     wait.add_argument("dir", type=Path)
+    wait.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL); lets wait re-send lost chunks")
     wait.add_argument("--timeout", type=float, help="give up after this many seconds")
 
     status = sub.add_parser("status", help="rows and chunks done, failures, and chunks per worker")
@@ -104,6 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from producer.plan import send
     from producer.postprocess import PCA
     from producer.progress import wait
+    from producer.recovery import Recovery
     from worker import broker, checkpoint
 
     ckpt = checkpoint_arg(args)
@@ -121,13 +123,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         redis.start()
         workers = LocalWorkers(args.workers, redis.url, ckpt, roots, Path(job.out_dir) / "logs").start()
-        send(broker.make_app(redis.url), job, planned.send)
+        app = broker.make_app(redis.url)
+        send(app, job, planned.send)
+        recovery = Recovery(app, job)
         print(
             f"job {job.id}: {job.rows} rows, {planned.summary()['enqueued_chunks']} chunks to embed "
             f"({planned.summary()['reused_rows']} rows reused) on {args.workers} local workers",
             file=sys.stderr,
         )
-        wait(job, check=workers.check)
+        wait(job, check=lambda: (workers.check(), recovery()))
     except KeyboardInterrupt:
         print(f"\ninterrupted: shards so far are kept in {job.out_dir}; run the same command to go on", file=sys.stderr)
         return 130
@@ -143,8 +147,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     from producer.job import Job
     from producer.progress import wait
+    from producer.recovery import Recovery
+    from worker import broker
 
-    wait(Job.load(args.dir), timeout=args.timeout)
+    job = Job.load(args.dir)
+    recovery = None
+    if args.broker or os.environ.get(broker.BROKER_ENV):
+        recovery = Recovery(broker.make_app(broker.broker_url(args.broker)), job)
+    else:
+        print("no broker configured: watching shards only, lost chunks will not be re-sent", file=sys.stderr)
+    wait(job, timeout=args.timeout, check=recovery)
     return 0
 
 

@@ -75,7 +75,7 @@ class RowTaker:
         while self.count < n:
             block = next(self.arrays, None)
             if block is None:
-                raise InputError(f"the CSV has more rows than the job's {self.count} embeddings left")
+                raise InputError("the CSV has more rows than the job has embeddings: the CSV changed since enqueue")
             self.pending.append(block)
             self.count += len(block)
         joined = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]

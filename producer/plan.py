@@ -19,6 +19,7 @@ class Plan:
     send: list[Chunk]
     reused: list[Chunk]
     dropped_shards: bool
+    model: str | None
 
     def summary(self) -> dict:
         return {
@@ -30,7 +31,7 @@ class Plan:
             "chunks": len(self.job.chunks),
             "chunk_rows": self.job.chunk_rows,
             "embedding": self.job.embedding,
-            "model": self.job.dir.pinned_model(),
+            "model": self.model,
             "reused_rows": sum(c.rows for c in self.reused),
             "reused_chunks": len(self.reused),
             "enqueued_rows": sum(c.rows for c in self.send),
@@ -81,7 +82,7 @@ def plan_job(
         jobdir.clear_failure(failure["start"], failure["stop"])
     job.save()
     reused = [c for c in job.chunks if c not in send]
-    return Plan(job, send, reused, dropped)
+    return Plan(job, send, reused, dropped, jobdir.pinned_model())
 
 
 def send(app: Celery, job: Job, chunks: list[Chunk]) -> None:

@@ -104,7 +104,8 @@ def start(args: argparse.Namespace) -> int:
     app.worker_main(
         [
             "worker",
-            "--pool=solo",
+            "--pool=threads",  # one task thread; the main thread keeps answering ping/inspect while it runs
+            "--concurrency=1",
             f"--hostname={name}",
             f"--queues={QUEUE}",
             f"--loglevel={args.loglevel}",

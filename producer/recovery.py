@@ -1,0 +1,70 @@
+"""Recovery while waiting: re-send chunks whose message is gone, so no fault needs a manual step.
+
+A message vanishes when a worker is killed mid-chunk (Redis only hands its unacked message
+back after the visibility timeout, an hour by default) or when Redis restarts without
+persistence. A chunk is re-sent when it has no shard and no failure, the queue is empty, and no
+live worker is running or holding it, on two checks in a row. A chunk that runs twice is
+harmless: shards are written whole, and a worker skips a chunk whose shard exists.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from celery import Celery
+
+from producer.job import Job
+from producer.plan import send
+from worker.message import QUEUE
+
+
+def queue_length(app: Celery) -> int:
+    with app.connection_for_read() as conn:
+        return conn.default_channel.queue_declare(queue=QUEUE).message_count
+
+
+def held_chunks(app: Celery, job: Job) -> set[int]:
+    """Start rows of this job's chunks that live workers are running or have reserved."""
+    inspect = app.control.inspect(timeout=1.0)
+    held = set()
+    for reply in (inspect.active() or {}, inspect.reserved() or {}):
+        for tasks in reply.values():
+            for task in tasks:
+                kwargs = task.get("kwargs") or {}
+                if kwargs.get("out_dir") == job.out_dir and isinstance(kwargs.get("start"), int):
+                    held.add(kwargs["start"])
+    return held
+
+
+class Recovery:
+    def __init__(self, app: Celery, job: Job, every: float = 5.0, out: TextIO = sys.stderr) -> None:
+        self.app = app
+        self.job = job
+        self.every = every
+        self.out = out
+        self.last = time.monotonic()
+        self.suspects: set[int] = set()
+        self.resent = 0
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.last < self.every:
+            return
+        self.last = time.monotonic()
+        failed = {f["start"] for f in self.job.dir.failures()}
+        missing = {c.start: c for c in self.job.missing() if c.start not in failed}
+        try:
+            if not missing or queue_length(self.app) > 0:
+                self.suspects = set()
+                return
+            orphans = set(missing) - held_chunks(self.app, self.job)
+        except Exception as e:  # broker down for now: try again next round
+            self.out.write(f"\n(broker unreachable, will retry: {type(e).__name__})\n")
+            return
+        resend = sorted(orphans & self.suspects)
+        self.suspects = orphans - set(resend)
+        if resend:
+            send(self.app, self.job, [missing[s] for s in resend])
+            self.resent += len(resend)
+            self.out.write(f"\nre-sent {len(resend)} chunks whose message was lost (worker killed or broker restarted)\n")
