@@ -43,8 +43,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     wait.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL); lets wait re-send lost chunks")
     wait.add_argument("--timeout", type=float, help="give up after this many seconds")
 
-    status = sub.add_parser("status", help="rows and chunks done, failures, and chunks per worker")
+    status = sub.add_parser("status", help="rows and chunks done, failures, chunks per worker, live workers")
     status.add_argument("dir", type=Path)
+    status.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL); adds the live workers")
     status.add_argument("--json", action="store_true")
 
     finalize = sub.add_parser("finalize", help="merge the shards into wavfile_embed.csv / .dat")
@@ -101,12 +102,14 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from producer.finalize import finalize
-    from producer.local import LocalRedis, LocalWorkers
+    from producer.local import LocalRedis
     from producer.plan import send
     from producer.postprocess import PCA
     from producer.progress import wait
     from producer.recovery import Recovery
     from worker import broker, checkpoint
+    from worker.devices import gpu_ids
+    from worker.fleet import Fleet
 
     ckpt = checkpoint_arg(args)
     if ckpt is None:
@@ -122,7 +125,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = None
     try:
         redis.start()
-        workers = LocalWorkers(args.workers, redis.url, ckpt, roots, Path(job.out_dir) / "logs").start()
+        common = ["--broker", redis.url, "--checkpoint", str(ckpt), *(f"--data-root={r}" for r in roots)]
+        gpus = gpu_ids()[: args.workers]
+        workers = Fleet.plan(gpus, args.workers, common, prefix="local-", log_dir=Path(job.out_dir) / "logs").start()
         app = broker.make_app(redis.url)
         send(app, job, planned.send)
         recovery = Recovery(app, job)
@@ -164,9 +169,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     from producer.job import Job
     from producer.progress import job_status, progress_line
 
+    from worker import broker
+
     status = job_status(Job.load(args.dir), per_worker=True)
+    live = None
+    if args.broker or os.environ.get(broker.BROKER_ENV):
+        app = broker.make_app(broker.broker_url(args.broker))
+        broker.check_connection(app)
+        live = broker.live_workers(app)
     if args.json:
-        print(json.dumps(status.to_dict()))
+        print(json.dumps({**status.to_dict(), "live_workers": live}))
         return 0
     print(f"job {status.job}: " + progress_line(status, 0.0).split("  ETA")[0])
     print(f"chunks {status.chunks_done}/{status.chunks_total} done, {len(status.failed)} failed")
@@ -174,6 +186,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  failed rows {f['start']}-{f['stop']} on {f['worker']}: {f['reason']}")
     for name, w in sorted(status.workers.items()):
         print(f"  {name}: {w['chunks']} chunks, {w['rows']} rows, {w['rows_per_s']} rows/s")
+    if live is not None:
+        print(f"live workers: {len(live)}")
+        for name, w in sorted(live.items()):
+            print(f"  {name}: {w.get('device')}, {w.get('chunks')} chunks, {w.get('rows_per_s')} rows/s")
     return 0
 
 

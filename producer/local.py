@@ -1,19 +1,16 @@
-"""The embedded default for one machine: a private Redis on a unix socket and N local workers."""
+"""The embedded default for one machine: a private Redis server on a unix socket."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from worker.devices import gpu_ids, threads_per_worker
-from worker.errors import BrokerError, PipelineError
+from worker.errors import BrokerError
 
 
 def redis_server_binary() -> str:
@@ -72,55 +69,3 @@ class LocalRedis:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class LocalWorkers:
-    """N `worker start` processes: one per GPU when there are GPUs, else CPU workers sharing the cores."""
-
-    def __init__(self, count: int, broker: str, checkpoint: Path, roots: list[Path], log_dir: Path) -> None:
-        self.count = count
-        self.broker = broker
-        self.checkpoint = checkpoint
-        self.roots = roots
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen] = []
-
-    def command(self, i: int) -> list[str]:
-        gpus = gpu_ids()
-        host = socket.gethostname()
-        args = [sys.executable, "-m", "worker", "start", "--broker", self.broker, "--checkpoint", str(self.checkpoint)]
-        if gpus:
-            args += ["--gpu", str(gpus[i % len(gpus)]), "--name", f"local{i}-gpu{gpus[i % len(gpus)]}@{host}"]
-        else:
-            args += ["--cpu", "--threads", str(threads_per_worker(self.count)), "--name", f"local{i}-cpu@{host}"]
-        for root in self.roots:
-            args += ["--data-root", str(root)]
-        return args
-
-    def start(self) -> "LocalWorkers":
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(self.count):
-            log = open(self.log_dir / f"worker{i}.log", "wb")
-            self.procs.append(subprocess.Popen(self.command(i), stdout=log, stderr=subprocess.STDOUT))
-            log.close()
-        return self
-
-    def check(self) -> None:
-        """Raise if every worker has died; a single death is survivable (its chunk comes back)."""
-        dead = [i for i, p in enumerate(self.procs) if p.poll() is not None]
-        if dead and len(dead) == len(self.procs):
-            tail = (self.log_dir / f"worker{dead[0]}.log").read_text(errors="replace").strip().splitlines()[-1:]
-            raise PipelineError(f"all local workers exited; worker0 said: {tail[0] if tail else '(nothing)'}")
-
-    def stop(self, timeout: float = 60.0) -> None:
-        """Warm shutdown (SIGTERM: finish the current chunk), then kill what lingers."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()

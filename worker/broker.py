@@ -52,3 +52,13 @@ def check_connection(app: Celery) -> None:
             conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5, timeout=5)
     except Exception as e:
         raise BrokerError(f"cannot reach broker {redact(app.conf.broker_url)}: {e}") from e
+
+
+def live_workers(app: Celery, timeout: float = 1.0) -> dict[str, dict]:
+    """Every worker answering now, with its device, model, chunks, rows and rows/s."""
+    workers = {}
+    for reply in app.control.broadcast("vggish_info", reply=True, timeout=timeout) or []:
+        for name, info in reply.items():
+            seconds = info.get("seconds") or 0.0
+            workers[name] = {**info, "rows_per_s": round(info.get("rows", 0) / seconds, 1) if seconds else None}
+    return workers

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from celery.worker.control import inspect_command
 
 from worker.errors import ChunkRefused, InputError
 from worker.jobdir import JobDir
-from worker.message import ChunkMessage, MessageError
+from worker.message import TASK_NAME, ChunkMessage, MessageError
 from worker.shard import ShardMeta, write_shard
 from worker.spectrogram import digest, read_rows
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 class Model(Protocol):
     fingerprint: str
+    device: str
 
     def embed(self, rows: np.ndarray, form: str) -> np.ndarray: ...
 
@@ -40,6 +42,7 @@ class ChunkRunner:
         self.model = model
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self.worker = worker
+        self.stats = {"device": model.device, "model": model.fingerprint, "chunks": 0, "rows": 0, "seconds": 0.0}
 
     def job_dir(self, msg: ChunkMessage) -> JobDir:
         jobdir = JobDir(inside(msg.out_dir, self.roots))
@@ -77,6 +80,9 @@ class ChunkRunner:
         meta = ShardMeta(msg.start, msg.stop, msg.digest, msg.embedding, self.model.fingerprint, self.worker, seconds)
         write_shard(jobdir.shards, meta, embeddings)
         jobdir.clear_failure(msg.start, msg.stop)
+        self.stats["chunks"] += 1
+        self.stats["rows"] += msg.stop - msg.start
+        self.stats["seconds"] += seconds
         log.info("rows %d-%d embedded in %.2fs (%.1f rows/s)", msg.start, msg.stop, seconds, (msg.stop - msg.start) / seconds)
         return {"start": msg.start, "stop": msg.stop, "seconds": seconds}
 
@@ -89,9 +95,15 @@ class ChunkRunner:
             pass
 
 
+@inspect_command()
+def vggish_info(state) -> dict:
+    """Remote-control reply: this worker's device, model and throughput (see `producer status`)."""
+    return state.consumer.app.conf.get("vggish_stats") or {}
+
+
 def register(app, runner: ChunkRunner, max_retries: int = 2) -> None:
     """Bind the runner to the Celery task TASK_NAME on `app`: refusals fail at once, other errors retry."""
-    from worker.message import TASK_NAME
+    app.conf.vggish_stats = runner.stats
 
     @app.task(name=TASK_NAME, bind=True, max_retries=max_retries)
     def embed_chunk(task, *args, **payload):

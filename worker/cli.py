@@ -39,6 +39,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     start.add_argument("--loglevel", default="info")
 
+    up = sub.add_parser("up", help="start one worker per GPU (or N CPU workers) in the foreground")
+    which = up.add_mutually_exclusive_group(required=True)
+    which.add_argument("--gpus", help="GPU indices, e.g. 0,1,2,3, or 'all' (every GPU nvidia-smi lists)")
+    which.add_argument("--cpus", type=int, metavar="N", help="N CPU workers splitting this machine's cores")
+    up.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
+    up.add_argument("--checkpoint", type=Path, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
+    up.add_argument("--batch-size", type=int, default=64)
+    up.add_argument("--data-root", type=Path, action="append", help="as for `worker start`")
+
+    down = sub.add_parser("down", help="ask a worker to finish its current chunk and leave")
+    down.add_argument("name", help="worker name, e.g. gpu3@host")
+    down.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
+
     make = sub.add_parser("make-checkpoint", help="write an UNTRAINED checkpoint and PCA params for tests and demos")
     make.add_argument("out_dir", type=Path)
     make.add_argument("--seed", type=int, default=0)
@@ -116,6 +129,61 @@ def start(args: argparse.Namespace) -> int:
     return 0
 
 
+def up(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from worker import broker
+    from worker.devices import gpu_ids
+    from worker.fleet import Fleet
+
+    if args.gpus is not None:
+        gpus = gpu_ids() if args.gpus == "all" else parse_gpus(args.gpus)
+        if not gpus:
+            raise PipelineError("--gpus all: nvidia-smi lists no GPU on this machine (use --cpus N)")
+    elif args.cpus < 1:
+        raise PipelineError("--cpus must be at least 1")
+    else:
+        gpus = []
+    common = ["--broker", broker.broker_url(args.broker), "--batch-size", str(args.batch_size)]
+    if args.checkpoint:
+        common += ["--checkpoint", str(args.checkpoint)]
+    for root in args.data_root or []:
+        common += ["--data-root", str(root)]
+    fleet = Fleet.plan(gpus, args.cpus or 0, common)
+    signal.signal(signal.SIGTERM, lambda *_: fleet.signal(signal.SIGTERM))
+    signal.signal(signal.SIGINT, lambda *_: fleet.signal(signal.SIGTERM))
+    fleet.start()
+    log.info("started %s", ", ".join(f"{m.name} (pid {m.proc.pid})" for m in fleet.members))
+    while len(fleet.dead()) < len(fleet.members):
+        fleet.report_deaths()
+        time.sleep(0.5)
+    fleet.report_deaths()
+    return 1 if any(m.proc.returncode for m in fleet.members) else 0
+
+
+def parse_gpus(text: str) -> list[int]:
+    try:
+        gpus = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PipelineError(f"--gpus {text!r}: give indices like 0,1,2 or 'all'") from None
+    if not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus):
+        raise PipelineError(f"--gpus {text!r}: give distinct indices like 0,1,2 or 'all'")
+    return gpus
+
+
+def down(args: argparse.Namespace) -> int:
+    from worker import broker
+
+    app = broker.make_app(broker.broker_url(args.broker))
+    broker.check_connection(app)
+    if not app.control.ping(destination=[args.name], timeout=2.0):
+        raise PipelineError(f"no live worker named {args.name}")
+    app.control.shutdown(destination=[args.name])
+    print(f"asked {args.name} to finish its current chunk and stop")
+    return 0
+
+
 def make_checkpoint(args: argparse.Namespace) -> int:
     from worker import checkpoint
 
@@ -135,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse(argv)
     try:
-        return {"start": start, "make-checkpoint": make_checkpoint}[args.command](args)
+        return {"start": start, "up": up, "down": down, "make-checkpoint": make_checkpoint}[args.command](args)
     except PipelineError as e:
         print(f"worker: error: {e}", file=sys.stderr)
         return 2

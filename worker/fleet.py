@@ -1,0 +1,97 @@
+"""A fleet of `worker start` processes on this machine: one per GPU, or N CPU workers sharing the cores."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.devices import threads_per_worker
+from worker.errors import PipelineError
+
+
+@dataclass
+class Member:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+
+@dataclass
+class Fleet:
+    members: list[Member]
+    log_dir: Path | None = None
+    reported: set[str] = field(default_factory=set)
+
+    @classmethod
+    def plan(cls, gpus: list[int], cpus: int, common: list[str], prefix: str = "", log_dir: Path | None = None) -> "Fleet":
+        """One member per GPU in `gpus`, pinned by CUDA_VISIBLE_DEVICES; else `cpus` CPU members."""
+        host = socket.gethostname()
+        members = []
+        for gpu in gpus:
+            name = f"{prefix}gpu{gpu}@{host}"
+            members.append(Member(name, ["--gpu", str(gpu), "--name", name, *common], {"CUDA_VISIBLE_DEVICES": str(gpu)}))
+        if not gpus:
+            threads = threads_per_worker(cpus)
+            for i in range(cpus):
+                name = f"{prefix}cpu{i}@{host}"
+                args = ["--cpu", "--threads", str(threads), "--name", name, *common]
+                members.append(Member(name, args, {"CUDA_VISIBLE_DEVICES": "-1"}))
+        return cls(members, log_dir)
+
+    def start(self) -> "Fleet":
+        for m in self.members:
+            command = [sys.executable, "-m", "worker", "start", *m.args]
+            env = {**os.environ, **m.env}
+            if self.log_dir is None:
+                m.proc = subprocess.Popen(command, env=env)
+                continue
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            m.log = self.log_dir / f"{m.name.split('@')[0]}.log"
+            with open(m.log, "wb") as log:
+                m.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def dead(self) -> list[Member]:
+        return [m for m in self.members if m.proc is not None and m.proc.poll() is not None]
+
+    def report_deaths(self, out=sys.stderr) -> None:
+        for m in self.dead():
+            if m.name not in self.reported:
+                self.reported.add(m.name)
+                out.write(f"\nworker {m.name} exited with code {m.proc.returncode}\n")
+
+    def check(self) -> None:
+        """Raise if every member has died; one death is survivable (its chunk is re-sent)."""
+        self.report_deaths()
+        if self.members and len(self.dead()) == len(self.members):
+            last = ""
+            if self.members[0].log:
+                lines = self.members[0].log.read_text(errors="replace").strip().splitlines()
+                last = lines[-1] if lines else ""
+            raise PipelineError(f"all workers exited; {self.members[0].name} said: {last or '(nothing)'}")
+
+    def signal(self, sig: int) -> None:
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is None:
+                m.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Warm stop (SIGTERM: each finishes its current chunk), then kill what lingers."""
+        self.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for m in self.members:
+            if m.proc is None:
+                continue
+            try:
+                m.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                m.proc.kill()
+                m.proc.wait()
