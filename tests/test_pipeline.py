@@ -74,3 +74,22 @@ def test_enqueue_to_running_workers_then_wait_and_finalize(sample, workers, redi
     again = json.loads(cli("producer", "enqueue", str(sample["spec"]), "--out", str(out), "--embedding", "linear", "--json", env=env).stdout)
     assert again["reused_rows"] == 200 and again["enqueued_chunks"] == 0
     assert again["model"]  # pinned by the workers that embedded it
+
+
+def test_appended_rows_embed_only_new_chunks(sample, model_files, expected):
+    from worker.spectrogram import ROW_BYTES
+
+    data, lines = sample["spec"].read_bytes(), sample["csv"].read_text().splitlines(keepends=True)
+    sample["spec"].write_bytes(data[: 150 * ROW_BYTES])
+    sample["csv"].write_text("".join(lines[:151]))
+    args = ["producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]), "--chunk-rows", "40", "--json"]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    sample["spec"].write_bytes(data)  # the previous step appended 50 rows
+    sample["csv"].write_text("".join(lines))
+    second = cli(*args)
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["reused_rows"] == 120 and summary["enqueued_rows"] == 80  # rows 120-150 were a partial chunk
+    assert summary["enqueued_rows"] <= 50 + 40
+    check_outputs(sample["dir"], sample["csv"], expected["relu"])

@@ -53,6 +53,12 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no such checkpoint")
 
 
+def checkpoint_prefix(path: Path) -> Path:
+    """What TensorFlow's readers take: the V1 file itself, or the V2 PREFIX."""
+    first = checkpoint_files(path)[0]
+    return first.with_suffix("") if first.suffix == ".index" else first
+
+
 def fingerprint(path: Path) -> str:
     """A digest of the checkpoint's bytes: two jobs share shards only when this matches."""
     h = hashlib.sha256()
@@ -67,8 +73,7 @@ def read_variables(path: Path) -> dict[str, np.ndarray]:
     """Every VGGish variable of a checkpoint, after checking names and shapes."""
     tf = load_tensorflow()
 
-    files = checkpoint_files(path)
-    prefix = files[0].with_suffix("") if files[0].suffix == ".index" else files[0]
+    prefix = checkpoint_prefix(path)
     try:
         reader = tf.compat.v1.train.NewCheckpointReader(str(prefix))
     except Exception as e:  # TensorFlow raises several types for unreadable files
@@ -87,9 +92,7 @@ def read_variables(path: Path) -> dict[str, np.ndarray]:
 def is_untrained(path: Path) -> bool:
     tf = load_tensorflow()
 
-    files = checkpoint_files(path)
-    prefix = files[0].with_suffix("") if files[0].suffix == ".index" else files[0]
-    return tf.compat.v1.train.NewCheckpointReader(str(prefix)).has_tensor(UNTRAINED_MARKER)
+    return tf.compat.v1.train.NewCheckpointReader(str(checkpoint_prefix(path))).has_tensor(UNTRAINED_MARKER)
 
 
 def untrained_weights(seed: int) -> dict[str, np.ndarray]:

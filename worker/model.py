@@ -76,8 +76,7 @@ class Embedder:
         self.untrained = checkpoint.is_untrained(checkpoint_path)
         self.batch_size = batch_size
         self.device = visible_device()
-        files = checkpoint.checkpoint_files(checkpoint_path)
-        prefix = files[0].with_suffix("") if files[0].suffix == ".index" else files[0]
+        prefix = checkpoint.checkpoint_prefix(checkpoint_path)
         self._graph = tf.Graph()
         with self._graph.as_default():
             self._input, self._output = define_vggish()

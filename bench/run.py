@@ -1,0 +1,166 @@
+"""Benchmark: the seed notebook's loop vs this project, the machine's compute ceiling, finalize and memory.
+
+    python bench/run.py [--rows 2000] [--out bench/results.json]
+
+Prints a table and writes JSON. All figures come from one run on one machine and the same data.
+The checkpoint is the project's UNTRAINED one: speed does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+VGGISH_FLOP_PER_EXAMPLE = 1.73e9
+FULL_ROWS = 105_835
+
+SEED_LOOP = r"""
+import sys, time, numpy as np, pandas as pd
+t0 = time.perf_counter()
+from worker.devices import load_tensorflow
+from worker.model import define_vggish
+tf = load_tensorflow(); tf1 = tf.compat.v1
+spec, frame, ckpt, out = sys.argv[1:5]
+df = pd.read_csv(frame, index_col=0)
+x = np.fromfile(spec).reshape(-1, 96, 64)
+with tf.Graph().as_default() as g, tf1.Session(graph=g) as sess:
+    define_vggish(); tf1.train.Saver().restore(sess, ckpt)
+    f = g.get_tensor_by_name("vggish/input_features:0"); e = tf.nn.relu(g.get_tensor_by_name("vggish/embedding:0"))
+    emb = np.concatenate([sess.run(e, {f: b}) for b in np.array_split(x, 20)]).astype(np.float64)
+emb.tofile(out + "/wavfile_embed.dat")
+pd.concat([df, pd.DataFrame(emb, index=df.index, columns=[f"e{i}" for i in range(128)])], axis=1).to_csv(out + "/wavfile_embed.csv")
+print(time.perf_counter() - t0)
+"""
+
+PANDAS_CSV = r"""
+import sys, time, numpy as np, pandas as pd
+d = sys.argv[1]
+df = pd.read_csv(d + "/wavfile_df.csv", index_col=0)
+emb = np.fromfile(d + "/wavfile_embed.dat").reshape(-1, 128)
+t0 = time.perf_counter()
+pd.concat([df, pd.DataFrame(emb, index=df.index, columns=[f"e{i}" for i in range(128)])], axis=1).to_csv(d + "/pandas.csv")
+print(time.perf_counter() - t0)
+"""
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (MiB) of the largest process in the tree, and stdout of `cmd`."""
+    probe = (
+        "import resource, subprocess, sys, time, json; t = time.perf_counter();"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+        "sys.stderr.write(p.stderr[-2000:] if p.returncode else '');"
+        "print(json.dumps([time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.returncode, p.stdout]))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds, rss_kib, code, out = json.loads(result.stdout)
+    if code:
+        raise RuntimeError(f"{cmd} failed: {result.stderr}")
+    return seconds, rss_kib // 1024, out
+
+
+def matmul_flops() -> float:
+    a = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    return 5 * 2 * 4096**3 / (time.perf_counter() - t)
+
+
+def synthetic_job(directory: Path, rows: int) -> None:
+    """A finished job of `rows` rows (random shards and frame), to time finalize alone."""
+    sys.path.insert(0, str(ROOT))
+    from producer.dataset import Chunk
+    from producer.job import Job
+    from worker.jobdir import JobDir
+    from worker.shard import ShardMeta, write_shard
+
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "wavfile_df.csv", "w") as f:
+        f.write(",file_name,label,valid\n")
+        for i in range(rows):
+            f.write(f"{i},yes/clip_{i:06d}.wav,yes,{i % 5 == 0}\n")
+    jobdir = JobDir(directory)
+    jobdir.ensure()
+    jobdir.pin_model("synthetic")
+    chunks = [Chunk(s, min(s + 1024, rows), f"{s:032x}") for s in range(0, rows, 1024)]
+    for c in chunks:
+        emb = np.maximum(rng.standard_normal((c.rows, 128), dtype=np.float32), 0)
+        write_shard(jobdir.shards, ShardMeta(c.start, c.stop, c.digest, "relu", "synthetic", "bench", 1.0), emb)
+    Job("bench", str(directory), str(directory / "none.dat"), str(directory / "wavfile_df.csv"), rows, 1024, "relu", chunks).save()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vggish-bench-"))
+    py = sys.executable
+    env = {"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run([py, "-m", "producer", "sample-data", str(work / "data"), "--rows", str(args.rows)], check=True, env={**os.environ, **env}, capture_output=True)
+    subprocess.run([py, "-m", "worker", "make-checkpoint", str(work / "model")], check=True, env={**os.environ, **env}, capture_output=True)
+    ckpt = work / "model" / "vggish_untrained.ckpt"
+    spec, frame = work / "data" / "wavfile_spec.dat", work / "data" / "wavfile_df.csv"
+    r: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}, "rows": args.rows}
+
+    (work / "seed").mkdir()
+    seconds, rss, _ = timed([py, "-c", SEED_LOOP, str(spec), str(frame), str(ckpt), str(work / "seed")], env)
+    r["seed_loop"] = {"seconds": seconds, "rows_per_s": args.rows / seconds, "peak_rss_mib": rss}
+
+    for workers in (1, 2):
+        out = work / f"run{workers}"
+        seconds, rss, stdout = timed(
+            [py, "-m", "producer", "run", str(spec), "--csv", str(frame), "--out", str(out), "--checkpoint", str(ckpt), "--workers", str(workers), "--json"], env
+        )
+        shards = json.loads(subprocess.run([py, "-m", "producer", "status", str(out), "--json"], capture_output=True, text=True, env={**os.environ, **env}).stdout)["workers"]
+        steady = sum(w["rows"] for w in shards.values()) / sum(w["seconds"] for w in shards.values()) * workers
+        r[f"run_{workers}_workers"] = {
+            "seconds": seconds, "rows_per_s": args.rows / seconds, "vs_seed": r["seed_loop"]["seconds"] / seconds,
+            "steady_rows_per_s": steady, "peak_rss_mib": rss,
+        }
+
+    flops = matmul_flops()
+    ceiling = flops / VGGISH_FLOP_PER_EXAMPLE
+    r["compute_limit"] = {"matmul_gflops": flops / 1e9, "ceiling_rows_per_s": ceiling,
+                          "steady_fraction_1_worker": r["run_1_workers"]["steady_rows_per_s"] / ceiling}
+
+    for rows in (10_000, FULL_ROWS):
+        job = work / f"final{rows}"
+        synthetic_job(job, rows)
+        seconds, rss, _ = timed([py, "-m", "producer", "finalize", str(job), "--json"], env)
+        entry = {"seconds": seconds, "peak_rss_mib": rss}
+        if rows == FULL_ROWS:
+            pandas_seconds, pandas_rss, _ = timed([py, "-c", PANDAS_CSV, str(job)], env)
+            entry |= {"pandas_to_csv_seconds": float(pandas_seconds), "pandas_peak_rss_mib": pandas_rss}
+        r[f"finalize_{rows}"] = entry
+
+    args.out.write_text(json.dumps(r, indent=1))
+    print(f"machine: {r['machine']}")
+    print(f"{'measure':<34}{'seconds':>10}{'rows/s':>10}{'vs seed':>9}{'peak MiB':>10}")
+    for key in ("seed_loop", "run_1_workers", "run_2_workers"):
+        e = r[key]
+        print(f"{key:<34}{e['seconds']:>10.1f}{e['rows_per_s']:>10.1f}{e.get('vs_seed', 1.0):>9.2f}{e['peak_rss_mib']:>10}")
+    c = r["compute_limit"]
+    print(f"matmul {c['matmul_gflops']:.0f} GFLOP/s -> ceiling {c['ceiling_rows_per_s']:.0f} rows/s; "
+          f"1 worker steady {r['run_1_workers']['steady_rows_per_s']:.0f} rows/s = {100 * c['steady_fraction_1_worker']:.0f}%")
+    for rows in (10_000, FULL_ROWS):
+        e = r[f"finalize_{rows}"]
+        extra = f", pandas to_csv {e['pandas_to_csv_seconds']:.1f}s ({e['pandas_peak_rss_mib']} MiB)" if "pandas_to_csv_seconds" in e else ""
+        print(f"finalize {rows:>7} rows: {e['seconds']:.1f}s, peak {e['peak_rss_mib']} MiB{extra}")
+
+
+if __name__ == "__main__":
+    main()
