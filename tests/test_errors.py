@@ -43,8 +43,6 @@ def break_input(case: str, sample: dict, tmp_path: Path) -> list[str]:
         data[150, 0, 0] = np.inf
         data.tofile(spec)
     elif case == "dat_is_dir":
-        args = [str(tmp_path)]
-        (tmp_path / "wavfile_df.csv").write_text(",file_name,label,valid\n")
         args = [str(sample["dir"] / "adir")]
         (sample["dir"] / "adir").mkdir()
     elif case == "out_is_file":
