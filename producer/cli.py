@@ -132,8 +132,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         send(app, job, planned.send)
         recovery = Recovery(app, job)
         print(
-            f"job {job.id}: {job.rows} rows, {planned.summary()['enqueued_chunks']} chunks to embed "
-            f"({planned.summary()['reused_rows']} rows reused) on {args.workers} local workers",
+            f"job {job.id}: {job.rows} rows, {len(planned.send)} chunks to embed "
+            f"({sum(c.rows for c in planned.reused)} rows reused) on {args.workers} local workers",
             file=sys.stderr,
         )
         wait(job, check=lambda: (workers.check(), recovery()))
@@ -156,25 +156,22 @@ def cmd_wait(args: argparse.Namespace) -> int:
     from worker import broker
 
     job = Job.load(args.dir)
-    recovery = None
-    if args.broker or os.environ.get(broker.BROKER_ENV):
-        recovery = Recovery(broker.make_app(broker.broker_url(args.broker)), job)
-    else:
+    app = broker.optional_app(args.broker)
+    if app is None:
         print("no broker configured: watching shards only, lost chunks will not be re-sent", file=sys.stderr)
-    wait(job, timeout=args.timeout, check=recovery)
+    wait(job, timeout=args.timeout, check=Recovery(app, job) if app else None)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from producer.job import Job
     from producer.progress import job_status, progress_line
-
     from worker import broker
 
     status = job_status(Job.load(args.dir), per_worker=True)
     live = None
-    if args.broker or os.environ.get(broker.BROKER_ENV):
-        app = broker.make_app(broker.broker_url(args.broker))
+    app = broker.optional_app(args.broker)
+    if app is not None:
         broker.check_connection(app)
         live = broker.live_workers(app)
     if args.json:

@@ -46,7 +46,6 @@ class Recovery:
         self.out = out
         self.last = time.monotonic()
         self.suspects: set[int] = set()
-        self.resent = 0
 
     def __call__(self) -> None:
         if time.monotonic() - self.last < self.every:
@@ -66,5 +65,4 @@ class Recovery:
         self.suspects = orphans - set(resend)
         if resend:
             send(self.app, self.job, [missing[s] for s in resend])
-            self.resent += len(resend)
             self.out.write(f"\nre-sent {len(resend)} chunks whose message was lost (worker killed or broker restarted)\n")

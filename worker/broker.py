@@ -21,6 +21,12 @@ def broker_url(flag: str | None) -> str:
     return url
 
 
+def optional_app(flag: str | None) -> Celery | None:
+    """The app for --broker or the environment's broker, or None where neither names one."""
+    url = flag or os.environ.get(BROKER_ENV)
+    return make_app(url) if url else None
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced, for logs and status output."""
     return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
