@@ -10,6 +10,7 @@ from pathlib import Path
 
 from worker.errors import PipelineError
 from worker.message import EMBEDDING_FORMS
+from worker.spectrogram import ROW_BYTES
 
 CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
 DEFAULT_CSV = "wavfile_df.csv"
@@ -53,6 +54,33 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     finalize.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
     finalize.add_argument("--json", action="store_true")
 
+    def clip_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--spec", type=Path, required=True, help="the .dat to append to (created with the CSV if neither exists)")
+        p.add_argument("--csv", type=Path, help=f"the frame to append to (default: {DEFAULT_CSV} beside SPEC)")
+        p.add_argument("--label", help="label for every clip")
+        p.add_argument("--label-from-folder", action="store_true", help="label each clip by its folder (LABEL/clip.wav)")
+        p.add_argument("--valid", action="store_true", help="mark the new rows as validation rows (valid=True)")
+        p.add_argument("--pad", action="store_true", help="zero-pad clips shorter than 0.975 s to one row")
+
+    add = sub.add_parser("add-clips", help="append wav recordings to SPEC and its CSV as VGGish log-mel rows")
+    add.add_argument("wavs", type=Path, nargs="*", help="wav files or folders; none: only repair a cut-off append")
+    clip_options(add)
+    add.add_argument("--json", action="store_true")
+
+    watch = sub.add_parser("watch", help="add wav files landing in INBOX, embed only the new rows, refresh outputs")
+    watch.add_argument("inbox", type=Path)
+    clip_options(watch)
+    watch.add_argument("--out", type=Path, help="job folder (default: SPEC's folder)")
+    watch.add_argument("--chunk-rows", type=int, help="rows per chunk (default: from job size and worker count)")
+    watch.add_argument("--embedding", choices=EMBEDDING_FORMS, default="relu")
+    watch.add_argument("--checkpoint", type=Path, help=f"checkpoint (env {CHECKPOINT_ENV})")
+    watch.add_argument("--broker", help="use this broker's workers (env VGGISH_BROKER_URL); default: start local ones")
+    watch.add_argument("--workers", type=int, default=1, help="local worker processes when there is no broker (default 1)")
+    watch.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
+    watch.add_argument("--settle", type=float, default=1.0, help="seconds a file must be unchanged before it is read")
+    watch.add_argument("--poll", type=float, default=0.5, help="seconds between looks at INBOX")
+    watch.add_argument("--once", action="store_true", help="handle what is in INBOX now, refresh the outputs, exit")
+
     sample = sub.add_parser("sample-data", help="write synthetic wavfile_spec.dat and wavfile_df.csv")
     sample.add_argument("out_dir", type=Path)
     sample.add_argument("--rows", type=int, default=300)
@@ -66,17 +94,24 @@ def checkpoint_arg(args: argparse.Namespace) -> Path | None:
     return Path(os.environ[CHECKPOINT_ENV]) if os.environ.get(CHECKPOINT_ENV) else None
 
 
-def plan(args: argparse.Namespace, workers: int):
-    from producer.plan import plan_job
+def csv_arg(args: argparse.Namespace) -> Path:
+    return args.csv or args.spec.parent / DEFAULT_CSV
+
+
+def model_arg(args: argparse.Namespace) -> str | None:
     from worker.checkpoint import fingerprint
+
+    checkpoint = checkpoint_arg(args)
+    return fingerprint(checkpoint) if checkpoint else None
+
+
+def plan(args: argparse.Namespace, workers: int, model: str | None, unchanged_rows: int = 0):
+    from producer.plan import plan_job
 
     if args.chunk_rows is not None and args.chunk_rows < 1:
         raise PipelineError("--chunk-rows must be at least 1")
-    checkpoint = checkpoint_arg(args)
-    model = fingerprint(checkpoint) if checkpoint else None
-    frame = args.csv or args.spec.parent / DEFAULT_CSV
     out_dir = args.out or args.spec.parent
-    return plan_job(args.spec, frame, out_dir, args.embedding, args.chunk_rows, workers, model)
+    return plan_job(args.spec, csv_arg(args), out_dir, args.embedding, args.chunk_rows, workers, model, unchanged_rows)
 
 
 def report(summary: dict, as_json: bool) -> None:
@@ -94,56 +129,54 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     app = broker.make_app(broker.broker_url(args.broker))
     broker.check_connection(app)
     workers = len(app.control.ping(timeout=1.0) or []) if args.chunk_rows is None else 1
-    planned = plan(args, workers)
+    planned = plan(args, workers, model_arg(args))
     send(app, planned.job, planned.send)
     report({**planned.summary(), "broker": broker.redact(app.conf.broker_url)}, args.json)
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from producer.finalize import finalize
-    from producer.local import LocalRedis
-    from producer.plan import send
-    from producer.postprocess import PCA
-    from producer.progress import wait
-    from producer.recovery import Recovery
-    from worker import broker, checkpoint
-    from worker.devices import gpu_ids
-    from worker.fleet import Fleet
+def required_checkpoint(args: argparse.Namespace) -> Path:
+    from worker import checkpoint
 
     ckpt = checkpoint_arg(args)
     if ckpt is None:
         raise PipelineError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
     checkpoint.read_variables(ckpt)  # a bad checkpoint fails here, before anything starts
+    return ckpt
+
+
+def data_roots(spec: Path, out_dir: Path) -> list[Path]:
+    """Folders the local workers may read and write: the spectrograms' and the job's."""
+    return sorted({Path(os.path.realpath(spec.parent)), Path(os.path.realpath(out_dir))})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from producer.finalize import finalize
+    from producer.local import local_workers
+    from producer.plan import send
+    from producer.postprocess import PCA
+    from producer.progress import wait
+    from producer.recovery import Recovery
+
+    ckpt = required_checkpoint(args)
     pca = PCA(args.pca_params) if args.pca_params else None
     if args.workers < 1:
         raise PipelineError("--workers must be at least 1")
-    planned = plan(args, args.workers)
+    planned = plan(args, args.workers, model_arg(args))
     job = planned.job
-    roots = sorted({Path(job.source).parent, Path(job.out_dir)})
-    redis = LocalRedis()
-    workers = None
     try:
-        redis.start()
-        common = ["--broker", redis.url, "--checkpoint", str(ckpt), *(f"--data-root={r}" for r in roots)]
-        gpus = gpu_ids()[: args.workers]
-        workers = Fleet.plan(gpus, args.workers, common, prefix="local-", log_dir=Path(job.out_dir) / "logs").start()
-        app = broker.make_app(redis.url)
-        send(app, job, planned.send)
-        recovery = Recovery(app, job)
-        print(
-            f"job {job.id}: {job.rows} rows, {len(planned.send)} chunks to embed "
-            f"({sum(c.rows for c in planned.reused)} rows reused) on {args.workers} local workers",
-            file=sys.stderr,
-        )
-        wait(job, check=lambda: (workers.check(), recovery()))
+        with local_workers(ckpt, args.workers, data_roots(Path(job.source), Path(job.out_dir)), Path(job.out_dir) / "logs") as (app, fleet):
+            send(app, job, planned.send)
+            recovery = Recovery(app, job)
+            print(
+                f"job {job.id}: {job.rows} rows, {len(planned.send)} chunks to embed "
+                f"({sum(c.rows for c in planned.reused)} rows reused) on {args.workers} local workers",
+                file=sys.stderr,
+            )
+            wait(job, check=lambda: (fleet.check(), recovery()))
     except KeyboardInterrupt:
         print(f"\ninterrupted: shards so far are kept in {job.out_dir}; run the same command to go on", file=sys.stderr)
         return 130
-    finally:
-        if workers:
-            workers.stop()
-        redis.stop()
     result = finalize(job, pca)
     report({**planned.summary(), **result}, args.json)
     return 0
@@ -200,6 +233,130 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_clips(args: argparse.Namespace) -> int:
+    from producer.clips import append_clips, gather, known_names, locked, roll_back
+
+    spec, frame = args.spec, csv_arg(args)
+    if not args.wavs:
+        with locked(spec, frame):
+            repaired = roll_back(spec, frame)
+        print(f"rolled back a cut-off append to {spec}" if repaired else f"{spec}: nothing to repair", file=sys.stderr)
+        return 0
+    clips = gather(args.wavs, args.label, args.label_from_folder)
+    if not clips:
+        raise PipelineError("no .wav files found in " + ", ".join(map(str, args.wavs)))
+    with locked(spec, frame):
+        results = append_clips(spec, frame, clips, args.valid, args.pad, known_names(frame))
+    refused = [r for r in results if r.error]
+    added = [r for r in results if r.rows]
+    for r in results:
+        what = "already in the CSV, skipped" if r.duplicate else f"{r.rows} row{'s' * (r.rows != 1)}"
+        print(r.error or f"{r.clip.path}: {what}", file=sys.stderr)
+    if refused:
+        raise PipelineError(f"{len(refused)} of {len(results)} files refused (listed above); nothing was added")
+    summary = {
+        "spec": str(spec),
+        "csv": str(frame),
+        "files_added": len(added),
+        "files_skipped": sum(r.duplicate for r in results),
+        "rows_added": sum(r.rows for r in added),
+        "rows": spec.stat().st_size // ROW_BYTES if spec.exists() else 0,
+    }
+    report(summary, args.json)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import contextlib
+    import signal
+    import time
+
+    from producer.clips import Clip, append_clips, known_names, locked
+    from producer.finalize import finalize
+    from producer.inbox import Inbox
+    from producer.local import local_workers
+    from producer.plan import send
+    from producer.postprocess import PCA
+    from producer.progress import wait
+    from producer.recovery import Recovery
+    from worker import broker
+
+    if (args.label is None) == (not args.label_from_folder):
+        raise PipelineError("give exactly one of --label LABEL or --label-from-folder")
+    if not args.inbox.is_dir():
+        raise PipelineError(f"{args.inbox}: no such folder")
+    if args.workers < 1:
+        raise PipelineError("--workers must be at least 1")
+    spec, frame = args.spec, csv_arg(args)
+    app = broker.optional_app(args.broker)
+    ckpt = checkpoint_arg(args) if app else required_checkpoint(args)
+    model = model_arg(args)
+    pca = PCA(args.pca_params) if args.pca_params else None
+    inbox = Inbox(args.inbox, settle=args.settle)
+    out_dir = args.out or spec.parent
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C: no append is left half-done
+
+    def ingest(names: set[str]) -> int:
+        clips = []
+        for path in inbox.ready():
+            label = args.label or inbox.label_folder(path)
+            if label is None:
+                inbox.move(path, "no label: put the file in a LABEL/ folder, or start watch with --label")
+                print(f"{path}: refused, no label folder", file=sys.stderr)
+            else:
+                clips.append(Clip(path, inbox.file_name(path), label))
+        if not clips:
+            return 0
+        results = append_clips(spec, frame, clips, args.valid, args.pad, names, partial=True)
+        for r in results:
+            if r.duplicate:
+                r.error = f"a clip named {r.clip.file_name} is already in {frame}; rename the file to add it"
+            moved = inbox.move(r.clip.path, r.error)
+            names.add(r.clip.file_name)
+            print(f"{r.clip.file_name}: {r.error or f'{r.rows} rows added'} -> {moved}", file=sys.stderr)
+        return sum(r.rows for r in results)
+
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(locked(spec, frame))
+            if app is None:
+                roots = data_roots(spec, out_dir)
+                app, fleet = stack.enter_context(local_workers(ckpt, args.workers, roots, out_dir / "logs"))
+            else:
+                fleet = None
+                broker.check_connection(app)
+            names = known_names(frame)
+            print(f"watching {args.inbox} for wav files ({len(names)} clips already in {frame})", file=sys.stderr)
+            embedded_rows, first = 0, True
+            while True:
+                added = ingest(names)
+                if (added or first) and spec.stat().st_size:
+                    began = time.monotonic()
+                    planned = plan(args, args.workers, model, unchanged_rows=embedded_rows)
+                    send(app, planned.job, planned.send)
+                    recovery = Recovery(app, planned.job)
+                    try:
+                        wait(planned.job, check=lambda: (fleet and fleet.check(), recovery()))
+                        finalize(planned.job, pca)
+                    except PipelineError as e:
+                        print(f"producer: error: {e} (still watching)", file=sys.stderr)
+                    else:
+                        embedded_rows = planned.job.rows
+                        summary = planned.summary()
+                        print(
+                            f"outputs refreshed: {planned.job.rows} rows ({summary['enqueued_rows']} embedded, "
+                            f"{summary['reused_rows']} reused) in {time.monotonic() - began:.1f} s",
+                            file=sys.stderr,
+                        )
+                first = False
+                if args.once:
+                    return 0
+                time.sleep(args.poll)
+    except KeyboardInterrupt:
+        print("\nstopped watching", file=sys.stderr)
+        return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from producer.dataset import write_sample
 
@@ -217,6 +374,8 @@ COMMANDS = {
     "status": cmd_status,
     "finalize": cmd_finalize,
     "sample-data": cmd_sample,
+    "add-clips": cmd_add_clips,
+    "watch": cmd_watch,
 }
 
 

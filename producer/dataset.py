@@ -66,8 +66,18 @@ def csv_rows(path: Path) -> int:
     return rows
 
 
+def journal_path(spec: Path) -> Path:
+    """Where `producer add-clips` notes both files' sizes while it appends (see producer.clips)."""
+    return spec.with_name(f".{spec.name}.append-journal")
+
+
 def validate(spec: Path, frame: Path) -> int:
     """Row count of a matching .dat/CSV pair, or an InputError naming what does not match."""
+    if journal_path(spec).exists():
+        raise InputError(
+            f"{spec}: an add-clips run was cut off mid-append; run `producer add-clips --spec {spec} --csv {frame}` "
+            "with no files to roll it back"
+        )
     rows = row_count(spec)
     header = csv_header(frame)
     if any(name.startswith("e") and name[1:].isdigit() for name in header):
@@ -78,11 +88,18 @@ def validate(spec: Path, frame: Path) -> int:
     return rows
 
 
-def scan(spec: Path, rows: int, chunk_rows: int) -> list[Chunk]:
-    """Plan chunks aligned to multiples of chunk_rows, fingerprint each, and refuse NaN or Inf."""
+def scan(spec: Path, rows: int, chunk_rows: int, known: dict[tuple[int, int], str] | None = None) -> list[Chunk]:
+    """Plan chunks aligned to multiples of chunk_rows, fingerprint each, and refuse NaN or Inf.
+
+    `known` maps (start, stop) to a digest taken earlier of rows the caller knows are unchanged;
+    those chunks are not read again.
+    """
     chunks, bad = [], []
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
+        if known and (start, stop) in known:
+            chunks.append(Chunk(start, stop, known[(start, stop)]))
+            continue
         data = read_rows(spec, start, stop)
         bad += first_bad_rows(data, start, limit=5 - len(bad)) if len(bad) < 5 else []
         chunks.append(Chunk(start, stop, digest(data)))

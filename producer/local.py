@@ -1,16 +1,23 @@
-"""The embedded default for one machine: a private Redis server on a unix socket."""
+"""The embedded default for one machine: a private Redis server on a unix socket, and workers on it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from celery import Celery
+
+from worker.broker import make_app
+from worker.devices import gpu_ids
 from worker.errors import BrokerError
+from worker.fleet import Fleet
 
 
 def redis_server_binary() -> str:
@@ -69,3 +76,19 @@ class LocalRedis:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_workers(checkpoint: Path, workers: int, roots: list[Path], log_dir: Path) -> Iterator[tuple[Celery, Fleet]]:
+    """A private Redis and `workers` warm worker processes (one per GPU if there are GPUs) for one command."""
+    redis = LocalRedis()
+    fleet = None
+    try:
+        redis.start()
+        common = ["--broker", redis.url, "--checkpoint", str(checkpoint), *(f"--data-root={r}" for r in roots)]
+        fleet = Fleet.plan(gpu_ids()[:workers], workers, common, prefix="local-", log_dir=log_dir).start()
+        yield make_app(redis.url), fleet
+    finally:
+        if fleet:
+            fleet.stop()
+        redis.stop()

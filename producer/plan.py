@@ -48,11 +48,14 @@ def plan_job(
     chunk_rows: int | None,
     workers: int,
     model: str | None,
+    unchanged_rows: int = 0,
 ) -> Plan:
     """Validate the inputs, record the job in out_dir, and work out which chunks need a worker.
 
     A chunk keeps its shard when its rows' bytes, the embedding form and the model are unchanged,
-    so re-running on grown or edited inputs sends only what changed.
+    so re-running on grown or edited inputs sends only what changed. A caller that itself only
+    appended to the source passes `unchanged_rows`: chunks below it keep the digests in job.json
+    instead of being read and hashed again.
     """
     spec, frame, out_dir = (Path(os.path.realpath(p)) for p in (spec, frame, out_dir))
     rows = validate(spec, frame)
@@ -68,7 +71,7 @@ def plan_job(
         rows=rows,
         chunk_rows=chunk_rows,
         embedding=embedding,
-        chunks=scan(spec, rows, chunk_rows),
+        chunks=scan(spec, rows, chunk_rows, known_digests(old, spec, chunk_rows, unchanged_rows)),
     )
     jobdir = job.dir
     jobdir.ensure()
@@ -83,6 +86,12 @@ def plan_job(
     job.save()
     reused = [c for c in job.chunks if c not in send]
     return Plan(job, send, reused, dropped, jobdir.pinned_model())
+
+
+def known_digests(old: Job | None, spec: Path, chunk_rows: int, unchanged_rows: int) -> dict[tuple[int, int], str]:
+    if old is None or old.source != str(spec) or old.chunk_rows != chunk_rows:
+        return {}
+    return {(c.start, c.stop): c.digest for c in old.chunks if c.stop <= unchanged_rows}
 
 
 def send(app: Celery, job: Job, chunks: list[Chunk]) -> None:

@@ -1,0 +1,210 @@
+"""Adding recorded clips to the user's .dat/CSV pair, so that the two never get out of step.
+
+An append converts every file first (into a temp .dat beside the spectrograms), so one bad file
+leaves the pair untouched. Then it writes a journal holding both files' old sizes, appends to the
+.dat and the CSV, fsyncs, and removes the journal. A journal found later means an append was cut
+off: both files are truncated back to the sizes it holds. A lock on the .dat keeps two appends apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from producer.audio import wav_examples
+from producer.dataset import csv_header, csv_reader, csv_rows, journal_path, validate
+from worker.errors import InputError, PipelineError
+from worker.files import write_json
+from worker.spectrogram import DTYPE
+
+NEW_HEADER = ["file_name", "label", "valid"]
+STAGED = ".staged"
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: Path  # the wav file
+    file_name: str  # what the CSV's file_name column gets
+    label: str
+
+
+@dataclass
+class Added:
+    clip: Clip
+    rows: int = 0
+    error: str | None = None  # why the file was refused
+    duplicate: bool = False  # its file_name is already in the CSV
+
+
+def roll_back(spec: Path, frame: Path) -> bool:
+    """Undo an append that was cut off, and drop its staged rows; True if there was one. Needs `locked`."""
+    leftovers = list(spec.parent.glob(f".{spec.name}.*{STAGED}"))
+    for staged in leftovers:
+        staged.unlink()
+    journal = journal_path(spec)
+    if not journal.exists():
+        return bool(leftovers)
+    sizes = json.loads(journal.read_text())
+    for path, size in ((spec, sizes["spec_bytes"]), (frame, sizes["csv_bytes"])):
+        if path.exists() and path.stat().st_size > size:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+                os.fsync(f.fileno())
+    journal.unlink()
+    return True
+
+
+@contextlib.contextmanager
+def locked(spec: Path, frame: Path) -> Iterator[None]:
+    """Hold the pair for one writer; create an empty pair (with a file_name,label,valid header) if neither exists."""
+    if spec.exists() != frame.exists():
+        missing = frame if spec.exists() else spec
+        raise InputError(f"{missing}: no such file (the .dat and the CSV are created together or not at all)")
+    created = not spec.exists()
+    if created:
+        spec.parent.mkdir(parents=True, exist_ok=True)
+        with open(frame, "x", newline="") as f:
+            csv.writer(f).writerow(NEW_HEADER)
+        spec.touch()
+    try:
+        with open(spec, "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InputError(f"{spec}: another add-clips or watch is appending to it") from None
+            yield
+    finally:
+        if created and spec.stat().st_size == 0:  # nothing was added: leave no empty pair behind
+            spec.unlink()
+            frame.unlink()
+
+
+def known_names(frame: Path) -> set[str]:
+    """file_name values already in the CSV, so a clip is never added twice."""
+    header = csv_header(frame)
+    if "file_name" not in header:
+        return set()
+    column = f"_{header.index('file_name')}"
+    names: set[str] = set()
+    for batch in csv_reader(frame):
+        names.update(pc.unique(batch.column(column)).to_pylist())
+    return names
+
+
+class CsvRows:
+    """Builds CSV lines in the existing frame's column order: an unnamed index column counts on."""
+
+    def __init__(self, frame: Path, start_row: int) -> None:
+        self.header = csv_header(frame)
+        if "file_name" not in self.header or "label" not in self.header:
+            raise InputError(f"{frame}: needs file_name and label columns to take new clips")
+        self.next_index = start_row
+        self.valid_words = ("True", "False")
+        with open(frame, newline="") as f:
+            reader = csv.reader(f)
+            next(reader, None)
+            first = next(reader, None)
+        if first and "valid" in self.header and first[self.header.index("valid")] in ("0", "1"):
+            self.valid_words = ("1", "0")
+
+    def lines(self, file_name: str, label: str, valid: bool, rows: int) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        values = {"file_name": file_name, "label": label, "valid": self.valid_words[0 if valid else 1]}
+        for _ in range(rows):
+            writer.writerow([str(self.next_index) if name == "" else values.get(name, "") for name in self.header])
+            self.next_index += 1
+        return out.getvalue()
+
+
+def append_clips(
+    spec: Path, frame: Path, clips: list[Clip], valid: bool, pad: bool, skip: set[str], partial: bool = False
+) -> list[Added]:
+    """Convert `clips` and append their rows to the pair; the caller holds `locked`.
+
+    Clips whose file_name is in `skip` are left out, so re-running the same add is harmless. If a
+    file is refused, nothing is appended, unless `partial` (then the other files still are).
+    """
+    roll_back(spec, frame)
+    if spec.stat().st_size:
+        rows_before = validate(spec, frame)
+    elif csv_rows(frame):
+        raise InputError(f"{spec} is empty but {frame} has rows; they must match one to one")
+    else:
+        rows_before = 0
+    results = [Added(c, duplicate=c.file_name in skip) for c in clips]
+    fd, staged = tempfile.mkstemp(dir=spec.parent, prefix=f".{spec.name}.", suffix=STAGED)
+    try:
+        builder = CsvRows(frame, rows_before)
+        text = []
+        with os.fdopen(fd, "wb") as out:
+            for added in results:
+                if added.duplicate:
+                    continue
+                try:
+                    examples = wav_examples(added.clip.path, pad)
+                except PipelineError as e:
+                    added.error = str(e)
+                    continue
+                np.ascontiguousarray(examples, dtype=DTYPE).tofile(out)
+                added.rows = len(examples)
+                text.append(builder.lines(added.clip.file_name, added.clip.label, valid, added.rows))
+        if any(a.error for a in results) and not partial:
+            return results
+        if any(a.rows for a in results):
+            commit(spec, frame, Path(staged), "".join(text).encode())
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+    return results
+
+
+def commit(spec: Path, frame: Path, staged: Path, csv_bytes: bytes) -> None:
+    """Journal both sizes, append to both files, fsync, drop the journal."""
+    journal = journal_path(spec)
+    write_json(journal, {"spec_bytes": spec.stat().st_size, "csv_bytes": frame.stat().st_size})
+    with open(frame, "rb") as f:
+        f.seek(max(frame.stat().st_size - 1, 0))
+        needs_newline = f.read(1) not in (b"\n", b"")
+    with open(spec, "ab") as out, open(staged, "rb") as src:
+        shutil.copyfileobj(src, out, 1 << 22)
+        out.flush()
+        os.fsync(out.fileno())
+    with open(frame, "ab") as out:
+        out.write((b"\n" if needs_newline else b"") + csv_bytes)
+        out.flush()
+        os.fsync(out.fileno())
+    journal.unlink()
+
+
+def gather(paths: list[Path], label: str | None, label_from_folder: bool) -> list[Clip]:
+    """Clips for the given wav files and folders (searched for *.wav); file_name is the path as seen from here."""
+    if (label is None) == (not label_from_folder):
+        raise InputError("give exactly one of --label LABEL or --label-from-folder")
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() == ".wav" and p.is_file())
+        elif path.exists():
+            files.append(path)
+        else:
+            raise InputError(f"{path}: no such file")
+    here = Path.cwd()
+    clips = []
+    for path in files:
+        absolute = path.resolve()
+        name = absolute.relative_to(here).as_posix() if absolute.is_relative_to(here) else absolute.as_posix()
+        clips.append(Clip(path, name, label if label is not None else absolute.parent.name))
+    return clips

@@ -1,0 +1,83 @@
+"""A folder that recordings land in: which wav files are complete, and where each goes once handled.
+
+A file is ready when its size and mtime have not changed for `settle` seconds and, if its RIFF
+header states a length, the file has reached it; a header that never completes counts as ready
+after `stall` seconds so that its error gets reported. Handled files move to `added/` or
+`failed/` (with `<name>.error.txt`) under the inbox, keeping their relative path.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from pathlib import Path
+
+UNKNOWN_RIFF_SIZES = (0, 0xFFFFFFFF)  # written by recorders that stream, before they patch the header
+
+
+def riff_complete(path: Path, size: int) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"RIFF":
+        return True  # not a wav file: let the reader say so
+    stated = struct.unpack_from("<I", head, 4)[0]
+    return stated in UNKNOWN_RIFF_SIZES or size >= stated + 8
+
+
+class Inbox:
+    def __init__(self, root: Path, settle: float = 1.0, stall: float = 30.0) -> None:
+        self.root = root
+        self.added = root / "added"
+        self.failed = root / "failed"
+        self.settle = settle
+        self.stall = stall
+        self._seen: dict[Path, tuple[tuple[int, int], float]] = {}
+
+    def wav_files(self) -> list[Path]:
+        found = []
+        for folder, dirs, files in os.walk(self.root):
+            here = Path(folder)
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and here / d not in (self.added, self.failed))
+            found += [here / f for f in sorted(files) if f.lower().endswith(".wav") and not f.startswith(".")]
+        return found
+
+    def ready(self) -> list[Path]:
+        """Wav files that are done being written, oldest first seen first."""
+        now = time.monotonic()
+        seen, ready = {}, []
+        for path in self.wav_files():
+            try:
+                st = path.stat()
+                key = (st.st_size, st.st_mtime_ns)
+                prev = self._seen.get(path)
+                since = prev[1] if prev and prev[0] == key else now
+                seen[path] = (key, since)
+                quiet = now - since
+                if quiet >= self.stall or (quiet >= self.settle and riff_complete(path, st.st_size)):
+                    ready.append(path)
+            except FileNotFoundError:
+                continue  # renamed or removed under us
+        self._seen = seen
+        return ready
+
+    def file_name(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def label_folder(self, path: Path) -> str | None:
+        """The folder a file sits in (speech-commands layout INBOX/LABEL/clip.wav), None at the top."""
+        return path.parent.name if path.parent != self.root else None
+
+    def move(self, path: Path, error: str | None = None) -> Path:
+        """Move a handled file to added/ or, with its error beside it, to failed/."""
+        target = (self.failed if error else self.added) / path.relative_to(self.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        n = 0
+        while target.exists():  # a second recording under the same name: never overwrite the first
+            n += 1
+            target = target.with_name(f"{path.stem}.{n}{path.suffix}")
+        os.replace(path, target)
+        if error:
+            target.with_name(target.name + ".error.txt").write_text(error + "\n")
+        self._seen.pop(path, None)
+        return target

@@ -1,0 +1,197 @@
+"""Adding recordings: `producer add-clips` keeps the .dat and the CSV in step, and `producer watch` embeds new files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from conftest import SAMPLE_ROWS, cli
+from outputs import check_outputs
+from producer import audio
+from reference import vggish
+from wavs import tone, wav_bytes, write_wav
+from worker.spectrogram import ROW_BYTES
+
+
+def add_clips(sample: dict, *args: str) -> subprocess.CompletedProcess:
+    return cli("producer", "add-clips", *args, "--spec", str(sample["spec"]), "--json")
+
+
+def test_add_clips_appends_rows_and_frame_lines_in_step(sample, tmp_path):
+    before = sample["spec"].read_bytes()
+    yes = write_wav(tmp_path / "rec" / "yes" / "a.wav", tone(1.0, 500))
+    up = write_wav(tmp_path / "rec" / "up" / "b.wav", tone(3.2, 2000, rate=44100), 44100, bits=24, channels=2)
+    result = add_clips(sample, str(tmp_path / "rec"), "--label-from-folder", "--valid")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["files_added"] == 2 and summary["rows_added"] == 4 and summary["rows"] == SAMPLE_ROWS + 4
+    assert "a.wav: 1 row" in result.stderr and "b.wav: 3 rows" in result.stderr
+
+    data = sample["spec"].read_bytes()
+    assert data[: len(before)] == before  # old rows untouched
+    new = np.frombuffer(data[len(before) :], dtype="<f8").reshape(-1, 96, 64)
+    np.testing.assert_array_equal(new, np.concatenate([audio.wav_examples(up), audio.wav_examples(yes)]))
+
+    frame = pd.read_csv(sample["csv"], index_col=0)
+    assert list(frame.index) == list(range(SAMPLE_ROWS + 4))  # the unnamed index column counts on
+    tail = frame.iloc[SAMPLE_ROWS:]
+    assert list(tail["label"]) == ["up", "up", "up", "yes"] and tail["valid"].tolist() == [True] * 4
+    assert tail["file_name"].str.endswith(("up/b.wav", "yes/a.wav")).all()
+
+    again = add_clips(sample, str(tmp_path / "rec"), "--label-from-folder")
+    assert again.returncode == 0 and json.loads(again.stdout)["files_skipped"] == 2  # a re-run adds nothing twice
+    assert sample["spec"].read_bytes() == data
+
+
+def test_a_bad_file_refuses_the_whole_add_and_changes_nothing(sample, tmp_path):
+    before = sample["spec"].read_bytes(), sample["csv"].read_bytes()
+    write_wav(tmp_path / "good.wav", tone(2.0))
+    write_wav(tmp_path / "short.wav", tone(0.5))
+    (tmp_path / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
+    result = add_clips(sample, str(tmp_path / "good.wav"), str(tmp_path / "short.wav"), str(tmp_path / "broken.wav"), "--label", "x")
+    assert result.returncode == 2
+    assert "short.wav: too short (0.500 s)" in result.stderr and "broken.wav: " in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "producer: error: 2 of 3 files refused (listed above); nothing was added"
+    assert "Traceback" not in result.stderr
+    assert (sample["spec"].read_bytes(), sample["csv"].read_bytes()) == before
+    assert sorted(p.name for p in sample["dir"].iterdir()) == ["wavfile_df.csv", "wavfile_spec.dat"]  # no temp left
+
+    padded = add_clips(sample, str(tmp_path / "short.wav"), "--label", "x", "--pad")
+    assert padded.returncode == 0 and json.loads(padded.stdout)["rows_added"] == 1
+
+
+def test_a_new_pair_is_created_and_a_failed_first_add_leaves_none(tmp_path):
+    spec = tmp_path / "new" / "clips.dat"
+    frame = tmp_path / "new" / "clips.csv"
+    write_wav(tmp_path / "short.wav", tone(0.2))
+    failed = cli("producer", "add-clips", str(tmp_path / "short.wav"), "--label", "a", "--spec", str(spec), "--csv", str(frame))
+    assert failed.returncode == 2 and not spec.exists() and not frame.exists()
+    write_wav(tmp_path / "ok.wav", tone(1.0))
+    ok = cli("producer", "add-clips", str(tmp_path / "ok.wav"), "--label", "a", "--spec", str(spec), "--csv", str(frame))
+    assert ok.returncode == 0, ok.stderr
+    assert frame.read_text().splitlines()[0] == "file_name,label,valid" and spec.stat().st_size == ROW_BYTES
+
+
+def test_an_append_cut_off_mid_write_is_refused_then_rolled_back(sample, tmp_path, model_files):
+    from producer.clips import commit
+
+    before = sample["spec"].read_bytes(), sample["csv"].read_bytes()
+    staged = tmp_path / "staged"
+    staged.write_bytes(b"\0" * ROW_BYTES)
+
+    def crash_before_csv(path, mode="r", *args, **kwargs):  # the .dat got its rows, then the process died
+        if Path(path) == sample["csv"] and "a" in mode:
+            raise KeyboardInterrupt
+        return real_open(path, mode, *args, **kwargs)
+
+    import builtins
+
+    real_open, builtins.open = builtins.open, crash_before_csv
+    try:
+        commit(sample["spec"], sample["csv"], staged, b"200,x.wav,x,False\n")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        builtins.open = real_open
+    assert sample["spec"].stat().st_size == len(before[0]) + ROW_BYTES  # out of step on disk, journal present
+
+    refused = cli("producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]))
+    assert refused.returncode == 2 and "cut off mid-append" in refused.stderr and "Traceback" not in refused.stderr
+    repaired = cli("producer", "add-clips", "--spec", str(sample["spec"]))
+    assert repaired.returncode == 0 and "rolled back" in repaired.stderr
+    assert (sample["spec"].read_bytes(), sample["csv"].read_bytes()) == before
+
+
+def test_kill_9_during_add_clips_never_leaves_the_pair_out_of_step(sample, tmp_path):
+    from producer.dataset import validate
+
+    for i in range(60):
+        write_wav(tmp_path / "rec" / f"c{i}.wav", tone(6.0, 300 + 5 * i, rate=48000), 48000)
+    original = sample["spec"].read_bytes(), sample["csv"].read_bytes()
+    outcomes = []
+    for delay in (0.4, 0.6, 0.8, 1.0, 1.2, 1.5):  # import, conversion, and (on this machine ~1.3 s) the commit
+        sample["spec"].write_bytes(original[0])
+        sample["csv"].write_bytes(original[1])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "producer", "add-clips", str(tmp_path / "rec"), "--label", "tone", "--spec", str(sample["spec"])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert cli("producer", "add-clips", "--spec", str(sample["spec"])).returncode == 0  # rolls back if needed
+        rows = validate(sample["spec"], sample["csv"])  # raises if the .dat and the CSV disagree
+        assert rows in (SAMPLE_ROWS, SAMPLE_ROWS + 60 * 6)
+        outcomes.append(rows)
+        assert not list(sample["dir"].glob(".*"))  # no journal or staged rows left behind
+    print("rows after each kill:", outcomes)
+
+
+def run_watch(sample: dict, inbox: Path, model_files: dict, log: Path) -> subprocess.Popen:
+    args = [sys.executable, "-m", "producer", "watch", str(inbox), "--label-from-folder", "--spec", str(sample["spec"])]
+    args += ["--checkpoint", str(model_files["checkpoint"]), "--chunk-rows", "64", "--settle", "0.3", "--poll", "0.2"]
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_log(proc: subprocess.Popen, log: Path, text: str, count: int, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = log.read_text(errors="replace")
+        if content.count(text) >= count:
+            return content
+        assert proc.poll() is None, f"watch exited:\n{content}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {count}x {text!r}:\n{log.read_text(errors='replace')}")
+
+
+def test_watch_embeds_new_files_only_and_never_reads_a_file_half_written(sample, model_files, weights, expected, tmp_path):
+    inbox, log = tmp_path / "inbox", tmp_path / "watch.log"
+    inbox.mkdir()
+    proc = run_watch(sample, inbox, model_files, log)
+    try:
+        wait_for_log(proc, log, "outputs refreshed", 1)  # first the rows already there
+
+        write_wav(inbox / "yes" / "one.wav", tone(1.0, 700))
+        whole = wav_bytes(tone(3.0, 3000), 16000)  # a recorder that writes its header first, then the samples
+        slow = inbox / "up" / "slow.wav"
+        slow.parent.mkdir()
+        with open(slow, "wb") as f:
+            f.write(whole[: len(whole) // 2])
+            f.flush()
+            time.sleep(1.5)  # far past --settle: only the header's length says the file is not done
+            f.write(whole[len(whole) // 2 :])
+        (inbox / "loose.wav").write_bytes(wav_bytes(tone(1.0), 16000))  # no label folder
+        wait_for_log(proc, log, f"outputs refreshed: {SAMPLE_ROWS + 4} rows", 1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    content = log.read_text()
+    assert "stopped watching" in content and "Traceback" not in content
+    assert "up/slow.wav: 3 rows added" in content and "yes/one.wav: 1 rows added" in content
+
+    refreshes = [line for line in content.splitlines() if line.startswith("outputs refreshed")]
+    assert refreshes[0].startswith(f"outputs refreshed: {SAMPLE_ROWS} rows ({SAMPLE_ROWS} embedded")
+    for line in refreshes[1:]:  # later refreshes re-embed only the last (partial) chunk: new rows + < 64 old ones
+        embedded = int(line.split("(")[1].split()[0])
+        assert embedded < 64 + 4, line
+
+    assert sorted(p.relative_to(inbox).as_posix() for p in inbox.rglob("*") if p.is_file()) == [
+        "added/up/slow.wav", "added/yes/one.wav", "failed/loose.wav", "failed/loose.wav.error.txt",
+    ]
+    assert (inbox / "added" / "up" / "slow.wav").read_bytes() == whole
+    spectrograms = np.fromfile(sample["spec"]).reshape(-1, 96, 64)
+    assert len(spectrograms) == SAMPLE_ROWS + 4
+    new_names = pd.read_csv(sample["csv"], index_col=0)["file_name"].iloc[SAMPLE_ROWS:].drop_duplicates()
+    new = np.concatenate([audio.wav_examples(inbox / "added" / name) for name in new_names])
+    np.testing.assert_array_equal(spectrograms[SAMPLE_ROWS:], new)
+    all_expected = np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)])
+    check_outputs(sample["dir"], sample["csv"], all_expected)
