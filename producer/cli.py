@@ -136,12 +136,13 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def required_checkpoint(args: argparse.Namespace) -> Path:
+    """The checkpoint flag or env, known to exist; its content is checked by `check_variables`."""
     from worker import checkpoint
 
     ckpt = checkpoint_arg(args)
     if ckpt is None:
         raise PipelineError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
-    checkpoint.read_variables(ckpt)  # a bad checkpoint fails here, before anything starts
+    checkpoint.checkpoint_files(ckpt)
     return ckpt
 
 
@@ -152,20 +153,26 @@ def data_roots(spec: Path, out_dir: Path) -> list[Path]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from producer.finalize import finalize
+    from producer.job import check_writable
     from producer.local import local_workers
     from producer.plan import send
     from producer.postprocess import PCA
     from producer.progress import wait
     from producer.recovery import Recovery
+    from worker.checkpoint import check_variables
 
     ckpt = required_checkpoint(args)
     pca = PCA(args.pca_params) if args.pca_params else None
     if args.workers < 1:
         raise PipelineError("--workers must be at least 1")
-    planned = plan(args, args.workers, model_arg(args))
-    job = planned.job
+    out_dir = args.out or args.spec.parent
+    check_writable(out_dir)  # it takes the workers' logs
     try:
-        with local_workers(ckpt, args.workers, data_roots(Path(job.source), Path(job.out_dir)), Path(job.out_dir) / "logs") as (app, fleet):
+        # Workers start first: their TensorFlow start-up overlaps the checks and the plan below.
+        with local_workers(ckpt, args.workers, data_roots(args.spec, out_dir), out_dir / "logs") as (app, fleet):
+            check_variables(ckpt)  # a bad checkpoint fails here, before any job file is written
+            planned = plan(args, args.workers, model_arg(args))
+            job = planned.job
             send(app, job, planned.send)
             recovery = Recovery(app, job)
             print(
@@ -174,10 +181,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             wait(job, check=lambda: (fleet.check(), recovery()))
+            fleet.signal_stop()  # the workers wind down while finalize runs
+            result = finalize(job, pca)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: shards so far are kept in {job.out_dir}; run the same command to go on", file=sys.stderr)
+        print(f"\ninterrupted: shards so far are kept in {out_dir}; run the same command to go on", file=sys.stderr)
         return 130
-    result = finalize(job, pca)
     report({**planned.summary(), **result}, args.json)
     return 0
 

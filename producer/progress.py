@@ -75,7 +75,7 @@ def progress_line(status: Status, rate: float) -> str:
 def wait(
     job: Job,
     out: TextIO = sys.stderr,
-    interval: float = 1.0,
+    interval: float = 0.25,
     timeout: float | None = None,
     check: Callable[[], None] | None = None,
 ) -> Status:
@@ -93,7 +93,7 @@ def wait(
         elapsed = time.monotonic() - began
         rate = (status.rows_done - first.rows_done) / elapsed if elapsed > 0 else 0.0
         now = time.monotonic()
-        if tty or now - last_print >= 10 or status.done:
+        if now - last_print >= (1 if tty else 10) or status.done:
             out.write(("\r" if tty else "") + progress_line(status, rate) + ("" if tty else "\n"))
             out.flush()
             last_print = now

@@ -69,8 +69,8 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def read_variables(path: Path) -> dict[str, np.ndarray]:
-    """Every VGGish variable of a checkpoint, after checking names and shapes."""
+def check_variables(path: Path):
+    """A reader of the checkpoint, after checking it has every VGGish variable in its shape; reads no values."""
     tf = load_tensorflow()
 
     prefix = checkpoint_prefix(path)
@@ -86,6 +86,12 @@ def read_variables(path: Path) -> dict[str, np.ndarray]:
     for name, shape in VARIABLE_SHAPES.items():
         if tuple(shapes[name]) != shape:
             raise CheckpointError(f"{path}: variable {name} has shape {tuple(shapes[name])}, VGGish needs {shape}")
+    return reader
+
+
+def read_variables(path: Path) -> dict[str, np.ndarray]:
+    """Every VGGish variable of a checkpoint, after checking names and shapes."""
+    reader = check_variables(path)
     return {name: reader.get_tensor(name) for name in VARIABLE_SHAPES}
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from worker.errors import PipelineError
+from worker.model import DEFAULT_BATCH
 
 CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
 DATA_ROOTS_ENV = "VGGISH_DATA_ROOTS"
@@ -29,7 +30,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     device.add_argument("--cpu", action="store_true", help="hide every GPU (CUDA_VISIBLE_DEVICES=-1)")
     start.add_argument("--name", help="worker name, e.g. gpu0@host (default: from the device and host)")
     start.add_argument("--threads", type=int, default=0, help="TensorFlow threads per pool (0: all cores)")
-    start.add_argument("--batch-size", type=int, default=64, help="rows per session.run (default 64)")
+    start.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"rows per session.run (default {DEFAULT_BATCH})")
     start.add_argument(
         "--data-root",
         type=Path,
@@ -45,7 +46,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--cpus", type=int, metavar="N", help="N CPU workers splitting this machine's cores")
     up.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
     up.add_argument("--checkpoint", type=Path, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
-    up.add_argument("--batch-size", type=int, default=64)
+    up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     up.add_argument("--data-root", type=Path, action="append", help="as for `worker start`")
 
     down = sub.add_parser("down", help="ask a worker to finish its current chunk and leave")
@@ -126,7 +127,12 @@ def start(args: argparse.Namespace) -> int:
             "--without-gossip",
         ]
     )
-    return 0
+    # Celery has acked the last chunk and every shard is fsynced. Tearing down TensorFlow at
+    # interpreter exit would take another ~0.8 s per worker (measured) for nothing, so leave now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def up(args: argparse.Namespace) -> int:

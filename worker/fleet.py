@@ -29,6 +29,7 @@ class Fleet:
     members: list[Member]
     log_dir: Path | None = None
     reported: set[str] = field(default_factory=set)
+    stopping: bool = False
 
     @classmethod
     def plan(cls, gpus: list[int], cpus: int, common: list[str], prefix: str = "", log_dir: Path | None = None) -> "Fleet":
@@ -83,9 +84,15 @@ class Fleet:
             if m.proc is not None and m.proc.poll() is None:
                 m.proc.send_signal(sig)
 
+    def signal_stop(self) -> None:
+        """Ask every member for a warm stop (SIGTERM: finish the current chunk, then exit), once."""
+        if not self.stopping:
+            self.stopping = True
+            self.signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 120.0) -> None:
-        """Warm stop (SIGTERM: each finishes its current chunk), then kill what lingers."""
-        self.signal(signal.SIGTERM)
+        """Warm stop, waiting for each member, then kill what lingers."""
+        self.signal_stop()
         deadline = time.monotonic() + timeout
         for m in self.members:
             if m.proc is None:
