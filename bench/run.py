@@ -23,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 VGGISH_FLOP_PER_EXAMPLE = 1.73e9
 FULL_ROWS = 105_835
+sys.path.insert(0, str(ROOT))
 
 SEED_LOOP = r"""
 import sys, time, numpy as np, pandas as pd
@@ -79,7 +80,6 @@ def matmul_flops() -> float:
 
 def synthetic_job(directory: Path, rows: int) -> None:
     """A finished job of `rows` rows (random shards and frame), to time finalize alone."""
-    sys.path.insert(0, str(ROOT))
     from producer.dataset import Chunk
     from producer.job import Job
     from worker.jobdir import JobDir
@@ -99,6 +99,105 @@ def synthetic_job(directory: Path, rows: int) -> None:
         emb = np.maximum(rng.standard_normal((c.rows, 128), dtype=np.float32), 0)
         write_shard(jobdir.shards, ShardMeta(c.start, c.stop, c.digest, "relu", "synthetic", "bench", 1.0), emb)
     Job("bench", str(directory), str(directory / "none.dat"), str(directory / "wavfile_df.csv"), rows, 1024, "relu", chunks).save()
+
+
+def start_worker(py: str, env: dict, url: str, ckpt: Path, root: Path, log: Path) -> subprocess.Popen:
+    cmd = [py, "-m", "worker", "start", "--broker", url, "--checkpoint", str(ckpt), "--cpu", "--data-root", str(root)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    while b" ready." not in log.read_bytes():
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.1)
+    return proc
+
+
+def wait_shards(directory: Path, count: int) -> float:
+    """Seconds until `count` shards exist in the job folder."""
+    began = time.perf_counter()
+    while len(list((directory / "shards").glob("*.npz"))) < count:
+        time.sleep(0.02)
+    return time.perf_counter() - began
+
+
+def frame_file(path: Path, rows: int) -> None:
+    with open(path, "w") as f:
+        f.write(",file_name,label,valid\n")
+        f.writelines(f"{i},c{i}.wav,yes,False\n" for i in range(rows))
+
+
+def worker_memory(work: Path, py: str, env: dict, ckpt: Path, rows: int, chunks: int = 3) -> dict:
+    """Peak RSS of one worker after `chunks` 1,024-row chunks of an N-row job (a sparse .dat of zeros)."""
+    from producer.local import LocalRedis
+    from worker.spectrogram import ROW_BYTES
+
+    directory = work / f"mem{rows}"
+    directory.mkdir()
+    with open(directory / "wavfile_spec.dat", "wb") as f:
+        f.truncate(rows * ROW_BYTES)
+    frame_file(directory / "wavfile_df.csv", rows)
+    redis = LocalRedis().start()
+    try:
+        proc = start_worker(py, env, redis.url, ckpt, directory, directory / "worker.log")
+        enqueue = [py, "-m", "producer", "enqueue", str(directory / "wavfile_spec.dat"), "--broker", redis.url, "--chunk-rows", "1024"]
+        subprocess.run(enqueue, check=True, capture_output=True, env={**os.environ, **env})
+        wait_shards(directory, chunks)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+        proc.terminate()
+        proc.wait()
+    finally:
+        redis.stop()
+    return {"rows": rows, "chunks_done": chunks, "worker_peak_rss_mib": peak // 1024}
+
+
+def dispatch(work: Path, py: str, env: dict, ckpt: Path, chunks: int = 300, messages: int = 20_000) -> dict:
+    """Per-chunk cost outside compute, through a warm worker on 1-row chunks; and one Redis's message rate."""
+    from kombu import Connection
+
+    from producer.local import LocalRedis
+    from producer.plan import send
+    from producer.job import Job
+    from producer.dataset import write_sample
+    from worker.broker import make_app
+    from worker.message import QUEUE
+    from worker.shard import read_meta
+
+    directory = work / "dispatch"
+    write_sample(directory, chunks)
+    redis = LocalRedis().start()
+    try:
+        proc = start_worker(py, env, redis.url, ckpt, directory, work / "dispatch-worker.log")
+        spec = str(directory / "wavfile_spec.dat")
+        subprocess.run([py, "-m", "producer", "enqueue", spec, "--broker", redis.url, "--chunk-rows", "1"], check=True, capture_output=True, env={**os.environ, **env})
+        wait_shards(directory, chunks)
+        proc.terminate()
+        proc.wait()
+        shards = list((directory / "shards").glob("*.npz"))
+        inside = [read_meta(p).seconds for p in shards]
+        written = sorted(p.stat().st_mtime for p in shards)
+
+        app = make_app(redis.url)
+        job = Job.load(directory)
+        chunk = job.chunks[0]
+        began = time.perf_counter()
+        send(app, job, [chunk] * messages)
+        sent = time.perf_counter() - began
+        began = time.perf_counter()
+        with Connection(redis.url) as conn:
+            queue = conn.SimpleQueue(QUEUE)
+            for _ in range(messages):
+                queue.get(timeout=10).ack()
+            queue.close()
+        taken = time.perf_counter() - began
+    finally:
+        redis.stop()
+    per_chunk = (written[-1] - written[0]) / (chunks - 1)  # steady period between shards of a warm worker
+    return {
+        "chunks": chunks, "seconds_per_chunk": per_chunk, "in_task_seconds_per_chunk": float(np.mean(inside)),
+        "overhead_seconds_per_chunk": per_chunk - float(np.mean(inside)),
+        "redis_send_per_s": messages / sent, "redis_take_ack_per_s": messages / taken,
+    }
 
 
 def main() -> None:
@@ -139,12 +238,17 @@ def main() -> None:
     for rows in (10_000, FULL_ROWS):
         job = work / f"final{rows}"
         synthetic_job(job, rows)
-        seconds, rss, _ = timed([py, "-m", "producer", "finalize", str(job), "--json"], env)
-        entry = {"seconds": seconds, "peak_rss_mib": rss}
+        seconds, rss, stdout = timed([py, "-m", "producer", "finalize", str(job), "--json"], env)
+        entry = {"seconds": seconds, "in_process_seconds": json.loads(stdout)["seconds"], "peak_rss_mib": rss}
         if rows == FULL_ROWS:
-            pandas_seconds, pandas_rss, _ = timed([py, "-c", PANDAS_CSV, str(job)], env)
-            entry |= {"pandas_to_csv_seconds": float(pandas_seconds), "pandas_peak_rss_mib": pandas_rss}
+            _, pandas_rss, pandas_out = timed([py, "-c", PANDAS_CSV, str(job)], env)
+            pandas_seconds = float(pandas_out)  # to_csv alone, as in_process_seconds is finalize alone
+            entry |= {"pandas_to_csv_seconds": pandas_seconds, "pandas_peak_rss_mib": pandas_rss,
+                      "speedup_vs_pandas": pandas_seconds / entry["in_process_seconds"]}
         r[f"finalize_{rows}"] = entry
+
+    r["worker_memory"] = [worker_memory(work, py, env, ckpt, rows) for rows in (10_000, 100_000)]
+    r["dispatch"] = dispatch(work, py, env, ckpt)
 
     args.out.write_text(json.dumps(r, indent=1))
     print(f"machine: {r['machine']}")
@@ -157,8 +261,16 @@ def main() -> None:
           f"1 worker steady {r['run_1_workers']['steady_rows_per_s']:.0f} rows/s = {100 * c['steady_fraction_1_worker']:.0f}%")
     for rows in (10_000, FULL_ROWS):
         e = r[f"finalize_{rows}"]
-        extra = f", pandas to_csv {e['pandas_to_csv_seconds']:.1f}s ({e['pandas_peak_rss_mib']} MiB)" if "pandas_to_csv_seconds" in e else ""
-        print(f"finalize {rows:>7} rows: {e['seconds']:.1f}s, peak {e['peak_rss_mib']} MiB{extra}")
+        extra = (f"; pandas to_csv alone {e['pandas_to_csv_seconds']:.1f}s ({e['pandas_peak_rss_mib']} MiB), "
+                 f"{e['speedup_vs_pandas']:.1f}x" if "pandas_to_csv_seconds" in e else "")
+        print(f"finalize {rows:>7} rows: {e['seconds']:.1f}s whole process, {e['in_process_seconds']:.2f}s in process, "
+              f"peak {e['peak_rss_mib']} MiB{extra}")
+    for m in r["worker_memory"]:
+        print(f"worker on a {m['rows']:,}-row job: peak {m['worker_peak_rss_mib']} MiB after {m['chunks_done']} chunks of 1,024 rows")
+    d = r["dispatch"]
+    print(f"1-row chunks: {1000 * d['seconds_per_chunk']:.1f} ms each, {1000 * d['in_task_seconds_per_chunk']:.1f} ms in the task, "
+          f"{1000 * d['overhead_seconds_per_chunk']:.1f} ms dispatch overhead; one Redis: "
+          f"{d['redis_send_per_s']:.0f} sends/s, {d['redis_take_ack_per_s']:.0f} take+ack/s")
 
 
 if __name__ == "__main__":
