@@ -105,13 +105,15 @@ def model_arg(args: argparse.Namespace) -> str | None:
     return fingerprint(checkpoint) if checkpoint else None
 
 
-def plan(args: argparse.Namespace, workers: int, model: str | None, unchanged_rows: int = 0):
+def plan(args: argparse.Namespace, workers: int, model: str | None, unchanged_rows: int = 0, before_writing=None):
     from producer.plan import plan_job
 
     if args.chunk_rows is not None and args.chunk_rows < 1:
         raise PipelineError("--chunk-rows must be at least 1")
     out_dir = args.out or args.spec.parent
-    return plan_job(args.spec, csv_arg(args), out_dir, args.embedding, args.chunk_rows, workers, model, unchanged_rows)
+    return plan_job(
+        args.spec, csv_arg(args), out_dir, args.embedding, args.chunk_rows, workers, model, unchanged_rows, before_writing
+    )
 
 
 def report(summary: dict, as_json: bool) -> None:
@@ -154,12 +156,11 @@ def data_roots(spec: Path, out_dir: Path) -> list[Path]:
 def cmd_run(args: argparse.Namespace) -> int:
     from producer.finalize import finalize
     from producer.job import check_writable
-    from producer.local import local_workers
+    from producer.local import first_ready, local_workers
     from producer.plan import send
     from producer.postprocess import PCA
     from producer.progress import wait
     from producer.recovery import Recovery
-    from worker.checkpoint import check_variables
 
     ckpt = required_checkpoint(args)
     pca = PCA(args.pca_params) if args.pca_params else None
@@ -168,10 +169,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_dir = args.out or args.spec.parent
     check_writable(out_dir)  # it takes the workers' logs
     try:
-        # Workers start first: their TensorFlow start-up overlaps the checks and the plan below.
         with local_workers(ckpt, args.workers, data_roots(args.spec, out_dir), out_dir / "logs") as (app, fleet):
-            check_variables(ckpt)  # a bad checkpoint fails here, before any job file is written
-            planned = plan(args, args.workers, model_arg(args))
+            # The plan scans the inputs while the workers start. A worker checks the checkpoint as
+            # it loads it, and only then may the plan pin the job to it (pinning another model
+            # drops the job's shards). This process never imports TensorFlow.
+            planned = plan(args, args.workers, model_arg(args), before_writing=lambda: first_ready(app, fleet))
             job = planned.job
             send(app, job, planned.send)
             recovery = Recovery(app, job)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,13 +50,15 @@ def plan_job(
     workers: int,
     model: str | None,
     unchanged_rows: int = 0,
+    before_writing: Callable[[], None] | None = None,
 ) -> Plan:
     """Validate the inputs, record the job in out_dir, and work out which chunks need a worker.
 
     A chunk keeps its shard when its rows' bytes, the embedding form and the model are unchanged,
     so re-running on grown or edited inputs sends only what changed. A caller that itself only
     appended to the source passes `unchanged_rows`: chunks below it keep the digests in job.json
-    instead of being read and hashed again.
+    instead of being read and hashed again. `before_writing` runs after the inputs are checked
+    and scanned and before anything is written (e.g. to wait until the model is known good).
     """
     spec, frame, out_dir = (Path(os.path.realpath(p)) for p in (spec, frame, out_dir))
     rows = validate(spec, frame)
@@ -73,6 +76,8 @@ def plan_job(
         embedding=embedding,
         chunks=scan(spec, rows, chunk_rows, known_digests(old, spec, chunk_rows, unchanged_rows)),
     )
+    if before_writing is not None:
+        before_writing()
     jobdir = job.dir
     jobdir.ensure()
     dropped = jobdir.repin_model(model) if model else False

@@ -53,6 +53,24 @@ def job_status(job: Job, per_worker: bool = False) -> Status:
     return status
 
 
+class Activity:
+    """Workers that wrote a shard of this job lately, read from the shards themselves (no broker needed)."""
+
+    def __init__(self, job: Job, window: float = 60.0) -> None:
+        self.job = job
+        self.window = window
+        self.seen = {c.start for c in job.chunks if job.shard_path(c).exists()}  # earlier runs' shards
+        self.last_shard: dict[str, float] = {}
+
+    def workers(self) -> int:
+        now = time.monotonic()
+        for chunk in self.job.chunks:
+            if chunk.start not in self.seen and self.job.shard_path(chunk).exists():
+                self.seen.add(chunk.start)
+                self.last_shard[read_meta(self.job.shard_path(chunk)).worker] = now
+        return sum(1 for t in self.last_shard.values() if now - t <= self.window)
+
+
 def duration(seconds: float) -> str:
     seconds = int(seconds)
     h, rest = divmod(seconds, 3600)
@@ -60,13 +78,15 @@ def duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def progress_line(status: Status, rate: float) -> str:
+def progress_line(status: Status, rate: float, workers: int | None = None) -> str:
     left = status.rows_total - status.rows_done
     eta = duration(left / rate) if rate > 0 else "?"
     line = (
         f"{status.rows_done:,}/{status.rows_total:,} rows ({100 * status.rows_done / status.rows_total:.0f}%)"
         f"  {rate:.1f} rows/s  ETA {eta}  chunks {status.chunks_done}/{status.chunks_total}"
     )
+    if workers is not None:
+        line += f"  {workers} worker{'s' * (workers != 1)} active"
     if status.failed:
         line += f"  failed {len(status.failed)}"
     return line
@@ -79,13 +99,15 @@ def wait(
     timeout: float | None = None,
     check: Callable[[], None] | None = None,
 ) -> Status:
-    """Block until every chunk has a shard, showing rows done, rows/s and ETA.
+    """Block until every chunk has a shard, showing rows done, rows/s, ETA and the workers that
+    wrote a shard in the last minute.
 
     Stops with an InputError when the only chunks left have failed, or on `timeout`;
     `check` is called every round and may raise to stop the wait (e.g. a local worker died).
     """
     began = time.monotonic()
     first = job_status(job)
+    activity = Activity(job)
     tty = out.isatty()
     last_print = 0.0
     while True:
@@ -94,7 +116,8 @@ def wait(
         rate = (status.rows_done - first.rows_done) / elapsed if elapsed > 0 else 0.0
         now = time.monotonic()
         if now - last_print >= (1 if tty else 10) or status.done:
-            out.write(("\r" if tty else "") + progress_line(status, rate) + ("" if tty else "\n"))
+            line = progress_line(status, rate, activity.workers())
+            out.write(("\r" if tty else "") + line + ("" if tty else "\n"))
             out.flush()
             last_print = now
         if status.done:

@@ -2,8 +2,9 @@
 
 A message vanishes when a worker is killed mid-chunk (Redis only hands its unacked message
 back after the visibility timeout, an hour by default) or when Redis restarts without
-persistence. A chunk is re-sent when it has no shard and no failure, the queue is empty, and no
-live worker is running or holding it, on two checks in a row. A chunk that runs twice is
+persistence. A chunk is re-sent when it has no shard and no failure, no shard arrived since the
+last check, the queue is empty, and no live worker is running or holding it, on two checks in a
+row. While shards keep arriving nothing is asked of the workers, so a healthy job pays nothing. A chunk that runs twice is
 harmless: shards are written whole, and a worker skips a chunk whose shard exists.
 """
 
@@ -27,7 +28,7 @@ def queue_length(app: Celery) -> int:
 
 def held_chunks(app: Celery, job: Job) -> set[int]:
     """Start rows of this job's chunks that live workers are running or have reserved."""
-    inspect = app.control.inspect(timeout=1.0)
+    inspect = app.control.inspect(timeout=0.5)
     held = set()
     for reply in (inspect.active() or {}, inspect.reserved() or {}):
         for tasks in reply.values():
@@ -46,6 +47,7 @@ class Recovery:
         self.out = out
         self.last = time.monotonic()
         self.suspects: set[int] = set()
+        self.missing_before = -1
 
     def __call__(self) -> None:
         if time.monotonic() - self.last < self.every:
@@ -53,8 +55,9 @@ class Recovery:
         self.last = time.monotonic()
         failed = {f["start"] for f in self.job.dir.failures()}
         missing = {c.start: c for c in self.job.missing() if c.start not in failed}
+        progressed, self.missing_before = len(missing) != self.missing_before, len(missing)
         try:
-            if not missing or queue_length(self.app) > 0:
+            if not missing or progressed or queue_length(self.app) > 0:  # shards still coming: nothing is lost yet
                 self.suspects = set()
                 return
             orphans = set(missing) - held_chunks(self.app, self.job)

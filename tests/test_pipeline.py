@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
@@ -35,6 +36,7 @@ def test_run_with_two_workers_writes_all_three_outputs_equal_to_reference(sample
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["rows"] == 200 and summary["chunks"] == 5 and summary["enqueued_chunks"] == 5
     assert "rows/s" in result.stderr and "ETA" in result.stderr  # progress was shown
+    assert re.search(r"chunks 5/5  [12] workers? active", result.stderr)
     dat = check_outputs(sample["dir"], sample["csv"], expected["relu"], model_files["pca"])
 
     spectrograms = np.fromfile(sample["spec"]).reshape(-1, 96, 64)

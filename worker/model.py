@@ -92,6 +92,8 @@ class Embedder:
             except Exception as e:  # a checkpoint whose index reads but whose data does not
                 raise CheckpointError(f"{checkpoint_path}: cannot restore VGGish ({type(e).__name__})") from e
         self._graph.finalize()  # any per-task graph growth is a bug: fail loudly
+        # The first run of a batch shape sets up kernels (~1 s on the CPU): pay it before taking work.
+        self._session.run(self._output, {self._input: np.zeros((batch_size, FRAMES, BANDS), np.float32)})
 
     def embed(self, rows: np.ndarray, form: str) -> np.ndarray:
         """Embeddings (float32, n x 128) of n spectrograms, in sub-batches of `batch_size`."""
