@@ -101,8 +101,9 @@ def synthetic_job(directory: Path, rows: int) -> None:
     Job("bench", str(directory), str(directory / "none.dat"), str(directory / "wavfile_df.csv"), rows, 1024, "relu", chunks).save()
 
 
-def start_worker(py: str, env: dict, url: str, ckpt: Path, root: Path, log: Path) -> subprocess.Popen:
-    cmd = [py, "-m", "worker", "start", "--broker", url, "--checkpoint", str(ckpt), "--cpu", "--data-root", str(root)]
+def start_worker(py: str, env: dict, url: str, ckpt: Path, roots: list[Path], log: Path) -> subprocess.Popen:
+    cmd = [py, "-m", "worker", "start", "--broker", url, "--checkpoint", str(ckpt), "--cpu"]
+    cmd += [f"--data-root={root}" for root in roots]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
     while b" ready." not in log.read_bytes():
@@ -138,7 +139,7 @@ def worker_memory(work: Path, py: str, env: dict, ckpt: Path, rows: int, chunks:
     frame_file(directory / "wavfile_df.csv", rows)
     redis = LocalRedis().start()
     try:
-        proc = start_worker(py, env, redis.url, ckpt, directory, directory / "worker.log")
+        proc = start_worker(py, env, redis.url, ckpt, [directory], directory / "worker.log")
         enqueue = [py, "-m", "producer", "enqueue", str(directory / "wavfile_spec.dat"), "--broker", redis.url, "--chunk-rows", "1024"]
         subprocess.run(enqueue, check=True, capture_output=True, env={**os.environ, **env})
         wait_shards(directory, chunks)
@@ -167,7 +168,7 @@ def dispatch(work: Path, py: str, env: dict, ckpt: Path, chunks: int = 300, mess
     write_sample(directory, chunks)
     redis = LocalRedis().start()
     try:
-        proc = start_worker(py, env, redis.url, ckpt, directory, work / "dispatch-worker.log")
+        proc = start_worker(py, env, redis.url, ckpt, [directory], work / "dispatch-worker.log")
         spec = str(directory / "wavfile_spec.dat")
         subprocess.run([py, "-m", "producer", "enqueue", spec, "--broker", redis.url, "--chunk-rows", "1"], check=True, capture_output=True, env={**os.environ, **env})
         wait_shards(directory, chunks)
@@ -200,6 +201,27 @@ def dispatch(work: Path, py: str, env: dict, ckpt: Path, chunks: int = 300, mess
     }
 
 
+def warm_worker(work: Path, py: str, env: dict, ckpt: Path, spec: Path, frame: Path, rows: int) -> dict:
+    """A worker already up (as on a cluster between jobs): enqueue + wait + finalize, end to end."""
+    from producer.local import LocalRedis
+
+    out = work / "warm"
+    out.mkdir()
+    redis = LocalRedis().start()
+    try:
+        proc = start_worker(py, env, redis.url, ckpt, [spec.parent, out], work / "warm-worker.log")
+        full_env = {**os.environ, **env, "VGGISH_BROKER_URL": redis.url}
+        began = time.perf_counter()
+        for step in (["enqueue", str(spec), "--csv", str(frame), "--out", str(out), "--checkpoint", str(ckpt)], ["wait", str(out)], ["finalize", str(out)]):
+            subprocess.run([py, "-m", "producer", *step], check=True, capture_output=True, env=full_env)
+        seconds = time.perf_counter() - began
+        proc.terminate()
+        proc.wait()
+    finally:
+        redis.stop()
+    return {"seconds": seconds, "rows_per_s": rows / seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=2000)
@@ -230,6 +252,9 @@ def main() -> None:
             "steady_rows_per_s": steady, "peak_rss_mib": rss,
         }
 
+    r["warm_worker"] = warm_worker(work, py, env, ckpt, spec, frame, args.rows)
+    r["warm_worker"]["vs_seed"] = r["seed_loop"]["seconds"] / r["warm_worker"]["seconds"]
+
     flops = matmul_flops()
     ceiling = flops / VGGISH_FLOP_PER_EXAMPLE
     r["compute_limit"] = {"matmul_gflops": flops / 1e9, "ceiling_rows_per_s": ceiling,
@@ -253,9 +278,9 @@ def main() -> None:
     args.out.write_text(json.dumps(r, indent=1))
     print(f"machine: {r['machine']}")
     print(f"{'measure':<34}{'seconds':>10}{'rows/s':>10}{'vs seed':>9}{'peak MiB':>10}")
-    for key in ("seed_loop", "run_1_workers", "run_2_workers"):
+    for key in ("seed_loop", "run_1_workers", "run_2_workers", "warm_worker"):
         e = r[key]
-        print(f"{key:<34}{e['seconds']:>10.1f}{e['rows_per_s']:>10.1f}{e.get('vs_seed', 1.0):>9.2f}{e['peak_rss_mib']:>10}")
+        print(f"{key:<34}{e['seconds']:>10.1f}{e['rows_per_s']:>10.1f}{e.get('vs_seed', 1.0):>9.2f}{e.get('peak_rss_mib', ''):>10}")
     c = r["compute_limit"]
     print(f"matmul {c['matmul_gflops']:.0f} GFLOP/s -> ceiling {c['ceiling_rows_per_s']:.0f} rows/s; "
           f"1 worker steady {r['run_1_workers']['steady_rows_per_s']:.0f} rows/s = {100 * c['steady_fraction_1_worker']:.0f}%")
