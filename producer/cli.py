@@ -284,7 +284,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from producer.clips import Clip, append_clips, known_names, locked
     from producer.finalize import finalize
     from producer.inbox import Inbox
-    from producer.local import local_workers
+    from producer.local import first_ready, local_workers
     from producer.plan import send
     from producer.postprocess import PCA
     from producer.progress import wait
@@ -332,6 +332,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             if app is None:
                 roots = data_roots(spec, out_dir)
                 app, fleet = stack.enter_context(local_workers(ckpt, args.workers, roots, out_dir / "logs"))
+                first_ready(app, fleet)  # the checkpoint is good before any job is pinned to it
             else:
                 fleet = None
                 broker.check_connection(app)
