@@ -49,7 +49,8 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     kind, channels, rate, _, align, bits = struct.unpack_from("<HHIIHH", fmt)
     if kind == _EXTENSIBLE and len(fmt) >= 26:
         kind = struct.unpack_from("<H", fmt, 24)[0]
-    if channels < 1 or rate < 1 or bits not in (8, 16, 24, 32, 64) or align != channels * bits // 8:
+    sane = 1 <= channels <= 64 and 1000 <= rate <= 768000 and bits in (8, 16, 24, 32, 64)
+    if not sane or align != channels * bits // 8:
         raise InputError(f"{path}: unsupported wav layout ({channels} channels, {rate} Hz, {bits} bits)")
     width = bits // 8
     usable = len(samples) - len(samples) % align

@@ -144,7 +144,11 @@ def append_clips(
         raise InputError(f"{spec} is empty but {frame} has rows; they must match one to one")
     else:
         rows_before = 0
-    results = [Added(c, duplicate=c.file_name in skip) for c in clips]
+    seen = set(skip)
+    results = []
+    for clip in clips:  # a name already in the CSV, or twice in this call, is added once
+        results.append(Added(clip, duplicate=clip.file_name in seen))
+        seen.add(clip.file_name)
     fd, staged = tempfile.mkstemp(dir=spec.parent, prefix=f".{spec.name}.", suffix=STAGED)
     try:
         builder = CsvRows(frame, rows_before)
