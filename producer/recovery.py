@@ -4,8 +4,9 @@ A message vanishes when a worker is killed mid-chunk (Redis only hands its unack
 back after the visibility timeout, an hour by default) or when Redis restarts without
 persistence. A chunk is re-sent when it has no shard and no failure, no shard arrived since the
 last check, the queue is empty, and no live worker is running or holding it, on two checks in a
-row. While shards keep arriving nothing is asked of the workers, so a healthy job pays nothing. A chunk that runs twice is
-harmless: shards are written whole, and a worker skips a chunk whose shard exists.
+row. While shards keep arriving nothing is asked of the workers, so a healthy job pays nothing.
+A chunk that runs twice is harmless: shards are written whole, and a worker skips a chunk
+whose shard exists.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,8 +70,9 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def check_variables(path: Path):
-    """A reader of the checkpoint, after checking it has every VGGish variable in its shape; reads no values."""
+def check_variables(path: Path) -> Any:
+    """TensorFlow's CheckpointReader for `path`, after checking that it holds every VGGish variable
+    in its shape. Reads the index only, no values."""
     tf = load_tensorflow()
 
     prefix = checkpoint_prefix(path)
