@@ -195,3 +195,17 @@ def test_watch_embeds_new_files_only_and_never_reads_a_file_half_written(sample,
     np.testing.assert_array_equal(spectrograms[SAMPLE_ROWS:], new)
     all_expected = np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)])
     check_outputs(sample["dir"], sample["csv"], all_expected)
+
+
+def test_watch_once_with_running_workers_adds_and_embeds_then_exits(sample, workers, redis_url, weights, expected, tmp_path):
+    inbox = tmp_path / "inbox"
+    write_wav(inbox / "left" / "a.wav", tone(2.0, 900, rate=32000), 32000)
+    workers.start("w1", [sample["dir"]])
+    result = cli(
+        "producer", "watch", str(inbox), "--label-from-folder", "--spec", str(sample["spec"]), "--broker", redis_url,
+        "--settle", "0", "--once",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "left/a.wav: 2 rows added" in result.stderr and f"outputs refreshed: {SAMPLE_ROWS + 2} rows" in result.stderr
+    new = audio.wav_examples(inbox / "added" / "left" / "a.wav")
+    check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)]))
