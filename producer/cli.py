@@ -6,11 +6,16 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worker.errors import PipelineError
 from worker.message import EMBEDDING_FORMS
 from worker.spectrogram import ROW_BYTES
+
+if TYPE_CHECKING:
+    from producer.plan import Plan
 
 CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
 DEFAULT_CSV = "wavfile_df.csv"
@@ -105,7 +110,13 @@ def model_arg(args: argparse.Namespace) -> str | None:
     return fingerprint(checkpoint) if checkpoint else None
 
 
-def plan(args: argparse.Namespace, workers: int, model: str | None, unchanged_rows: int = 0, before_writing=None):
+def plan(
+    args: argparse.Namespace,
+    workers: int,
+    model: str | None,
+    unchanged_rows: int = 0,
+    before_writing: Callable[[], None] | None = None,
+) -> Plan:
     from producer.plan import plan_job
 
     if args.chunk_rows is not None and args.chunk_rows < 1:
@@ -138,7 +149,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def required_checkpoint(args: argparse.Namespace) -> Path:
-    """The checkpoint flag or env, known to exist; its content is checked by `check_variables`."""
+    """The checkpoint flag or env, known to exist; workers check its content as they load it."""
     from worker import checkpoint
 
     ckpt = checkpoint_arg(args)
