@@ -24,7 +24,7 @@ def test_untrained_checkpoint_is_official_v1_layout(model_files):
     variables = checkpoint.read_variables(ckpt)
     assert set(variables) == set(checkpoint.VARIABLE_SHAPES)
     assert "vggish/fc2/biases" in variables and variables["vggish/fc1/fc1_1/weights"].shape == (12288, 4096)
-    assert checkpoint.is_untrained(ckpt)
+    assert checkpoint.is_untrained(checkpoint.check_variables(ckpt))
 
 
 def test_v1_checkpoint_restores_and_matches_numpy_reference(model_files, weights, sample_source, expected):

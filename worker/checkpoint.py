@@ -97,10 +97,9 @@ def read_variables(path: Path) -> dict[str, np.ndarray]:
     return {name: reader.get_tensor(name) for name in VARIABLE_SHAPES}
 
 
-def is_untrained(path: Path) -> bool:
-    tf = load_tensorflow()
-
-    return tf.compat.v1.train.NewCheckpointReader(str(checkpoint_prefix(path))).has_tensor(UNTRAINED_MARKER)
+def is_untrained(reader: Any) -> bool:
+    """True for a checkpoint (a `check_variables` reader) written by `write_untrained_checkpoint`."""
+    return reader.has_tensor(UNTRAINED_MARKER)
 
 
 def untrained_weights(seed: int) -> dict[str, np.ndarray]:

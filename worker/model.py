@@ -76,7 +76,7 @@ class Embedder:
         tf1 = tf.compat.v1
         reader = checkpoint.check_variables(checkpoint_path)  # names and shapes, with a clear error
         self.fingerprint = checkpoint.fingerprint(checkpoint_path)
-        self.untrained = reader.has_tensor(checkpoint.UNTRAINED_MARKER)
+        self.untrained = checkpoint.is_untrained(reader)
         self.batch_size = batch_size
         self.device = visible_device()
         prefix = checkpoint.checkpoint_prefix(checkpoint_path)
