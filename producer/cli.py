@@ -15,7 +15,12 @@ from worker.message import EMBEDDING_FORMS
 from worker.spectrogram import ROW_BYTES
 
 if TYPE_CHECKING:
+    from celery import Celery
+
+    from producer.dataset import Chunk
+    from producer.job import Job
     from producer.plan import Plan
+    from worker.fleet import Fleet
 
 CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
 DEFAULT_CSV = "wavfile_df.csv"
@@ -103,6 +108,10 @@ def csv_arg(args: argparse.Namespace) -> Path:
     return args.csv or args.spec.parent / DEFAULT_CSV
 
 
+def out_arg(args: argparse.Namespace) -> Path:
+    return args.out or args.spec.parent
+
+
 def model_arg(args: argparse.Namespace) -> str | None:
     from worker.checkpoint import fingerprint
 
@@ -121,9 +130,8 @@ def plan(
 
     if args.chunk_rows is not None and args.chunk_rows < 1:
         raise PipelineError("--chunk-rows must be at least 1")
-    out_dir = args.out or args.spec.parent
     return plan_job(
-        args.spec, csv_arg(args), out_dir, args.embedding, args.chunk_rows, workers, model, unchanged_rows, before_writing
+        args.spec, csv_arg(args), out_arg(args), args.embedding, args.chunk_rows, workers, model, unchanged_rows, before_writing
     )
 
 
@@ -148,6 +156,17 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
+def embed(app: Celery, job: Job, chunks: list[Chunk], fleet: Fleet | None) -> None:
+    """Send `chunks` and wait for their shards, re-sending lost messages; stop if every local worker died."""
+    from producer.plan import send
+    from producer.progress import wait
+    from producer.recovery import Recovery
+
+    send(app, job, chunks)
+    recovery = Recovery(app, job)
+    wait(job, check=lambda: (fleet and fleet.check(), recovery()))
+
+
 def required_checkpoint(args: argparse.Namespace) -> Path:
     """The checkpoint flag or env, known to exist; workers check its content as they load it."""
     from worker import checkpoint
@@ -168,16 +187,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from producer.finalize import finalize
     from producer.job import check_writable
     from producer.local import first_ready, local_workers
-    from producer.plan import send
     from producer.postprocess import PCA
-    from producer.progress import wait
-    from producer.recovery import Recovery
 
     ckpt = required_checkpoint(args)
     pca = PCA(args.pca_params) if args.pca_params else None
     if args.workers < 1:
         raise PipelineError("--workers must be at least 1")
-    out_dir = args.out or args.spec.parent
+    out_dir = out_arg(args)
     check_writable(out_dir)  # it takes the workers' logs
     try:
         with local_workers(ckpt, args.workers, data_roots(args.spec, out_dir), out_dir / "logs") as (app, fleet):
@@ -186,14 +202,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             # drops the job's shards). This process never imports TensorFlow.
             planned = plan(args, args.workers, model_arg(args), before_writing=lambda: first_ready(app, fleet))
             job = planned.job
-            send(app, job, planned.send)
-            recovery = Recovery(app, job)
             print(
                 f"job {job.id}: {job.rows} rows, {len(planned.send)} chunks to embed "
                 f"({sum(c.rows for c in planned.reused)} rows reused) on {args.workers} local workers",
                 file=sys.stderr,
             )
-            wait(job, check=lambda: (fleet.check(), recovery()))
+            embed(app, job, planned.send, fleet)
             fleet.signal_stop()  # the workers wind down while finalize runs
             result = finalize(job, pca)
     except KeyboardInterrupt:
@@ -292,18 +306,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from producer.clips import Clip, append_clips, known_names, locked
+    from producer.clips import Clip, append_clips, check_label_choice, known_names, locked
     from producer.finalize import finalize
     from producer.inbox import Inbox
     from producer.local import first_ready, local_workers
-    from producer.plan import send
     from producer.postprocess import PCA
-    from producer.progress import wait
-    from producer.recovery import Recovery
     from worker import broker
 
-    if (args.label is None) == (not args.label_from_folder):
-        raise PipelineError("give exactly one of --label LABEL or --label-from-folder")
+    check_label_choice(args.label, args.label_from_folder)
     if not args.inbox.is_dir():
         raise PipelineError(f"{args.inbox}: no such folder")
     if args.workers < 1:
@@ -314,7 +324,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     model = model_arg(args)
     pca = PCA(args.pca_params) if args.pca_params else None
     inbox = Inbox(args.inbox, settle=args.settle)
-    out_dir = args.out or spec.parent
+    out_dir = out_arg(args)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C: no append is left half-done
 
     def ingest(names: set[str]) -> int:
@@ -355,10 +365,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 if (added or first) and spec.stat().st_size:
                     began = time.monotonic()
                     planned = plan(args, args.workers, model, unchanged_rows=embedded_rows)
-                    send(app, planned.job, planned.send)
-                    recovery = Recovery(app, planned.job)
                     try:
-                        wait(planned.job, check=lambda: (fleet and fleet.check(), recovery()))
+                        embed(app, planned.job, planned.send, fleet)
                         finalize(planned.job, pca)
                     except PipelineError as e:
                         print(f"producer: error: {e} (still watching)", file=sys.stderr)

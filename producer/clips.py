@@ -193,10 +193,14 @@ def commit(spec: Path, frame: Path, staged: Path, csv_bytes: bytes) -> None:
     journal.unlink()
 
 
-def gather(paths: list[Path], label: str | None, label_from_folder: bool) -> list[Clip]:
-    """Clips for the given wav files and folders (searched for *.wav); file_name is the path as seen from here."""
+def check_label_choice(label: str | None, label_from_folder: bool) -> None:
     if (label is None) == (not label_from_folder):
         raise InputError("give exactly one of --label LABEL or --label-from-folder")
+
+
+def gather(paths: list[Path], label: str | None, label_from_folder: bool) -> list[Clip]:
+    """Clips for the given wav files and folders (searched for *.wav); file_name is the path as seen from here."""
+    check_label_choice(label, label_from_folder)
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
