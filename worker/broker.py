@@ -60,6 +60,18 @@ def check_connection(app: Celery) -> None:
         raise BrokerError(f"cannot reach broker {redact(app.conf.broker_url)}: {e}") from e
 
 
+def poll_briefly(app: Celery) -> None:
+    """Let an idle worker's blocking pop return every 0.1 s instead of kombu's 1 s.
+
+    A warm stop closes the consumer only once the pop in flight has returned, so an idle worker
+    otherwise takes up to a second to leave. Redis before 6.0 takes whole seconds only: keep 1 s there.
+    """
+    with app.connection_for_write() as conn:
+        version = conn.default_channel.client.info("server").get("redis_version", "0")
+    if int(version.split(".")[0]) >= 6:
+        app.conf.broker_transport_options = {**app.conf.broker_transport_options, "polling_interval": 0.1}
+
+
 def live_workers(app: Celery, timeout: float = 1.0) -> dict[str, dict]:
     """Every worker answering now, with its device, model, chunks, rows and rows/s."""
     workers = {}
