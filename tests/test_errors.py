@@ -92,6 +92,21 @@ def test_worker_refuses_a_missing_checkpoint_at_start(redis_url, tmp_path):
     assert "no such checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_unreadable_weights_stop_the_worker_before_it_takes_work(sample, redis_url, tmp_path):
+    """The index checks out but the data does not: the worker leaves with one line, `run` pins nothing."""
+    from worker import checkpoint
+
+    cut = checkpoint.write_untrained_checkpoint(tmp_path / "cut.ckpt", seed=0, v1=False)
+    with open(next(tmp_path.glob("cut.ckpt.data-*")), "r+b") as f:
+        f.truncate(1000)
+    result = cli("worker", "start", "--broker", redis_url, "--checkpoint", str(cut), "--cpu", "--data-root", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("worker: error: ") and "cannot restore VGGish" in result.stderr
+    result = cli("producer", "run", str(sample["spec"]), "--checkpoint", str(cut))
+    assert_one_line_error(result, "cannot restore VGGish")
+    assert outputs(sample["dir"]) == [] and not (sample["dir"] / "job.json").exists()
+
+
 def test_unreachable_broker_is_one_line(sample):
     result = cli("producer", "enqueue", str(sample["spec"]), "--broker", "redis://127.0.0.1:1/0")
     assert_one_line_error(result, "cannot reach broker redis://127.0.0.1:1/0")

@@ -95,3 +95,16 @@ def test_bad_checkpoints_fail_with_a_clear_error(tmp_path, case, message):
         write_partial_checkpoint(path, shapes)
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Embedder(path)
+
+
+def test_unreadable_weights_fail_with_a_clear_error(tmp_path):
+    """The index passes the checks, the data file is cut short: the error comes when the weights load."""
+    v2 = checkpoint.write_untrained_checkpoint(tmp_path / "cut.ckpt", seed=0, v1=False)
+    data = next(tmp_path.glob("cut.ckpt.data-*"))
+    with open(data, "r+b") as f:
+        f.truncate(1000)
+    model = Embedder(v2)  # names and shapes are fine
+    with pytest.raises(CheckpointError, match="cannot restore VGGish"):
+        model.loaded()
+    with pytest.raises(CheckpointError, match="cannot restore VGGish"):
+        model.embed(np.zeros((1, 96, 64)), "relu")

@@ -8,9 +8,13 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worker.errors import PipelineError
 from worker.model import DEFAULT_BATCH
+
+if TYPE_CHECKING:
+    from worker.model import Embedder
 
 CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
 DATA_ROOTS_ENV = "VGGISH_DATA_ROOTS"
@@ -81,6 +85,8 @@ def data_roots(flags: list[Path] | None) -> list[Path]:
 
 
 def start(args: argparse.Namespace) -> int:
+    from celery.signals import worker_init
+
     from worker import broker
     from worker.chunk import ChunkRunner, register
     from worker.message import QUEUE
@@ -97,10 +103,11 @@ def start(args: argparse.Namespace) -> int:
     name = args.name or default_name(args)
     app = broker.make_app(url)
     broker.check_connection(app)
+    broker.poll_briefly(app)
 
     from worker.model import Embedder  # TensorFlow loads only now, after CUDA_VISIBLE_DEVICES is set
 
-    model = Embedder(checkpoint, threads=args.threads, batch_size=args.batch_size)
+    model = Embedder(checkpoint, threads=args.threads, batch_size=args.batch_size)  # weights load while Celery starts
     if args.gpu is not None and not model.device.startswith("GPU"):
         log.warning("GPU %d was asked for but none is visible: running on the CPU", args.gpu)
     log.info(
@@ -115,6 +122,7 @@ def start(args: argparse.Namespace) -> int:
     if model.untrained:
         log.warning("checkpoint %s holds UNTRAINED seeded random weights: its embeddings mean nothing", checkpoint)
     register(app, ChunkRunner(model, roots, name))
+    worker_init.connect(lambda **_: await_weights(model), weak=False)
     app.worker_main(
         [
             "worker",
@@ -133,6 +141,20 @@ def start(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def await_weights(model: Embedder) -> None:
+    """Hold Celery before it connects (no ping answered, no chunk taken) until the weights are in,
+    so "ready" still means a checked, loaded model; leave with the one-line error if not."""
+    try:
+        model.loaded()
+    except PipelineError as e:
+        print(error_line(e), file=sys.__stderr__, flush=True)  # Celery has taken over sys.stderr
+        os._exit(2)  # nothing is connected yet
+
+
+def error_line(e: PipelineError) -> str:
+    return f"worker: error: {e}"
 
 
 def up(args: argparse.Namespace) -> int:
@@ -211,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"start": start, "up": up, "down": down, "make-checkpoint": make_checkpoint}[args.command](args)
     except PipelineError as e:
-        print(f"worker: error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
 
 

