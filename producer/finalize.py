@@ -107,6 +107,11 @@ def csv_lines(batch: pa.RecordBatch, embeddings: np.ndarray) -> pa.Buffer:
     return sink.getvalue()
 
 
+def warm_up() -> None:
+    """Let Arrow set up its number formatting (~0.2 s on first use), e.g. while workers load a model."""
+    csv_lines(pa.record_batch([pa.array([""])], names=["_"]), np.zeros((1, EMBEDDING_SIZE)))
+
+
 def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> dict:
     """Write wavfile_embed.dat (N x 128 float64), wavfile_embed.csv (frame + e0..e127) and,
     with PCA params, wavfile_embed_pca.dat (N x 128 uint8). Returns a summary.

@@ -97,7 +97,8 @@ def local_workers(checkpoint: Path, workers: int, roots: list[Path], log_dir: Pa
 def first_ready(app: Celery, fleet: Fleet, timeout: float = 600.0) -> None:
     """Block until one local worker answers (it has loaded and checked the checkpoint), or all have died."""
     deadline = time.monotonic() + timeout
-    while not app.control.ping(timeout=0.2):
+    # A worker hears only pings sent after it connected: ask often, and stop at the first reply.
+    while not app.control.ping(timeout=0.05, limit=1):
         fleet.check()  # every worker exited: raises with the first one's own error line
         if time.monotonic() > deadline:
             raise BrokerError(f"no local worker was ready after {timeout:.0f} s; see {fleet.log_dir}")

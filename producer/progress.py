@@ -95,7 +95,7 @@ def progress_line(status: Status, rate: float, workers: int | None = None) -> st
 def wait(
     job: Job,
     out: TextIO = sys.stderr,
-    interval: float = 0.25,
+    interval: float = 0.1,
     timeout: float | None = None,
     check: Callable[[], None] | None = None,
 ) -> Status:
