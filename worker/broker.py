@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-
-from celery import Celery
+from typing import TYPE_CHECKING
 
 from worker.errors import BrokerError
 from worker.message import QUEUE
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 BROKER_ENV = "VGGISH_BROKER_URL"
 VISIBILITY_ENV = "VGGISH_VISIBILITY_TIMEOUT"
@@ -33,6 +35,8 @@ def redact(url: str) -> str:
 
 
 def make_app(url: str) -> Celery:
+    from celery import Celery  # here, so a worker can read its URL before Celery loads (see worker.cli)
+
     app = Celery("vggish", broker=url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
