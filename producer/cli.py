@@ -184,7 +184,6 @@ def data_roots(spec: Path, out_dir: Path) -> list[Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from producer.finalize import finalize, warm_up
     from producer.job import check_writable
     from producer.local import first_ready, local_workers
     from producer.postprocess import PCA
@@ -200,6 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             # The plan scans the inputs while the workers start. A worker checks the checkpoint as
             # it loads it, and only then may the plan pin the job to it (pinning another model
             # drops the job's shards). This process never imports TensorFlow.
+            from producer.finalize import finalize, warm_up  # Arrow loads after the workers are spawned
+
             warm_up()
             planned = plan(args, args.workers, model_arg(args), before_writing=lambda: first_ready(app, fleet))
             job = planned.job
