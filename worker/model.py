@@ -65,7 +65,7 @@ def visible_device() -> str:
     return f"GPU {details.get('device_name', gpus[0].name)}"
 
 
-DEFAULT_BATCH = 128  # rows per session.run: 64 -> 128 gave +4 % on the CPU (BENCHMARKS.md)
+DEFAULT_BATCH = 512  # rows per session.run: larger runs are faster on the CPU too (BENCHMARKS.md)
 
 
 class Embedder:
