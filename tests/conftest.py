@@ -72,6 +72,14 @@ class RedisServer:
         redis.Redis.from_url(self.url).flushall()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fingerprint_cache(tmp_path_factory) -> Path:
+    """Checkpoint digests are cached per test session, not in the home folder; subprocesses inherit it."""
+    directory = tmp_path_factory.mktemp("cache")
+    os.environ[checkpoint.CACHE_ENV] = str(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     if redis_binary() is None:

@@ -55,6 +55,18 @@ def test_fingerprint_tells_checkpoints_apart(tmp_path, model_files):
     assert checkpoint.fingerprint(model_files["checkpoint"]) == checkpoint.fingerprint(model_files["checkpoint"])
 
 
+def test_fingerprint_cache_never_outlives_a_change(tmp_path, fingerprint_cache):
+    path = checkpoint.write_untrained_checkpoint(tmp_path / "m.ckpt", seed=0)
+    first = checkpoint.fingerprint(path)
+    assert first in checkpoint.fingerprint_cache().read_text()  # remembered, and found again
+    assert checkpoint.fingerprint(path) == first
+    other = checkpoint.write_untrained_checkpoint(tmp_path / "other.ckpt", seed=1)
+    path.write_bytes(other.read_bytes())  # rewritten in place: same path and size, other weights
+    assert checkpoint.fingerprint(path) == checkpoint.fingerprint(other) != first
+    checkpoint.fingerprint_cache().write_text("{not json")  # a damaged cache costs a hash, nothing else
+    assert checkpoint.fingerprint(path) == checkpoint.fingerprint(other)
+
+
 def write_partial_checkpoint(path: Path, shapes: dict[str, tuple]) -> Path:
     from worker.devices import load_tensorflow
 
