@@ -1,7 +1,9 @@
-"""The model: official variable names, V1 and V2 checkpoints, both embedding forms, clear errors."""
+"""The model: official variable names, V1 and V2 checkpoints, the kept V2 copy, both embedding forms, clear errors."""
 
 from __future__ import annotations
 
+import fcntl
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,67 @@ def test_fingerprint_cache_never_outlives_a_change(tmp_path, fingerprint_cache):
     assert checkpoint.fingerprint(path) == checkpoint.fingerprint(other) != first
     checkpoint.fingerprint_cache().write_text("{not json")  # a damaged cache costs a hash, nothing else
     assert checkpoint.fingerprint(path) == checkpoint.fingerprint(other)
+
+
+def wait_for_copy(prefix: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not checkpoint.has_copy(prefix):
+        assert time.monotonic() < deadline, f"no V2 copy at {prefix}"
+        time.sleep(0.1)
+
+
+def test_v1_weights_load_from_the_kept_v2_copy_and_never_from_a_damaged_one(tmp_path, monkeypatch, model_files, sample_source):
+    monkeypatch.setenv(checkpoint.CACHE_ENV, str(tmp_path))
+    ckpt, x = model_files["checkpoint"], rows(sample_source)
+    first = Embedder(ckpt)
+    assert first.loaded() == ckpt  # nothing kept yet: the official V1 path
+    expected = first.embed(x, "linear")
+    copy = checkpoint.fast_copy(ckpt, first.fingerprint)
+    wait_for_copy(copy)  # written after the restore, beside the chunks
+    again = Embedder(ckpt)
+    assert again.loaded() == copy and again.untrained  # the marker is read from the original
+    np.testing.assert_array_equal(again.embed(x, "linear"), expected)
+
+    data = checkpoint.copy_files(copy)[1]
+    with open(data, "r+b") as f:  # one flipped byte deep inside fc1's weights
+        f.seek(150_000_000)
+        byte = f.read(1)
+        f.seek(150_000_000)
+        f.write(bytes([byte[0] ^ 0x55]))
+    damaged = Embedder(ckpt)
+    assert damaged.loaded() == ckpt  # TensorFlow's CRC caught it; the checkpoint was read instead
+    np.testing.assert_array_equal(damaged.embed(x, "linear"), expected)
+    wait_for_copy(copy)  # and a good copy was kept again
+    assert Embedder(ckpt).loaded() == copy
+    assert checkpoint.fast_copy(checkpoint.write_untrained_checkpoint(tmp_path / "v2.ckpt", v1=False), "x") is None
+
+
+def test_v2_copies_are_few_locked_and_never_half_written(tmp_path, monkeypatch):
+    monkeypatch.setenv(checkpoint.CACHE_ENV, str(tmp_path))
+    home = checkpoint.cache_dir() / "v2"
+
+    def keep(name: str, fail: bool = False) -> bool:
+        with checkpoint.writing_copy(home / name) as tmp:
+            if tmp is None:
+                return False
+            for file in checkpoint.copy_files(tmp):
+                file.write_text(name)
+            if fail:
+                raise OSError("disk full")
+        return True
+
+    with pytest.raises(OSError):
+        keep("a", fail=True)
+    assert sorted(p.name for p in home.iterdir()) == ["a.lock"]  # no copy, no temp file
+    home.joinpath(".b.999_temp").mkdir()  # left by a writer killed mid-save
+    home.joinpath(".b.999.index").write_text("")
+    assert keep("b") and not keep("b")  # kept once
+    assert not list(home.glob(".*"))
+    with open(home / "c.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process is writing c
+        assert not keep("c")
+    assert keep("c") and keep("d")
+    assert [checkpoint.has_copy(home / n) for n in "bcd"] == [False, True, True]  # the two last used
 
 
 def write_partial_checkpoint(path: Path, shapes: dict[str, tuple]) -> Path:

@@ -1,16 +1,20 @@
 """VGGish checkpoint files: locating, fingerprinting and checking them, and writing untrained ones.
 
 The public `vggish_model.ckpt` is a TF1 checkpoint in the old V1 format (one file); V2
-checkpoints (`PREFIX.index` + `PREFIX.data-*`) load too. Checkpoints written here hold seeded
+checkpoints (`PREFIX.index` + `PREFIX.data-*`) load too, and each machine keeps a V2 copy of the
+V1 checkpoints it loads, because V2 restores ~7x faster. Checkpoints written here hold seeded
 random weights: they exercise the real loading code but are NOT trained and embed nothing useful.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +98,79 @@ def fingerprint(path: Path) -> str:
     return digest
 
 
-def fingerprint_cache() -> Path:
+def cache_dir() -> Path:
+    """What this machine keeps between starts: $VGGISH_CACHE_DIR, else ~/.cache/vggish-pipeline."""
     base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vggish-pipeline"
-    return Path(base) / "fingerprints.json"
+    return Path(base)
+
+
+def fingerprint_cache() -> Path:
+    return cache_dir() / "fingerprints.json"
+
+
+COPIES_KEPT = 2  # 288 MB each
+
+
+def fast_copy(path: Path, digest: str) -> Path | None:
+    """Where this machine keeps a V2 copy of the V1 checkpoint `path`, whose fingerprint is `digest`;
+    None for a V2 checkpoint. TensorFlow reads the V1 file in ~2.2 s, most of it in memory it takes
+    and frees while parsing, and the same weights from V2 in ~0.3 s. Named by content, the copy
+    cannot outlive a change of the original, and V2 stores a CRC of every tensor that restore checks."""
+    if checkpoint_files(path)[0].suffix == ".index":
+        return None
+    return cache_dir() / "v2" / digest
+
+
+def copy_files(prefix: Path) -> tuple[Path, Path]:
+    """The (.index, .data) pair a one-shard V2 checkpoint at `prefix` consists of."""
+    return prefix.with_name(prefix.name + ".index"), prefix.with_name(prefix.name + ".data-00000-of-00001")
+
+
+def has_copy(prefix: Path) -> bool:
+    """True if the copy is complete (its index is moved in last); marks it as just used."""
+    try:
+        os.utime(copy_files(prefix)[0])
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def writing_copy(prefix: Path) -> Iterator[Path | None]:
+    """Yield a temporary prefix to save the copy under, then move its files into place; yield None
+    if the copy exists or another process is writing it. Keeps the COPIES_KEPT last used copies."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    with open(prefix.with_name(prefix.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released if this process dies
+        except BlockingIOError:
+            yield None
+            return
+        for stale in prefix.parent.glob(f".{prefix.name}.*"):  # left by a writer killed mid-way
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        if has_copy(prefix):
+            yield None
+            return
+        tmp = prefix.with_name(f".{prefix.name}.{os.getpid()}")
+        try:
+            yield tmp
+            index, data = copy_files(tmp)
+            os.replace(data, copy_files(prefix)[1])
+            os.replace(index, copy_files(prefix)[0])
+        finally:
+            for left in copy_files(tmp):
+                left.unlink(missing_ok=True)
+    used = []
+    for index in prefix.parent.glob("[!.]*.index"):
+        with contextlib.suppress(FileNotFoundError):  # another process may be pruning too
+            used.append((index.stat().st_mtime, index.with_suffix("")))
+    for _, old in sorted(used, reverse=True)[COPIES_KEPT:]:
+        remove_copy(old)
+
+
+def remove_copy(prefix: Path) -> None:
+    for file in copy_files(prefix):  # index first: a reader never finds an index without its data
+        file.unlink(missing_ok=True)
 
 
 def read_cache(path: Path) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -84,7 +85,11 @@ class Embedder:
             tf = load_tensorflow()
             reader = checkpoint.check_variables(checkpoint_path)  # names and shapes, with a clear error
             self.fingerprint = digest.result()
-            self._weights = helper.submit(self._restore, self._build(tf, threads), checkpoint_path)
+            saver = self._build(tf, threads)
+            copy = checkpoint.fast_copy(checkpoint_path, self.fingerprint)
+            self._weights = helper.submit(self._restore, saver, checkpoint_path, copy)
+            if copy is not None:
+                helper.submit(self._keep_copy, saver, copy)  # after the restore, while chunks run
         finally:
             helper.shutdown(wait=False)
         self.untrained = checkpoint.is_untrained(reader)
@@ -100,23 +105,46 @@ class Embedder:
             config = tf1.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
             config.gpu_options.allow_growth = True
             self._session = tf1.Session(graph=self._graph, config=config)
-            saver = tf1.train.Saver(tf1.global_variables(), write_version=tf1.train.SaverDef.V1)
+            saver = tf1.train.Saver(tf1.global_variables())  # reads V1 and V2; writes the V2 copy
         self._graph.finalize()  # any per-task graph growth is a bug: fail loudly
         return saver
 
-    def _restore(self, saver, checkpoint_path: Path) -> None:
-        try:
-            with self._graph.as_default():  # a new thread would otherwise run eagerly
-                saver.restore(self._session, str(checkpoint.checkpoint_prefix(checkpoint_path)))
-        except Exception as e:  # a checkpoint whose index reads but whose data does not
-            raise CheckpointError(f"{checkpoint_path}: cannot restore VGGish ({type(e).__name__})") from e
+    def _restore(self, saver, checkpoint_path: Path, copy: Path | None) -> Path:
+        """Load the weights from this machine's V2 copy if it has one, else from the checkpoint;
+        return where they came from."""
+        started = time.perf_counter()
+        source = copy if copy is not None and checkpoint.has_copy(copy) else checkpoint.checkpoint_prefix(checkpoint_path)
+        with self._graph.as_default():  # a new thread would otherwise run eagerly
+            try:
+                saver.restore(self._session, str(source))
+            except Exception as e:
+                if source != copy:  # a checkpoint whose index reads but whose data does not
+                    raise CheckpointError(f"{checkpoint_path}: cannot restore VGGish ({type(e).__name__})") from e
+                log.warning("fast copy %s of %s is damaged (%s): reading the checkpoint", copy, checkpoint_path, type(e).__name__)
+                checkpoint.remove_copy(copy)
+                return self._restore(saver, checkpoint_path, copy)
+        log.info("weights restored from %s in %.2f s", source, time.perf_counter() - started)
         # One row sets up the executor (a graph or device problem shows here, before taking work).
         # A full warm-up batch would cost a whole batch of compute to save ~0.1 s on the first one.
         self._session.run(self._output, {self._input: np.zeros((1, FRAMES, BANDS), np.float32)})
+        return source
 
-    def loaded(self) -> None:
-        """Block until the weights are in; CheckpointError if they cannot be read."""
-        self._weights.result()
+    def _keep_copy(self, saver, copy: Path) -> None:
+        """Save the weights just read from a V1 checkpoint as this machine's V2 copy (once, ~1 s)."""
+        if self._weights.exception() is not None or self._weights.result() == copy:
+            return
+        try:
+            with checkpoint.writing_copy(copy) as tmp, self._graph.as_default():
+                if tmp is not None:
+                    saver.save(self._session, str(tmp), write_meta_graph=False, write_state=False)
+                    log.info("kept a V2 copy of the weights in %s: later starts load in ~0.3 s", copy)
+        except Exception as e:  # a full or read-only disk only costs the slow restore next time
+            log.warning("could not keep a V2 copy of the weights in %s: %s", copy, e)
+
+    def loaded(self) -> Path:
+        """Block until the weights are in and return what they were read from (the checkpoint or
+        this machine's V2 copy of it); CheckpointError if they cannot be read."""
+        return self._weights.result()
 
     def embed(self, rows: np.ndarray, form: str) -> np.ndarray:
         """Embeddings (float32, n x 128) of n spectrograms, in sub-batches of `batch_size`."""
