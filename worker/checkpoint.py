@@ -128,11 +128,10 @@ def copy_files(prefix: Path) -> tuple[Path, Path]:
 
 def has_copy(prefix: Path) -> bool:
     """True if the copy is complete (its index is moved in last); marks it as just used."""
-    try:
-        os.utime(copy_files(prefix)[0])
-        return True
-    except OSError:
-        return False
+    index = copy_files(prefix)[0]
+    with contextlib.suppress(OSError):  # a read-only cache is still read
+        os.utime(index)
+    return index.is_file()
 
 
 @contextlib.contextmanager
