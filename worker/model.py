@@ -120,9 +120,9 @@ class Embedder:
             except Exception as e:
                 if source != copy:  # a checkpoint whose index reads but whose data does not
                     raise CheckpointError(f"{checkpoint_path}: cannot restore VGGish ({type(e).__name__})") from e
-                log.warning("fast copy %s of %s is damaged (%s): reading the checkpoint", copy, checkpoint_path, type(e).__name__)
+                log.warning("V2 copy %s of %s is unreadable (%s): reading the checkpoint", copy, checkpoint_path, type(e).__name__)
                 checkpoint.remove_copy(copy)
-                return self._restore(saver, checkpoint_path, copy)
+                return self._restore(saver, checkpoint_path, None)
         log.info("weights restored from %s in %.2f s", source, time.perf_counter() - started)
         # One row sets up the executor (a graph or device problem shows here, before taking work).
         # A full warm-up batch would cost a whole batch of compute to save ~0.1 s on the first one.
