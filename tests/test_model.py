@@ -102,6 +102,19 @@ def test_v1_weights_load_from_the_kept_v2_copy_and_never_from_a_damaged_one(tmp_
     assert checkpoint.fast_copy(checkpoint.write_untrained_checkpoint(tmp_path / "v2.ckpt", v1=False), "x") is None
 
 
+def test_an_unusable_cache_costs_only_speed(tmp_path, monkeypatch, caplog, model_files, sample_source):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(checkpoint.CACHE_ENV, str(tmp_path / "file" / "cache"))  # cannot be made
+    x = rows(sample_source, 4)
+    model = Embedder(model_files["checkpoint"])
+    assert model.loaded() == model_files["checkpoint"]
+    np.testing.assert_array_equal(model.embed(x, "linear"), Embedder(model_files["checkpoint"]).embed(x, "linear"))
+    deadline = time.monotonic() + 60
+    while "could not keep a V2 copy" not in caplog.text:  # said once, in the background
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def test_v2_copies_are_few_locked_and_never_half_written(tmp_path, monkeypatch):
     monkeypatch.setenv(checkpoint.CACHE_ENV, str(tmp_path))
     home = checkpoint.cache_dir() / "v2"
