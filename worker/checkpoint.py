@@ -2,7 +2,7 @@
 
 The public `vggish_model.ckpt` is a TF1 checkpoint in the old V1 format (one file); V2
 checkpoints (`PREFIX.index` + `PREFIX.data-*`) load too, and each machine keeps a V2 copy of the
-V1 checkpoints it loads, because V2 restores ~7x faster. Checkpoints written here hold seeded
+V1 checkpoints it loads, because V2 restores 3-7x faster. Checkpoints written here hold seeded
 random weights: they exercise the real loading code but are NOT trained and embed nothing useful.
 """
 
@@ -113,8 +113,8 @@ COPIES_KEPT = 2  # 288 MB each
 
 def fast_copy(path: Path, digest: str) -> Path | None:
     """Where this machine keeps a V2 copy of the V1 checkpoint `path`, whose fingerprint is `digest`;
-    None for a V2 checkpoint. TensorFlow reads the V1 file in ~2.2 s, most of it in memory it takes
-    and frees while parsing, and the same weights from V2 in ~0.3 s. Named by content, the copy
+    None for a V2 checkpoint. TensorFlow reads the V1 file in 0.65-2.2 s, most of it page faults in memory it
+    takes and frees while parsing, and the same weights from V2 in 0.13-0.31 s. Named by content, the copy
     cannot outlive a change of the original, and V2 stores a CRC of every tensor that restore checks."""
     if checkpoint_files(path)[0].suffix == ".index":
         return None
