@@ -45,7 +45,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
     run = sub.add_parser("run", help="all on this machine: private Redis, N workers, enqueue, wait, finalize")
     job_inputs(run)
-    run.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    run.add_argument(
+        "--workers", type=int, help="at most this many local workers (default: one per granted GPU or MIG slice; with none, 1 CPU worker)"
+    )
     run.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
@@ -85,7 +87,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     watch.add_argument("--embedding", choices=EMBEDDING_FORMS, default="relu")
     watch.add_argument("--checkpoint", type=Path, help=f"checkpoint (env {CHECKPOINT_ENV})")
     watch.add_argument("--broker", help="use this broker's workers (env VGGISH_BROKER_URL); default: start local ones")
-    watch.add_argument("--workers", type=int, default=1, help="local worker processes when there is no broker (default 1)")
+    watch.add_argument("--workers", type=int, help="at most this many local workers when there is no broker (default: as for run)")
     watch.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
     watch.add_argument("--settle", type=float, default=1.0, help="seconds a file must be unchanged before it is read")
     watch.add_argument("--poll", type=float, default=0.5, help="seconds between looks at INBOX")
@@ -190,8 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     ckpt = required_checkpoint(args)
     pca = PCA(args.pca_params) if args.pca_params else None
-    if args.workers < 1:
-        raise PipelineError("--workers must be at least 1")
+    check_workers(args.workers)
     out_dir = out_arg(args)
     check_writable(out_dir)  # it takes the workers' logs
     try:
@@ -202,11 +203,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             from producer.finalize import finalize, warm_up  # Arrow loads after the workers are spawned
 
             warm_up()
-            planned = plan(args, args.workers, model_arg(args), before_writing=lambda: first_ready(app, fleet))
+            planned = plan(args, len(fleet.members), model_arg(args), before_writing=lambda: first_ready(app, fleet))
             job = planned.job
             print(
                 f"job {job.id}: {job.rows} rows, {len(planned.send)} chunks to embed "
-                f"({sum(c.rows for c in planned.reused)} rows reused) on {args.workers} local workers",
+                f"({sum(c.rows for c in planned.reused)} rows reused) on {fleet.summary()}",
                 file=sys.stderr,
             )
             embed(app, job, planned.send, fleet)
@@ -215,8 +216,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: shards so far are kept in {out_dir}; run the same command to go on", file=sys.stderr)
         return 130
-    report({**planned.summary(), **result}, args.json)
+    report({**planned.summary(), **result, "workers": [m.describe() for m in fleet.members]}, args.json)
     return 0
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise PipelineError("--workers must be at least 1")
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -318,8 +324,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     check_label_choice(args.label, args.label_from_folder)
     if not args.inbox.is_dir():
         raise PipelineError(f"{args.inbox}: no such folder")
-    if args.workers < 1:
-        raise PipelineError("--workers must be at least 1")
+    check_workers(args.workers)
     spec, frame = args.spec, csv_arg(args)
     app = broker.optional_app(args.broker)
     ckpt = checkpoint_arg(args) if app else required_checkpoint(args)
@@ -356,6 +361,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 roots = data_roots(spec, out_dir)
                 app, fleet = stack.enter_context(local_workers(ckpt, args.workers, roots, out_dir / "logs"))
                 first_ready(app, fleet)  # the checkpoint is good before any job is pinned to it
+                print(f"workers: {fleet.summary()}", file=sys.stderr)
             else:
                 fleet = None
                 broker.check_connection(app)
@@ -366,7 +372,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 added = ingest(names)
                 if (added or first) and spec.stat().st_size:
                     began = time.monotonic()
-                    planned = plan(args, args.workers, model, unchanged_rows=embedded_rows)
+                    planned = plan(args, len(fleet.members) if fleet else 1, model, unchanged_rows=embedded_rows)
                     try:
                         embed(app, planned.job, planned.send, fleet)
                         finalize(planned.job, pca)

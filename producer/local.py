@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,9 +16,11 @@ from pathlib import Path
 from celery import Celery
 
 from worker.broker import make_app
-from worker.devices import gpu_ids
+from worker.devices import Discovery, discover
 from worker.errors import BrokerError
 from worker.fleet import Fleet
+
+CPU_WORKERS = 1  # with no GPU: one worker using every core was fastest (BENCHMARKS.md: 1 vs 2 workers)
 
 
 def redis_server_binary() -> str:
@@ -78,15 +81,26 @@ class LocalRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def local_fleet(workers: int | None, common: list[str], log_dir: Path, discovery: Discovery | None = None) -> Fleet:
+    """One worker per GPU or MIG slice this process is granted, at most `workers`; with none,
+    `workers` CPU workers (default CPU_WORKERS). Says what it chose and why."""
+    discovery = discovery or discover()
+    discovery.say()
+    gpus = discovery.devices[:workers] if workers else discovery.devices
+    if workers and discovery.devices and workers > len(discovery.devices):
+        print(f"--workers {workers}: {len(discovery.devices)} GPUs are granted, so {len(gpus)} workers start", file=sys.stderr)
+    return Fleet.plan(gpus, workers or CPU_WORKERS, common, prefix="local-", log_dir=log_dir)
+
+
 @contextlib.contextmanager
-def local_workers(checkpoint: Path, workers: int, roots: list[Path], log_dir: Path) -> Iterator[tuple[Celery, Fleet]]:
-    """A private Redis and `workers` warm worker processes (one per GPU if there are GPUs) for one command."""
+def local_workers(checkpoint: Path, workers: int | None, roots: list[Path], log_dir: Path) -> Iterator[tuple[Celery, Fleet]]:
+    """A private Redis and warm worker processes (see `local_fleet`) for one command."""
     redis = LocalRedis()
     fleet = None
     try:
         redis.start()
         common = ["--broker", redis.url, "--checkpoint", str(checkpoint), *(f"--data-root={r}" for r in roots)]
-        fleet = Fleet.plan(gpu_ids()[:workers], workers, common, prefix="local-", log_dir=log_dir).start()
+        fleet = local_fleet(workers, common, log_dir).start()
         yield make_app(redis.url), fleet
     finally:
         if fleet:

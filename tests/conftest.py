@@ -143,9 +143,15 @@ def expected(sample_source, weights) -> dict[str, np.ndarray]:
     return {"linear": linear, "relu": np.maximum(linear, 0)}
 
 
+def merged_env(env: dict | None) -> dict[str, str]:
+    """This process's environment with `env` laid over it; a key given as None is removed."""
+    full = {**os.environ, **(env or {})}
+    return {k: v for k, v in full.items() if v is not None}
+
+
 def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m producer|worker ...` as a user would, capturing its output."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = merged_env(env)
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 

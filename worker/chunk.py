@@ -39,11 +39,18 @@ def inside(path: str, roots: list[Path]) -> Path:
 class ChunkRunner:
     """Everything a worker does per chunk, around its warm model."""
 
-    def __init__(self, model: Model, roots: list[Path], worker: str) -> None:
+    def __init__(self, model: Model, roots: list[Path], worker: str, pinned: str | None = None) -> None:
         self.model = model
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self.worker = worker
-        self.stats = {"device": model.device, "model": model.fingerprint, "chunks": 0, "rows": 0, "seconds": 0.0}
+        self.stats = {
+            "device": model.device,  # what TensorFlow runs on
+            "pinned": pinned,  # the GPU or MIG slice the worker was pinned to, if any
+            "model": model.fingerprint,
+            "chunks": 0,
+            "rows": 0,
+            "seconds": 0.0,
+        }
 
     def job_dir(self, msg: ChunkMessage) -> JobDir:
         jobdir = JobDir(inside(msg.out_dir, self.roots))

@@ -14,6 +14,7 @@ from worker.errors import PipelineError
 from worker.model import DEFAULT_BATCH
 
 if TYPE_CHECKING:
+    from worker.devices import Device
     from worker.model import Embedder
 
 CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
@@ -30,7 +31,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     start.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
     start.add_argument("--checkpoint", type=Path, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
     device = start.add_mutually_exclusive_group()
-    device.add_argument("--gpu", type=int, metavar="I", help="pin to GPU I (sets CUDA_VISIBLE_DEVICES=I)")
+    device.add_argument(
+        "--gpu",
+        metavar="INDEX|UUID",
+        help="pin to this GPU or MIG slice (nvidia-smi's index, e.g. 2 or 2:1, or its UUID) and the CPUs near it",
+    )
     device.add_argument("--cpu", action="store_true", help="hide every GPU (CUDA_VISIBLE_DEVICES=-1)")
     start.add_argument("--name", help="worker name, e.g. gpu0@host (default: from the device and host)")
     start.add_argument("--threads", type=int, default=0, help="TensorFlow threads per pool (0: all cores)")
@@ -46,7 +51,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
     up = sub.add_parser("up", help="start one worker per GPU (or N CPU workers) in the foreground")
     which = up.add_mutually_exclusive_group(required=True)
-    which.add_argument("--gpus", help="GPU indices, e.g. 0,1,2,3, or 'all' (every GPU nvidia-smi lists)")
+    which.add_argument(
+        "--gpus", help="'all' (every GPU or MIG slice this process is granted), or indices or UUIDs, e.g. 0,1 or GPU-8932f937"
+    )
     which.add_argument("--cpus", type=int, metavar="N", help="N CPU workers splitting this machine's cores")
     up.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
     up.add_argument("--checkpoint", type=Path, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
@@ -64,10 +71,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def default_name(args: argparse.Namespace) -> str:
+def default_name(args: argparse.Namespace, device: Device | None) -> str:
     host = socket.gethostname()
-    if args.gpu is not None:
-        return f"gpu{args.gpu}@{host}"
+    if device is not None:
+        return f"{device.short}@{host}"
     return f"cpu{os.getpid()}@{host}" if args.cpu else f"worker{os.getpid()}@{host}"
 
 
@@ -91,12 +98,18 @@ def start(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or (Path(os.environ[CHECKPOINT_ENV]) if os.environ.get(CHECKPOINT_ENV) else None)
     if checkpoint is None:
         raise PipelineError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
-    if args.gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
-    elif args.cpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
     roots = data_roots(args.data_root)
-    name = args.name or default_name(args)
+    device = pin(args.gpu) if args.gpu is not None else None
+    if args.cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    name = args.name or default_name(args, device)
+    log.info(
+        "%s: pinned to %s, CUDA_VISIBLE_DEVICES=%s, CPUs %s",
+        name,
+        device.describe() if device else "no GPU",
+        os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"),
+        cpu_list(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "all",
+    )
 
     from worker.model import Embedder  # TensorFlow loads only now, after CUDA_VISIBLE_DEVICES is set
 
@@ -111,20 +124,23 @@ def start(args: argparse.Namespace) -> int:
     app = broker.make_app(url)
     broker.check_connection(app)
     broker.poll_briefly(app)
-    if args.gpu is not None and not model.device.startswith("GPU"):
-        log.warning("GPU %d was asked for but none is visible: running on the CPU", args.gpu)
+    if device is not None and not model.device.startswith("GPU"):
+        log.warning(
+            "pinned to %s, but TensorFlow sees no GPU there (a CPU-only TensorFlow, or a CUDA/driver problem): "
+            "running on the CPU",
+            device.describe(),
+        )
     log.info(
-        "%s: device %s, CUDA_VISIBLE_DEVICES=%s, checkpoint %s (model %s), data roots %s",
+        "%s: TensorFlow device %s, checkpoint %s (model %s), data roots %s",
         name,
         model.device,
-        os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"),
         checkpoint,
         model.fingerprint,
         ", ".join(map(str, roots)),
     )
     if model.untrained:
         log.warning("checkpoint %s holds UNTRAINED seeded random weights: its embeddings mean nothing", checkpoint)
-    register(app, ChunkRunner(model, roots, name))
+    register(app, ChunkRunner(model, roots, name, device.describe() if device else None))
     worker_init.connect(lambda **_: await_weights(model), weak=False)
     app.worker_main(
         [
@@ -146,6 +162,42 @@ def start(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
+def pin(spec: str) -> Device:
+    """Pin this process to the one GPU or MIG slice `spec` names, and to the CPUs near it, before
+    TensorFlow loads. If nvidia-smi cannot be asked now, pin by `spec` as given, unchecked."""
+    from worker.devices import Device, discover, pin_cpus, select
+
+    discovery = discover()
+    if not discovery.devices and discovery.notes:
+        for note in discovery.notes:
+            log.warning("%s", note)
+        device = Device(spec, spec, "(not checked: nvidia-smi did not answer)")
+        os.environ.update({"CUDA_VISIBLE_DEVICES": spec, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+        return device
+    chosen = select(spec, discovery)
+    if len(chosen) != 1:
+        raise PipelineError(
+            f"--gpu {spec} names {len(chosen)} MIG slices; give one: " + ", ".join(f"{d.index} ({d.uuid})" for d in chosen)
+        )
+    for note in discovery.notes:
+        log.warning("%s", note)
+    device = chosen[0]
+    os.environ.update(device.env())
+    pin_cpus(device.cpus)
+    return device
+
+
+def cpu_list(cpus: set[int]) -> str:
+    """{0, 1, 2, 5} as '0-2,5'."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 def await_weights(model: Embedder) -> None:
     """Hold Celery before it connects (no ping answered, no chunk taken) until the weights are in,
     so "ready" still means a checked, loaded model; leave with the one-line error if not."""
@@ -165,13 +217,14 @@ def up(args: argparse.Namespace) -> int:
     import time
 
     from worker import broker
-    from worker.devices import gpu_ids
+    from worker.devices import discover, select
     from worker.fleet import Fleet
 
     if args.gpus is not None:
-        gpus = gpu_ids() if args.gpus == "all" else parse_gpus(args.gpus)
-        if not gpus:
-            raise PipelineError("--gpus all: nvidia-smi lists no GPU on this machine (use --cpus N)")
+        discovery = discover()
+        gpus = select(args.gpus, discovery)
+        for note in discovery.notes:
+            log.warning("%s", note)
     elif args.cpus < 1:
         raise PipelineError("--cpus must be at least 1")
     else:
@@ -185,22 +238,12 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: fleet.signal(signal.SIGTERM))
     signal.signal(signal.SIGINT, lambda *_: fleet.signal(signal.SIGTERM))
     fleet.start()
-    log.info("started %s", ", ".join(f"{m.name} (pid {m.proc.pid})" for m in fleet.members))
+    log.info("started %s", ", ".join(f"{m.name} (pid {m.proc.pid}, {m.where()})" for m in fleet.members))
     while len(fleet.dead()) < len(fleet.members):
         fleet.report_deaths()
         time.sleep(0.5)
     fleet.report_deaths()
     return 1 if any(m.proc.returncode for m in fleet.members) else 0
-
-
-def parse_gpus(text: str) -> list[int]:
-    try:
-        gpus = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise PipelineError(f"--gpus {text!r}: give indices like 0,1,2 or 'all'") from None
-    if not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus):
-        raise PipelineError(f"--gpus {text!r}: give distinct indices like 0,1,2 or 'all'")
-    return gpus
 
 
 def down(args: argparse.Namespace) -> int:

@@ -1,21 +1,237 @@
-"""Which devices a machine has, found without importing TensorFlow (which must not see them yet)."""
+"""The devices a worker can be pinned to, found without TensorFlow (which must not see them yet).
+
+One model for every command: the GPUs and MIG slices `nvidia-smi -L` lists, narrowed to those
+CUDA_VISIBLE_DEVICES grants (indices or UUIDs, by CUDA's own rules), each with the CPUs that
+`nvidia-smi topo -m` reports near it. A GPU split into MIG slices is not a device itself; each
+slice is. A worker is pinned to exactly one device by its UUID, so CUDA's device order never
+decides which GPU it gets.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
+import re
+import signal
 import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "VGGISH_NVIDIA_SMI_TIMEOUT"
+DEFAULT_TIMEOUT = 15.0  # nvidia-smi without persistence mode can take seconds on a large machine
+
+GPU_LINE = re.compile(r"^GPU (\d+): (.*?) \(UUID: ([^)]+)\)")
+MIG_LINE = re.compile(r"^\s+MIG (\S+)\s+Device\s+(\d+): \(UUID: ([^)]+)\)")
 
 
-def gpu_ids() -> list[int]:
-    """The GPUs `nvidia-smi -L` lists; none when it is absent or fails."""
-    if not shutil.which("nvidia-smi"):
-        return []
+@dataclass(frozen=True)
+class Device:
+    """One GPU or MIG slice: nvidia-smi's index ("2", or "2:1" for slice 1 of GPU 2), UUID and name."""
+
+    index: str
+    uuid: str
+    name: str
+    parent: str | None = None  # the GPU's UUID, for a MIG slice
+    cpus: tuple[int, ...] = ()  # the CPUs nvidia-smi reports near it; empty when it reports none
+
+    @property
+    def short(self) -> str:
+        """For worker names: gpu2, or gpu2-mig1 for a MIG slice."""
+        gpu, _, mig = self.index.partition(":")
+        return f"gpu{gpu}" + (f"-mig{mig}" if mig else "")
+
+    def describe(self) -> str:
+        return f"GPU {self.index} {self.name} ({self.uuid})"
+
+    def env(self) -> dict[str, str]:
+        """What pins a process to this device: its UUID, which means the same under any device order."""
+        return {"CUDA_VISIBLE_DEVICES": self.uuid, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What this machine grants: its devices, and why there are none or fewer than listed."""
+
+    devices: list[Device]
+    notes: list[str]
+
+    def say(self, out=None) -> None:
+        for note in self.notes:
+            print(note, file=out or sys.stderr)
+
+
+def nvidia_smi(*args: str, timeout: float | None = None) -> str:
+    """Run nvidia-smi and return its output; OSError/TimeoutError/RuntimeError say why not.
+
+    A wedged driver can leave nvidia-smi hanging, even unkillable: on timeout its whole process
+    group is killed and nothing more is waited for, so this never blocks longer than `timeout`.
+    """
+    if timeout is None:
+        timeout = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT)
+    proc = subprocess.Popen(
+        ["nvidia-smi", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+        try:
+            proc.wait(0.5)
+        except subprocess.TimeoutExpired:
+            pass  # left to the kernel; it is reaped if it ever leaves
+        raise TimeoutError(f"nvidia-smi {' '.join(args)} did not answer in {timeout:g} s") from None
+    if proc.returncode:
+        first = (err or out).strip().splitlines()
+        raise RuntimeError(f"nvidia-smi {' '.join(args)} failed (exit {proc.returncode}): {first[0] if first else ''}")
+    return out
+
+
+def parse_list(listing: str) -> list[Device]:
+    """Devices from `nvidia-smi -L`: each GPU, or instead of a GPU in MIG mode, each of its slices."""
+    gpus: list[tuple[Device, list[Device]]] = []
+    for line in listing.splitlines():
+        if m := GPU_LINE.match(line):
+            gpus.append((Device(m[1], m[3].strip(), m[2].strip()), []))
+        elif (m := MIG_LINE.match(line)) and gpus:
+            gpu, slices = gpus[-1]
+            slices.append(Device(f"{gpu.index}:{m[2]}", m[3].strip(), f"MIG {m[1]} of {gpu.name}", parent=gpu.uuid))
+    return [d for gpu, slices in gpus for d in (slices or [gpu])]
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """'0-13,28-41' as CPU numbers; () for N/A or anything else unreadable."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            return ()
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(cpus)
+
+
+def parse_topology(matrix: str) -> dict[str, tuple[int, ...]]:
+    """nvidia-smi index -> the CPUs of its 'CPU Affinity' column in `nvidia-smi topo -m`."""
+    lines = [line for line in matrix.splitlines() if line.strip()]
+    header = next((line.split("\t") for line in lines if "CPU Affinity" in line), None)
+    if header is None:
+        return {}
+    column = [cell.strip() for cell in header].index("CPU Affinity")
+    near = {}
+    for line in lines:
+        cells = line.split("\t")
+        if re.fullmatch(r"GPU\d+", cells[0].strip()) and len(cells) > column:
+            near[cells[0].strip()[3:]] = parse_cpu_list(cells[column])
+    return near
+
+
+def granted(devices: list[Device], visible: str | None) -> tuple[list[Device], list[str]]:
+    """The devices CUDA_VISIBLE_DEVICES grants, in its order, by CUDA's rules: unset grants all;
+    empty or -1 grants none; entries are indices or (unique prefixes of) UUIDs; the first entry
+    that names no device ends the list. A GPU in MIG mode named there grants its slices."""
+    if visible is None:
+        return devices, []
+    chosen: list[Device] = []
+    entries = [e.strip() for e in visible.split(",")]
+    for i, entry in enumerate(entries):
+        matches = match(entry, devices)
+        if not matches:
+            notes = []
+            if entry not in ("", "-1") or any(e not in ("", "-1") for e in entries[i + 1 :]):
+                dropped = ",".join(entries[i:])
+                notes.append(f"CUDA_VISIBLE_DEVICES={visible}: {entry!r} names no GPU nvidia-smi lists, so CUDA ignores {dropped}")
+            return chosen, notes
+        chosen.extend(d for d in matches if d not in chosen)
+    return chosen, []
+
+
+def match(spec: str, devices: list[Device]) -> list[Device]:
+    """The devices `spec` names: an index ("2" or "2:1"), a UUID or a unique UUID prefix; a GPU
+    in MIG mode stands for its slices."""
+    if re.fullmatch(r"\d+", spec):
+        return [d for d in devices if d.index == spec or d.index.startswith(spec + ":")]
+    if re.fullmatch(r"\d+:\d+", spec):
+        return [d for d in devices if d.index == spec]
+    if not spec.upper().startswith(("GPU-", "MIG-")):
         return []
-    return [i for i, line in enumerate(line for line in listing.splitlines() if line.startswith("GPU "))]
+    exact = [d for d in devices if spec in (d.uuid, d.parent)]
+    if exact:
+        return exact
+    prefixed = {d.uuid for d in devices if d.uuid.startswith(spec)} | {d.parent for d in devices if d.parent and d.parent.startswith(spec)}
+    if len(prefixed) != 1:
+        return []  # no device, or not unique: CUDA refuses an ambiguous prefix too
+    (uuid,) = prefixed
+    return [d for d in devices if uuid in (d.uuid, d.parent)]
+
+
+def discover(env: Mapping[str, str] | None = None) -> Discovery:
+    """Every device this process may use, with the CPUs near each. No nvidia-smi, a failing or
+    a hanging one all mean no GPUs, with a note saying which."""
+    env = os.environ if env is None else env
+    try:
+        listed = parse_list(nvidia_smi("-L"))
+    except FileNotFoundError:
+        return Discovery([], [])  # no NVIDIA driver here: a CPU machine, nothing to say
+    except (OSError, TimeoutError, RuntimeError) as e:
+        return Discovery([], [f"no GPUs used: {e}"])
+    devices, notes = granted(listed, env.get("CUDA_VISIBLE_DEVICES"))
+    if not devices:
+        return Discovery([], notes)
+    mixed = len({d.name for d in listed if d.parent is None}) > 1
+    if mixed and env.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID" and re.search(r"(^|,)\s*\d", env.get("CUDA_VISIBLE_DEVICES", "")):
+        notes.append(
+            "CUDA_VISIBLE_DEVICES gives indices on a machine with several GPU models: they are read as "
+            "nvidia-smi's (PCI bus order), which CUDA uses only with CUDA_DEVICE_ORDER=PCI_BUS_ID; UUIDs are unambiguous"
+        )
+    try:
+        near = parse_topology(nvidia_smi("topo", "-m"))
+    except (OSError, TimeoutError, RuntimeError) as e:
+        near = {}
+        notes.append(f"CPU affinity not set: {e}")
+    with_cpus = [Device(d.index, d.uuid, d.name, d.parent, near.get(d.index.split(":")[0], ())) for d in devices]
+    return Discovery(with_cpus, notes)
+
+
+def select(specs: str, discovery: Discovery) -> list[Device]:
+    """The devices a comma-separated list of indices or UUIDs names among those granted ('all': every one)."""
+    from worker.errors import DeviceError
+
+    if specs.strip() == "all":
+        if not discovery.devices:
+            raise DeviceError("no GPU is granted to this process" + "".join(f"; {n}" for n in discovery.notes))
+        return discovery.devices
+    chosen: list[Device] = []
+    for spec in (s.strip() for s in specs.split(",")):
+        found = match(spec, discovery.devices)
+        if not found:
+            granted_list = ", ".join(f"{d.index} ({d.uuid})" for d in discovery.devices) or "none (no nvidia-smi, or it lists none)"
+            raise DeviceError(f"GPU {spec!r} is not among the devices granted to this process: {granted_list}")
+        chosen.extend(d for d in found if d not in chosen)
+    return chosen
+
+
+def pin_cpus(cpus: tuple[int, ...]) -> set[int] | None:
+    """Run every thread of this process on `cpus`, within what it may use already; the set applied,
+    or None when `cpus` is empty or shares nothing with what is allowed (then nothing changes)."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = os.sched_getaffinity(0) & set(cpus)
+    if not allowed:
+        return None
+    for tid in os.listdir("/proc/self/task"):  # threads already started keep their own mask otherwise
+        try:
+            os.sched_setaffinity(int(tid), allowed)
+        except OSError:
+            pass  # a thread that just ended
+    return allowed
 
 
 def threads_per_worker(workers: int) -> int:
@@ -29,8 +245,6 @@ def load_tensorflow():
 
     Import after CUDA_VISIBLE_DEVICES is final: TensorFlow reads it once, here.
     """
-    import sys
-
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     sys.stderr.flush()
@@ -39,6 +253,7 @@ def load_tensorflow():
     try:
         os.dup2(devnull, 2)
         import tensorflow
+
         tensorflow.constant(0)  # device discovery logs at first use: keep it quiet too
     finally:
         os.dup2(saved, 2)

@@ -19,3 +19,7 @@ class BrokerError(PipelineError):
 
 class ChunkRefused(PipelineError):
     """A chunk message this worker must not run: bad path, changed source, other model."""
+
+
+class DeviceError(PipelineError):
+    """A GPU asked for is not one this process is granted."""

@@ -1,4 +1,4 @@
-"""A fleet of `worker start` processes on this machine: one per GPU, or N CPU workers sharing the cores."""
+"""A fleet of `worker start` processes on this machine: one per GPU or MIG slice, or N CPU workers sharing the cores."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.devices import threads_per_worker
+from worker.devices import Device, threads_per_worker
 from worker.errors import PipelineError
 
 
@@ -20,8 +20,24 @@ class Member:
     name: str
     args: list[str]
     env: dict[str, str]
+    device: Device | None = None
     proc: subprocess.Popen | None = None
     log: Path | None = None
+
+    def where(self) -> str:
+        return self.device.describe() if self.device else "CPU"
+
+    def describe(self) -> dict:
+        """What started: for summaries and --json."""
+        d = self.device
+        return {
+            "name": self.name,
+            "device": d.describe() if d else "CPU",
+            "index": d.index if d else None,
+            "uuid": d.uuid if d else None,
+            "cpus": list(d.cpus) if d else None,
+            "pid": self.proc.pid if self.proc else None,
+        }
 
 
 @dataclass
@@ -32,13 +48,13 @@ class Fleet:
     stopping: bool = False
 
     @classmethod
-    def plan(cls, gpus: list[int], cpus: int, common: list[str], prefix: str = "", log_dir: Path | None = None) -> "Fleet":
-        """One member per GPU in `gpus`, pinned by CUDA_VISIBLE_DEVICES; else `cpus` CPU members."""
+    def plan(cls, gpus: list[Device], cpus: int, common: list[str], prefix: str = "", log_dir: Path | None = None) -> "Fleet":
+        """One member per device in `gpus`, pinned by its UUID; else `cpus` CPU members."""
         host = socket.gethostname()
         members = []
         for gpu in gpus:
-            name = f"{prefix}gpu{gpu}@{host}"
-            members.append(Member(name, ["--gpu", str(gpu), "--name", name, *common], {"CUDA_VISIBLE_DEVICES": str(gpu)}))
+            name = f"{prefix}{gpu.short}@{host}"
+            members.append(Member(name, ["--gpu", gpu.uuid, "--name", name, *common], gpu.env(), gpu))
         if not gpus:
             threads = threads_per_worker(cpus)
             for i in range(cpus):
@@ -46,6 +62,11 @@ class Fleet:
                 args = ["--cpu", "--threads", str(threads), "--name", name, *common]
                 members.append(Member(name, args, {"CUDA_VISIBLE_DEVICES": "-1"}))
         return cls(members, log_dir)
+
+    def summary(self) -> str:
+        """'2 local workers: local-gpu0 on GPU 0 … (GPU-…), …' for the line a run starts with."""
+        n = len(self.members)
+        return f"{n} local worker{'s' * (n != 1)}: " + ", ".join(f"{m.name.split('@')[0]} on {m.where()}" for m in self.members)
 
     def start(self) -> "Fleet":
         for m in self.members:
