@@ -113,7 +113,7 @@ def first_ready(app: Celery, fleet: Fleet, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     # A worker hears only pings sent after it connected: ask often, and stop at the first reply.
     while not app.control.ping(timeout=0.05, limit=1):
-        fleet.check()  # every worker exited: raises with the first one's own error line
+        fleet.check(report=False)  # every worker exited: raises with the first one's own error line
         if time.monotonic() > deadline:
             raise BrokerError(f"no local worker was ready after {timeout:.0f} s; see {fleet.log_dir}")
 

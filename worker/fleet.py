@@ -90,15 +90,17 @@ class Fleet:
                 self.reported.add(m.name)
                 out.write(f"\nworker {m.name} exited with code {m.proc.returncode}\n")
 
-    def check(self) -> None:
-        """Raise if every member has died; one death is survivable (its chunk is re-sent), and reported."""
+    def check(self, report: bool = True) -> None:
+        """Raise if every member has died; one death is survivable (its chunk is re-sent), and reported
+        unless `report` is off (while starting, when all may fail at once for the same reason)."""
         if self.members and len(self.dead()) == len(self.members):
             last = ""
             if self.members[0].log:
                 lines = self.members[0].log.read_text(errors="replace").strip().splitlines()
                 last = lines[-1] if lines else ""
             raise PipelineError(f"all workers exited; {self.members[0].name} said: {last or '(nothing)'}")
-        self.report_deaths()
+        if report:
+            self.report_deaths()
 
     def signal(self, sig: int) -> None:
         for m in self.members:
