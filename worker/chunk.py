@@ -7,6 +7,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -14,7 +15,7 @@ from celery.worker.control import inspect_command
 
 from worker.errors import ChunkRefused, InputError
 from worker.jobdir import JobDir
-from worker.message import TASK_NAME, ChunkMessage, MessageError
+from worker.message import QUEUE, TASK_NAME, ChunkMessage, MessageError
 from worker.shard import ShardMeta, write_shard
 from worker.spectrogram import digest, read_rows
 
@@ -134,3 +135,25 @@ def register(app, runner: ChunkRunner, max_retries: int = 2) -> None:
                 raise
             log.warning("chunk failed (%s: %s), retrying", type(e).__name__, e)
             raise task.retry(exc=e, countdown=2) from e
+
+
+def serve(app, runner: ChunkRunner, name: str, loglevel: str = "info", before_start: Callable[[], None] | None = None) -> None:
+    """Run the Celery worker on QUEUE until a warm stop; `before_start` runs in worker_init, before
+    it connects (so no ping is answered and no chunk taken until it returns)."""
+    from celery.signals import worker_init
+
+    register(app, runner)
+    if before_start is not None:
+        worker_init.connect(lambda **_: before_start(), weak=False)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",  # one task thread; the main thread keeps answering ping/inspect while it runs
+            "--concurrency=1",
+            f"--hostname={name}",
+            f"--queues={QUEUE}",
+            f"--loglevel={loglevel}",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )

@@ -116,10 +116,7 @@ def start(args: argparse.Namespace) -> int:
     # The weights load on a helper thread from here on (~0.8 s without the GIL); meanwhile
     # Celery loads, connects and starts, and is then held at worker_init until they are in.
     model = Embedder(checkpoint, threads=args.threads, batch_size=args.batch_size)
-    from celery.signals import worker_init
-
-    from worker.chunk import ChunkRunner, register
-    from worker.message import QUEUE
+    from worker.chunk import ChunkRunner, serve
 
     app = broker.make_app(url)
     broker.check_connection(app)
@@ -140,20 +137,8 @@ def start(args: argparse.Namespace) -> int:
     )
     if model.untrained:
         log.warning("checkpoint %s holds UNTRAINED seeded random weights: its embeddings mean nothing", checkpoint)
-    register(app, ChunkRunner(model, roots, name, device.describe() if device else None))
-    worker_init.connect(lambda **_: await_weights(model), weak=False)
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",  # one task thread; the main thread keeps answering ping/inspect while it runs
-            "--concurrency=1",
-            f"--hostname={name}",
-            f"--queues={QUEUE}",
-            f"--loglevel={args.loglevel}",
-            "--without-mingle",
-            "--without-gossip",
-        ]
-    )
+    runner = ChunkRunner(model, roots, name, device.describe() if device else None)
+    serve(app, runner, name, args.loglevel, before_start=lambda: await_weights(model))
     # Celery has acked the last chunk and every shard is fsynced. Tearing down TensorFlow at
     # interpreter exit would take another ~0.8 s per worker (measured) for nothing, so leave now.
     logging.shutdown()

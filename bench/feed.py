@@ -1,0 +1,174 @@
+"""Benchmark: what one worker can feed a fast GPU, with the model LEFT OUT.
+
+    python bench/feed.py [--rows 32768] [--out bench/feed.json]
+
+The model is a STAND-IN object, not VGGish: everything else is the project's real chunk code
+(message decode, path checks, read, fingerprint, shard write) and, for the overhead measure, a
+real Celery worker process and a real Redis. Two measures:
+
+- ceiling: rows/s of the chunk code with a stand-in that returns zeros at once, driven as the
+  worker drives it (as many chunks at a time as it keeps in flight);
+- overhead: a stand-in that takes exactly rows / 100,000 s per chunk, releasing the GIL as
+  TensorFlow does on a GPU, served by a real worker process; the time a job takes beyond that
+  compute, per chunk and as a share of compute.
+
+Results of embeddings are never checked here: tests do that with the real model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GPU_RATE = 100_000  # rows/s the paced stand-in computes at: a fast GPU (BENCHMARKS.md has the arithmetic)
+
+
+class InstantModel:
+    """STAND-IN, not VGGish: zeros at once, so only the code around the model is timed."""
+
+    fingerprint = "stand-in"
+    device = "stand-in"
+
+    def embed(self, rows: np.ndarray, form: str) -> np.ndarray:
+        return np.zeros((len(rows), 128), np.float32)
+
+
+class PacedModel(InstantModel):
+    """STAND-IN, not VGGish: takes rows / rate seconds without the GIL, like a GPU's session.run."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def embed(self, rows: np.ndarray, form: str) -> np.ndarray:
+        time.sleep(len(rows) / self.rate)
+        return np.zeros((len(rows), 128), np.float32)
+
+
+def make_job(directory: Path, rows: int, chunk_rows: int):
+    """A job of `rows` random spectrograms cut into `chunk_rows` chunks, pinned to the stand-in."""
+    from producer.plan import plan_job
+    from worker.spectrogram import ROW_VALUES
+
+    directory.mkdir(parents=True, exist_ok=True)
+    spec, frame = directory / "wavfile_spec.dat", directory / "wavfile_df.csv"
+    if not spec.exists() or spec.stat().st_size != rows * ROW_VALUES * 8:
+        rng = np.random.default_rng(0)
+        with open(spec, "wb") as f:
+            for start in range(0, rows, 1024):
+                rng.standard_normal((min(1024, rows - start)) * ROW_VALUES).tofile(f)
+        with open(frame, "w") as f:
+            f.write(",file_name,label,valid\n")
+            f.writelines(f"{i},c{i}.wav,yes,False\n" for i in range(rows))
+    shutil.rmtree(directory / "shards", ignore_errors=True)
+    (directory / "job.json").unlink(missing_ok=True)
+    (directory / "model.json").unlink(missing_ok=True)
+    return plan_job(spec, frame, directory, "relu", chunk_rows, 1, InstantModel.fingerprint).job
+
+
+def in_flight() -> int:
+    """Chunks a GPU worker keeps in flight (1 before pipelining existed)."""
+    from worker import chunk
+
+    return getattr(chunk, "GPU_IN_FLIGHT", 1)
+
+
+def ceiling(work: Path, rows: int, chunk_rows: int, repeat: int = 3) -> dict:
+    from worker.chunk import ChunkRunner
+
+    best = float("inf")
+    for _ in range(repeat):
+        job = make_job(work / "ceiling", rows, chunk_rows)
+        runner = ChunkRunner(InstantModel(), [work], "bench")
+        messages = [job.message(c).encode() for c in job.chunks]
+        began = time.perf_counter()
+        with ThreadPoolExecutor(in_flight()) as pool:
+            list(pool.map(runner.run, messages))
+        best = min(best, time.perf_counter() - began)
+    return {"rows": rows, "chunk_rows": chunk_rows, "in_flight": in_flight(), "seconds": best, "rows_per_s": rows / best}
+
+
+SERVE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from bench.feed import PacedModel
+from worker.broker import make_app, poll_briefly
+from worker.chunk import ChunkRunner, serve
+app = make_app(sys.argv[2]); poll_briefly(app)
+serve(app, ChunkRunner(PacedModel(float(sys.argv[4])), [Path(sys.argv[3])], "bench@paced", "stand-in"), "bench@paced", "warning")
+"""
+
+
+def overhead(work: Path, rows: int, chunk_rows: int, rate: float = GPU_RATE) -> dict:
+    """A real worker process serving the paced stand-in; enqueue a job and time it to its last shard."""
+    from producer.local import LocalRedis
+    from producer.plan import send
+    from worker.broker import make_app
+
+    job = make_job(work / "overhead", rows, chunk_rows)
+    redis = LocalRedis().start()
+    app = make_app(redis.url)
+    log = open(work / "paced-worker.log", "wb")
+    worker = subprocess.Popen([sys.executable, "-c", SERVE, str(ROOT), redis.url, str(work), str(rate)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while not app.control.ping(timeout=0.2):
+            if worker.poll() is not None:
+                raise RuntimeError((work / "paced-worker.log").read_text())
+        began = time.perf_counter()
+        send(app, job, job.chunks)
+        shards = job.dir.shards
+        while len(list(shards.glob("*.npz"))) < len(job.chunks):
+            time.sleep(0.001)
+        seconds = time.perf_counter() - began
+    finally:
+        worker.terminate()
+        worker.wait()
+        log.close()
+        redis.stop()
+    compute = rows / rate
+    chunks = len(job.chunks)
+    return {
+        "rows": rows, "chunk_rows": chunk_rows, "chunks": chunks, "rate": rate, "seconds": seconds, "compute_seconds": compute,
+        "overhead_ms_per_chunk": 1000 * (seconds - compute) / chunks, "overhead_fraction": (seconds - compute) / compute,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=32768)
+    parser.add_argument("--chunk-rows", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "feed.json")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vggish-feed-", dir=os.environ.get("TMPDIR")))
+    try:
+        r: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()}, "ceiling": [], "overhead": []}
+        for chunk_rows in args.chunk_rows:
+            r["ceiling"].append(ceiling(work, args.rows, chunk_rows))
+            r["overhead"].append(overhead(work, args.rows, chunk_rows))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.write_text(json.dumps(r, indent=1))
+    print(f"machine: {r['machine']}; the model is a STAND-IN (not VGGish)")
+    for c in r["ceiling"]:
+        print(f"feed ceiling, {c['chunk_rows']:>5}-row chunks, {c['in_flight']} in flight: {c['rows_per_s']:>9,.0f} rows/s")
+    for o in r["overhead"]:
+        print(f"at {o['rate']:,.0f} rows/s of compute, {o['chunk_rows']:>5}-row chunks: {o['seconds']:.2f} s for {o['compute_seconds']:.2f} s "
+              f"of compute: {o['overhead_ms_per_chunk']:.1f} ms per chunk = {100 * o['overhead_fraction']:.1f} % of compute")
+
+
+if __name__ == "__main__":
+    main()
