@@ -123,18 +123,36 @@ def model_arg(args: argparse.Namespace) -> str | None:
 
 def plan(
     args: argparse.Namespace,
-    workers: int,
+    workers: tuple[int, float | None],
     model: str | None,
     unchanged_rows: int = 0,
     before_writing: Callable[[], None] | None = None,
 ) -> Plan:
+    """Plan the job for `workers`: how many, and the rows/s of each when known (chunk sizes follow both)."""
     from producer.plan import plan_job
 
     if args.chunk_rows is not None and args.chunk_rows < 1:
         raise PipelineError("--chunk-rows must be at least 1")
+    count, speed = workers
     return plan_job(
-        args.spec, csv_arg(args), out_arg(args), args.embedding, args.chunk_rows, workers, model, unchanged_rows, before_writing
+        args.spec, csv_arg(args), out_arg(args), args.embedding, args.chunk_rows, count, model, unchanged_rows, before_writing, speed
     )
+
+
+def live_fleet(app: Celery) -> tuple[int, float | None]:
+    """The broker's live workers: how many, and the rows/s to size chunks for."""
+    from producer.job import fleet_speed
+    from worker import broker
+
+    live = broker.live_workers(app)
+    measured = [w["rows_per_s"] for w in live.values() if w.get("rows_per_s")]
+    return len(live), fleet_speed([str(w.get("device")) for w in live.values()], measured)
+
+
+def local_fleet(fleet: Fleet) -> tuple[int, float | None]:
+    from producer.job import fleet_speed
+
+    return len(fleet.members), fleet_speed([m.where() for m in fleet.members], [])
 
 
 def report(summary: dict, as_json: bool) -> None:
@@ -151,7 +169,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
     app = broker.make_app(broker.broker_url(args.broker))
     broker.check_connection(app)
-    workers = len(app.control.ping(timeout=1.0) or []) if args.chunk_rows is None else 1
+    workers = live_fleet(app) if args.chunk_rows is None else (1, None)
     planned = plan(args, workers, model_arg(args))
     send(app, planned.job, planned.send)
     report({**planned.summary(), "broker": broker.redact(app.conf.broker_url)}, args.json)
@@ -203,7 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from producer.finalize import finalize, warm_up  # Arrow loads after the workers are spawned
 
             warm_up()
-            planned = plan(args, len(fleet.members), model_arg(args), before_writing=lambda: first_ready(app, fleet))
+            planned = plan(args, local_fleet(fleet), model_arg(args), before_writing=lambda: first_ready(app, fleet))
             job = planned.job
             print(
                 f"job {job.id}: {job.rows} rows, {len(planned.send)} chunks to embed "
@@ -362,9 +380,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 app, fleet = stack.enter_context(local_workers(ckpt, args.workers, roots, out_dir / "logs"))
                 first_ready(app, fleet)  # the checkpoint is good before any job is pinned to it
                 print(f"workers: {fleet.summary()}", file=sys.stderr)
+                workers = local_fleet(fleet)
             else:
                 fleet = None
                 broker.check_connection(app)
+                workers = live_fleet(app)
             names = known_names(frame)
             print(f"watching {args.inbox} for wav files ({len(names)} clips already in {frame})", file=sys.stderr)
             embedded_rows, first = 0, True
@@ -372,7 +392,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 added = ingest(names)
                 if (added or first) and spec.stat().st_size:
                     began = time.monotonic()
-                    planned = plan(args, len(fleet.members) if fleet else 1, model, unchanged_rows=embedded_rows)
+                    planned = plan(args, workers, model, unchanged_rows=embedded_rows)
                     try:
                         embed(app, planned.job, planned.send, fleet)
                         finalize(planned.job, pca)

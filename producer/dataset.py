@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from worker.errors import InputError
-from worker.spectrogram import digest, first_bad_rows, read_rows, row_count
+from worker.spectrogram import NEW_DIGEST, RowReader, digest, first_bad_rows, row_count
 
 
 @dataclass(frozen=True)
@@ -88,21 +88,24 @@ def validate(spec: Path, frame: Path) -> int:
     return rows
 
 
-def scan(spec: Path, rows: int, chunk_rows: int, known: dict[tuple[int, int], str] | None = None) -> list[Chunk]:
+def scan(
+    spec: Path, rows: int, chunk_rows: int, scheme: str = NEW_DIGEST, known: dict[tuple[int, int], str] | None = None
+) -> list[Chunk]:
     """Plan chunks aligned to multiples of chunk_rows, fingerprint each, and refuse NaN or Inf.
 
     `known` maps (start, stop) to a digest taken earlier of rows the caller knows are unchanged;
     those chunks are not read again.
     """
     chunks, bad = [], []
+    reader = RowReader()
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
         if known and (start, stop) in known:
             chunks.append(Chunk(start, stop, known[(start, stop)]))
             continue
-        data = read_rows(spec, start, stop)
+        data = reader.read(spec, start, stop)
         bad += first_bad_rows(data, start, limit=5 - len(bad)) if len(bad) < 5 else []
-        chunks.append(Chunk(start, stop, digest(data)))
+        chunks.append(Chunk(start, stop, digest(data, scheme)))
     if bad:
         raise InputError(f"{spec}: NaN or Inf in spectrogram rows {', '.join(map(str, bad))} (first {len(bad)} shown)")
     return chunks

@@ -14,15 +14,30 @@ from worker.errors import InputError
 from worker.files import write_json
 from worker.jobdir import JobDir
 from worker.message import ChunkMessage
+from worker.spectrogram import OLD_DIGEST
 
 MIN_CHUNK_ROWS = 64
-MAX_CHUNK_ROWS = 1024
+MAX_CHUNK_ROWS = 1024  # for CPU workers (~180 rows/s): ~6 s a chunk
+MAX_FAST_CHUNK_ROWS = 4096  # for GPU workers: each holds 3 chunks of float64 in memory (50 MB per 1,024 rows)
 CHUNKS_PER_WORKER = 8
+CHUNK_SECONDS = 0.05  # of compute per chunk, at least: ~2 ms of per-chunk cost stays under 5 % (BENCHMARKS.md)
+GPU_ROWS_PER_S = 80_000  # assumed for GPU workers that have not measured their own speed yet
 
 
-def default_chunk_rows(rows: int, workers: int) -> int:
-    """Small enough that every worker gets ~8 chunks (a short tail), large enough that per-chunk overhead is noise."""
-    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, math.ceil(rows / (max(workers, 1) * CHUNKS_PER_WORKER))))
+def default_chunk_rows(rows: int, workers: int, rows_per_s: float | None = None) -> int:
+    """Small enough that every worker gets ~8 chunks (a short tail), large enough that per-chunk
+    overhead is noise at the workers' speed (rows/s each, when known)."""
+    most = MAX_CHUNK_ROWS
+    if rows_per_s:
+        most = min(MAX_FAST_CHUNK_ROWS, max(MAX_CHUNK_ROWS, 1024 * math.ceil(rows_per_s * CHUNK_SECONDS / 1024)))
+    return max(MIN_CHUNK_ROWS, min(most, math.ceil(rows / (max(workers, 1) * CHUNKS_PER_WORKER))))
+
+
+def fleet_speed(devices: list[str], measured: list[float]) -> float | None:
+    """Rows/s to size chunks for: the fastest speed a worker measured, else a guess for GPUs."""
+    if measured:
+        return max(measured)
+    return GPU_ROWS_PER_S if any(d.startswith("GPU") for d in devices) else None
 
 
 @dataclass
@@ -35,6 +50,7 @@ class Job:
     chunk_rows: int
     embedding: str
     chunks: list[Chunk] = field(default_factory=list)
+    digest_scheme: str = OLD_DIGEST  # jobs planned before schemes existed used blake2b-128
 
     @property
     def dir(self) -> JobDir:
@@ -44,7 +60,9 @@ class Job:
         return self.dir.shard_path(chunk.start, chunk.stop, chunk.digest, self.embedding)
 
     def message(self, chunk: Chunk) -> ChunkMessage:
-        return ChunkMessage(self.id, self.out_dir, self.source, chunk.start, chunk.stop, chunk.digest, self.embedding)
+        return ChunkMessage(
+            self.id, self.out_dir, self.source, chunk.start, chunk.stop, chunk.digest, self.embedding, digest_scheme=self.digest_scheme
+        )
 
     def missing(self) -> list[Chunk]:
         """Chunks that have no shard yet."""

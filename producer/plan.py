@@ -12,6 +12,7 @@ from celery import Celery
 from producer.dataset import Chunk, scan, validate
 from producer.job import Job, check_writable, default_chunk_rows
 from worker.message import QUEUE, TASK_NAME
+from worker.spectrogram import NEW_DIGEST
 
 
 @dataclass
@@ -51,13 +52,15 @@ def plan_job(
     model: str | None,
     unchanged_rows: int = 0,
     before_writing: Callable[[], None] | None = None,
+    rows_per_s: float | None = None,
 ) -> Plan:
     """Validate the inputs, record the job in out_dir, and work out which chunks need a worker.
 
     A chunk keeps its shard when its rows' bytes, the embedding form and the model are unchanged,
     so re-running on grown or edited inputs sends only what changed. A caller that itself only
     appended to the source passes `unchanged_rows`: chunks below it keep the digests in job.json
-    instead of being read and hashed again. `before_writing` runs after the inputs are checked
+    instead of being read and hashed again. `rows_per_s` (each worker's, when known) sizes chunks
+    for fast workers. `before_writing` runs after the inputs are checked
     and scanned and before anything is written (e.g. to wait until the model is known good).
     """
     spec, frame, out_dir = (Path(os.path.realpath(p)) for p in (spec, frame, out_dir))
@@ -65,7 +68,8 @@ def plan_job(
     check_writable(out_dir)
     old = Job.load_or_new(out_dir)
     if chunk_rows is None:
-        chunk_rows = old.chunk_rows if old else default_chunk_rows(rows, workers)
+        chunk_rows = old.chunk_rows if old else default_chunk_rows(rows, workers, rows_per_s)
+    scheme = old.digest_scheme if old else NEW_DIGEST  # a job keeps its scheme, so its shards keep their names
     job = Job(
         id=old.id if old else Job.new_id(),
         out_dir=str(out_dir),
@@ -74,7 +78,8 @@ def plan_job(
         rows=rows,
         chunk_rows=chunk_rows,
         embedding=embedding,
-        chunks=scan(spec, rows, chunk_rows, known_digests(old, spec, chunk_rows, unchanged_rows)),
+        chunks=scan(spec, rows, chunk_rows, scheme, known_digests(old, spec, chunk_rows, unchanged_rows)),
+        digest_scheme=scheme,
     )
     if before_writing is not None:
         before_writing()

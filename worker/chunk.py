@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from collections.abc import Callable
 from typing import Protocol
@@ -17,7 +17,7 @@ from worker.errors import ChunkRefused, InputError
 from worker.jobdir import JobDir
 from worker.message import QUEUE, TASK_NAME, ChunkMessage, MessageError
 from worker.shard import ShardMeta, write_shard
-from worker.spectrogram import digest, read_rows
+from worker.spectrogram import RowReader, digest
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,16 @@ def inside(path: str, roots: list[Path]) -> Path:
     return real
 
 
+GPU_IN_FLIGHT = 3  # chunks a GPU worker holds: one in the model, the others being read or written (BENCHMARKS.md)
+
+
 class ChunkRunner:
-    """Everything a worker does per chunk, around its warm model."""
+    """Everything a worker does per chunk, around its warm model.
+
+    `run` may be called from several threads at once (a worker with chunks in flight): each
+    reads into a buffer of its own while another holds the model, so the model waits for no
+    read, write or message. Only the model itself is taken one chunk at a time.
+    """
 
     def __init__(self, model: Model, roots: list[Path], worker: str, pinned: str | None = None) -> None:
         self.model = model
@@ -52,12 +60,29 @@ class ChunkRunner:
             "rows": 0,
             "seconds": 0.0,
         }
+        self._model_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._readers = threading.local()
 
     def job_dir(self, msg: ChunkMessage) -> JobDir:
         jobdir = JobDir(inside(msg.out_dir, self.roots))
         if not jobdir.job_file.is_file():
             raise ChunkRefused(f"{msg.out_dir} is not a job folder (no job.json)")
         return jobdir
+
+    def read(self, source: Path, msg: ChunkMessage) -> np.ndarray:
+        """The chunk's rows, in this thread's buffer, refused unless they are the rows enqueued."""
+        reader = getattr(self._readers, "reader", None) or RowReader()
+        self._readers.reader = reader
+        try:
+            rows = reader.read(source, msg.start, msg.stop)
+        except (InputError, OSError) as e:
+            raise ChunkRefused(str(e)) from e
+        if digest(rows, msg.digest_scheme) != msg.digest:
+            raise ChunkRefused(
+                f"{source}: rows {msg.start}-{msg.stop} changed since they were enqueued; re-run `producer enqueue`"
+            )
+        return rows
 
     def run(self, payload: dict) -> dict:
         try:
@@ -70,32 +95,25 @@ class ChunkRunner:
         if shard.exists():
             log.info("rows %d-%d: shard exists, skipped", msg.start, msg.stop)
             return {"start": msg.start, "stop": msg.stop, "skipped": True}
-        pinned = jobdir.pin_model(self.model.fingerprint)
+        pinned = jobdir.pinned_model() or jobdir.pin_model(self.model.fingerprint)
         if pinned != self.model.fingerprint:
             raise ChunkRefused(
                 f"job {msg.job} is pinned to model {pinned}; this worker has {self.model.fingerprint} loaded"
             )
         began = time.perf_counter()
-        try:
-            rows = read_rows(source, msg.start, msg.stop)
-        except (InputError, OSError) as e:
-            raise ChunkRefused(str(e)) from e
-        # Hash the rows on another core while the model runs (hashlib frees the GIL): 1,024 rows take
-        # 68 ms to hash here, longer than a fast GPU needs to embed them. Nothing is written unless it matches.
-        with ThreadPoolExecutor(1) as helper:
-            hashed = helper.submit(digest, rows)
+        rows = self.read(source, msg)
+        read = time.perf_counter() - began
+        with self._model_lock:
+            began = time.perf_counter()
             embeddings = self.model.embed(rows, msg.embedding)
-        if hashed.result() != msg.digest:
-            raise ChunkRefused(
-                f"{source}: rows {msg.start}-{msg.stop} changed since they were enqueued; re-run `producer enqueue`"
-            )
-        seconds = time.perf_counter() - began
+            seconds = read + time.perf_counter() - began  # the wait for the model is not this chunk's work
         meta = ShardMeta(msg.start, msg.stop, msg.digest, msg.embedding, self.model.fingerprint, self.worker, seconds)
         write_shard(jobdir.shards, meta, embeddings)
         jobdir.clear_failure(msg.start, msg.stop)
-        self.stats["chunks"] += 1
-        self.stats["rows"] += msg.stop - msg.start
-        self.stats["seconds"] += seconds
+        with self._stats_lock:
+            self.stats["chunks"] += 1
+            self.stats["rows"] += msg.stop - msg.start
+            self.stats["seconds"] += seconds
         log.info("rows %d-%d embedded in %.2fs (%.1f rows/s)", msg.start, msg.stop, seconds, (msg.stop - msg.start) / seconds)
         return {"start": msg.start, "stop": msg.stop, "seconds": seconds}
 
@@ -137,9 +155,17 @@ def register(app, runner: ChunkRunner, max_retries: int = 2) -> None:
             raise task.retry(exc=e, countdown=2) from e
 
 
-def serve(app, runner: ChunkRunner, name: str, loglevel: str = "info", before_start: Callable[[], None] | None = None) -> None:
-    """Run the Celery worker on QUEUE until a warm stop; `before_start` runs in worker_init, before
-    it connects (so no ping is answered and no chunk taken until it returns)."""
+def serve(
+    app,
+    runner: ChunkRunner,
+    name: str,
+    loglevel: str = "info",
+    in_flight: int = 1,
+    before_start: Callable[[], None] | None = None,
+) -> None:
+    """Run the Celery worker on QUEUE until a warm stop, holding `in_flight` chunks at a time;
+    `before_start` runs in worker_init, before it connects (so no ping is answered and no chunk
+    taken until it returns). A warm stop finishes the chunks held, and no other."""
     from celery.signals import worker_init
 
     register(app, runner)
@@ -148,8 +174,8 @@ def serve(app, runner: ChunkRunner, name: str, loglevel: str = "info", before_st
     app.worker_main(
         [
             "worker",
-            "--pool=threads",  # one task thread; the main thread keeps answering ping/inspect while it runs
-            "--concurrency=1",
+            "--pool=threads",  # task threads; the main thread keeps answering ping/inspect meanwhile
+            f"--concurrency={in_flight}",  # with prefetch multiplier 1: the chunks held, run or waiting
             f"--hostname={name}",
             f"--queues={QUEUE}",
             f"--loglevel={loglevel}",

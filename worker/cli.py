@@ -47,6 +47,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"folder the worker may read and write under; repeatable (env {DATA_ROOTS_ENV}, "
         "separated by ':'; default: the current folder)",
     )
+    start.add_argument(
+        "--chunks-in-flight",
+        type=int,
+        metavar="N",
+        help="chunks held at a time: one in the model while the next is read and the last written "
+        "(default 2 on a GPU, 1 on the CPU, where the model is the bottleneck; a warm stop finishes them all)",
+    )
     start.add_argument("--loglevel", default="info")
 
     up = sub.add_parser("up", help="start one worker per GPU (or N CPU workers) in the foreground")
@@ -98,6 +105,8 @@ def start(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or (Path(os.environ[CHECKPOINT_ENV]) if os.environ.get(CHECKPOINT_ENV) else None)
     if checkpoint is None:
         raise PipelineError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
+    if args.chunks_in_flight is not None and args.chunks_in_flight < 1:
+        raise PipelineError("--chunks-in-flight must be at least 1")
     roots = data_roots(args.data_root)
     device = pin(args.gpu) if args.gpu is not None else None
     if args.cpu:
@@ -116,7 +125,7 @@ def start(args: argparse.Namespace) -> int:
     # The weights load on a helper thread from here on (~0.8 s without the GIL); meanwhile
     # Celery loads, connects and starts, and is then held at worker_init until they are in.
     model = Embedder(checkpoint, threads=args.threads, batch_size=args.batch_size)
-    from worker.chunk import ChunkRunner, serve
+    from worker.chunk import GPU_IN_FLIGHT, ChunkRunner, serve
 
     app = broker.make_app(url)
     broker.check_connection(app)
@@ -138,7 +147,8 @@ def start(args: argparse.Namespace) -> int:
     if model.untrained:
         log.warning("checkpoint %s holds UNTRAINED seeded random weights: its embeddings mean nothing", checkpoint)
     runner = ChunkRunner(model, roots, name, device.describe() if device else None)
-    serve(app, runner, name, args.loglevel, before_start=lambda: await_weights(model))
+    in_flight = args.chunks_in_flight or (GPU_IN_FLIGHT if model.device.startswith("GPU") else 1)
+    serve(app, runner, name, args.loglevel, in_flight, before_start=lambda: await_weights(model))
     # Celery has acked the last chunk and every shard is fsynced. Tearing down TensorFlow at
     # interpreter exit would take another ~0.8 s per worker (measured) for nothing, so leave now.
     logging.shutdown()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from worker.spectrogram import DIGESTS, OLD_DIGEST
+
 TASK_NAME = "vggish.embed_chunk"
 QUEUE = "vggish"
 SCHEMA = 1
@@ -31,6 +33,7 @@ class ChunkMessage:
     digest: str
     embedding: str
     schema: int = SCHEMA
+    digest_scheme: str = OLD_DIGEST  # how `digest` was taken; producers that name none used blake2b-128
 
     def encode(self) -> dict:
         return asdict(self)
@@ -40,14 +43,14 @@ class ChunkMessage:
         if not isinstance(payload, dict):
             raise MessageError("message is not a JSON object")
         names = {f.name for f in fields(cls)}
-        missing = names - set(payload) - {"schema"}
+        missing = names - set(payload) - {"schema", "digest_scheme"}
         if missing:
             raise MessageError(f"message lacks {sorted(missing)}")
         unknown = set(payload) - names
         if unknown:
             raise MessageError(f"message has unknown fields {sorted(unknown)}")
         msg = cls(**payload)
-        for name in ("job", "out_dir", "source", "digest", "embedding"):
+        for name in ("job", "out_dir", "source", "digest", "embedding", "digest_scheme"):
             if not isinstance(getattr(msg, name), str):
                 raise MessageError(f"message field {name} must be a string")
         for name in ("start", "stop", "schema"):
@@ -58,6 +61,8 @@ class ChunkMessage:
             raise MessageError(f"message schema {msg.schema} is not {SCHEMA}")
         if not 0 <= msg.start < msg.stop:
             raise MessageError(f"message row range {msg.start}-{msg.stop} is empty or negative")
+        if msg.digest_scheme not in DIGESTS:
+            raise MessageError(f"message digest_scheme {msg.digest_scheme!r} is not one of {sorted(DIGESTS)}")
         if msg.embedding not in EMBEDDING_FORMS:
             raise MessageError(f"message embedding {msg.embedding!r} is not one of {EMBEDDING_FORMS}")
         return msg

@@ -20,11 +20,13 @@ INPUT_TENSOR = "vggish/input_features:0"
 EMBEDDING_TENSOR = "vggish/embedding:0"
 
 
-def define_vggish():
+def define_vggish(input_dtype=None):
     """Build VGGish in the default graph; return (input placeholder, linear 128-d embedding).
 
     The 128-d layer is built linear, as upstream has it now; the older `relu` form that the
     seed notebook's outputs come from is the same tensor through a ReLU, applied per job.
+    With `input_dtype` float64 the placeholder takes the spectrogram file's own values and
+    casts them to float32 on the device (the same rounding as NumPy's), not on the worker's CPU.
     """
     tf = load_tensorflow()
     import tf_slim as slim
@@ -39,8 +41,8 @@ def define_vggish():
     ), slim.arg_scope([slim.conv2d], kernel_size=[3, 3], stride=1, padding="SAME"), slim.arg_scope(
         [slim.max_pool2d], kernel_size=[2, 2], stride=2, padding="SAME"
     ), tf1.variable_scope("vggish"):
-        features = tf1.placeholder(tf.float32, shape=(None, FRAMES, BANDS), name="input_features")
-        net = tf.reshape(features, [-1, FRAMES, BANDS, 1])
+        features = tf1.placeholder(input_dtype or tf.float32, shape=(None, FRAMES, BANDS), name="input_features")
+        net = tf.reshape(tf.cast(features, tf.float32), [-1, FRAMES, BANDS, 1])
         net = slim.conv2d(net, 64, scope="conv1")
         net = slim.max_pool2d(net, scope="pool1")
         net = slim.conv2d(net, 128, scope="conv2")
@@ -101,7 +103,7 @@ class Embedder:
         tf1 = tf.compat.v1
         self._graph = tf.Graph()
         with self._graph.as_default():
-            self._input, self._output = define_vggish()
+            self._input, self._output = define_vggish(tf.float64)
             config = tf1.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
             config.gpu_options.allow_growth = True
             self._session = tf1.Session(graph=self._graph, config=config)
@@ -126,7 +128,7 @@ class Embedder:
         log.info("weights restored from %s in %.2f s", source, time.perf_counter() - started)
         # One row sets up the executor (a graph or device problem shows here, before taking work).
         # A full warm-up batch would cost a whole batch of compute to save ~0.1 s on the first one.
-        self._session.run(self._output, {self._input: np.zeros((1, FRAMES, BANDS), np.float32)})
+        self._session.run(self._output, {self._input: np.zeros((1, FRAMES, BANDS))})
         return source
 
     def _keep_copy(self, saver, copy: Path) -> None:
@@ -147,11 +149,11 @@ class Embedder:
         return self._weights.result()
 
     def embed(self, rows: np.ndarray, form: str) -> np.ndarray:
-        """Embeddings (float32, n x 128) of n spectrograms, in sub-batches of `batch_size`."""
+        """Embeddings (float32, n x 128) of n float64 spectrograms, in sub-batches of `batch_size`."""
         self.loaded()
         out = np.empty((len(rows), 128), dtype=np.float32)
         for i in range(0, len(rows), self.batch_size):
-            batch = np.asarray(rows[i : i + self.batch_size], dtype=np.float32)
+            batch = rows[i : i + self.batch_size]
             out[i : i + len(batch)] = self._session.run(self._output, {self._input: batch})
         if form == "relu":
             np.maximum(out, 0, out=out)
