@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -202,29 +203,6 @@ def dispatch(work: Path, py: str, env: dict, ckpt: Path, chunks: int = 300, mess
     }
 
 
-def feed(spec: Path, rows: int = 1024, repeat: int = 5) -> dict:
-    """A worker's CPU work per 1,024-row chunk besides the model: read, hash, float32 (best of 5).
-
-    This bounds what one worker can feed a fast GPU. The hash runs beside the model since it
-    moved to a helper thread, so read + float32 is what stays on the chunk's critical path.
-    """
-    from worker.spectrogram import digest, read_rows
-
-    best = {"read": float("inf"), "hash": float("inf"), "float32": float("inf")}
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        x = read_rows(spec, 0, rows)
-        t1 = time.perf_counter()
-        digest(x)
-        t2 = time.perf_counter()
-        x.astype(np.float32)
-        t3 = time.perf_counter()
-        for key, seconds in zip(best, (t1 - t0, t2 - t1, t3 - t2)):
-            best[key] = min(best[key], seconds)
-    return {"rows": rows, **{f"{k}_ms": 1000 * v for k, v in best.items()},
-            "serial_rows_per_s": rows / sum(best.values()), "hash_beside_rows_per_s": rows / (best["read"] + best["float32"])}
-
-
 def warm_worker(work: Path, py: str, env: dict, ckpt: Path, spec: Path, frame: Path) -> float:
     """Seconds for enqueue + wait + finalize with a worker already up (as on a cluster between jobs)."""
     from producer.local import LocalRedis
@@ -294,8 +272,23 @@ def watch_latency(work: Path, py: str, env: dict, ckpt: Path, rows: int = FULL_R
     return {"rows": rows, "seconds_from_landing_to_outputs": latency, "refresh": line}
 
 
+def full_size(work: Path, py: str, env: dict, ckpt: Path) -> dict:
+    """The real job's size as a user runs it: the seed loop, then `producer run` (one worker), on
+    105,835 synthetic rows; each once (~10 minutes each here), outputs compared bit for bit."""
+    directory = work / "full"
+    subprocess.run([py, "-m", "producer", "sample-data", str(directory), "--rows", str(FULL_ROWS)], check=True, env={**os.environ, **env}, capture_output=True)
+    spec, frame = directory / "wavfile_spec.dat", directory / "wavfile_df.csv"
+    (work / "full-seed").mkdir()
+    seed, seed_rss, _ = timed([py, "-c", SEED_LOOP, str(spec), str(frame), str(ckpt), str(work / "full-seed")], env)
+    run, run_rss, out = timed([py, "-m", "producer", "run", str(spec), "--out", str(work / "full-run"), "--checkpoint", str(ckpt), "--workers", "1", "--json"], env)
+    same = (work / "full-seed" / "wavfile_embed.dat").read_bytes() == (work / "full-run" / "wavfile_embed.dat").read_bytes()
+    return {"rows": FULL_ROWS, "seed_seconds": seed, "seed_peak_rss_mib": seed_rss, "run_seconds": run, "run_peak_rss_mib": run_rss,
+            "vs_seed": seed / run, "dat_bit_identical": same, "chunk_rows": json.loads(out.strip().splitlines()[-1])["chunk_rows"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--full", action="store_true", help="only the full-size comparison (105,835 rows, ~20 minutes)")
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds; the best of each is kept")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
@@ -307,6 +300,20 @@ def main() -> None:
     subprocess.run([py, "-m", "producer", "sample-data", str(work / "data"), "--rows", str(args.rows)], check=True, env={**os.environ, **env}, capture_output=True)
     subprocess.run([py, "-m", "worker", "make-checkpoint", str(work / "model")], check=True, env={**os.environ, **env}, capture_output=True)
     ckpt = work / "model" / "vggish_untrained.ckpt"
+    if args.full:
+        # As on a machine that has run a job before: the checkpoint's digest and V2 copy are cached.
+        subprocess.run([py, "-m", "producer", "run", str(work / "data" / "wavfile_spec.dat"), "--out", str(work / "warm"), "--checkpoint", str(ckpt),
+                        "--workers", "1"], check=True, env={**os.environ, **env}, capture_output=True)
+        try:
+            result = full_size(work, py, env, ckpt)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # 5.2 GB of spectrograms and two sets of outputs
+        out = args.out.with_name("full.json") if args.out.name == "results.json" else args.out
+        out.write_text(json.dumps(result, indent=1))
+        print(f"{FULL_ROWS:,} rows: seed loop {result['seed_seconds']:.0f} s ({result['seed_peak_rss_mib']:,} MiB), producer run "
+              f"{result['run_seconds']:.0f} s ({result['run_peak_rss_mib']:,} MiB): {result['vs_seed']:.3f}x; "
+              f".dat bit-identical: {result['dat_bit_identical']}")
+        return
     spec, frame = work / "data" / "wavfile_spec.dat", work / "data" / "wavfile_df.csv"
     r: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}, "rows": args.rows, "repeat": args.repeat}
 
@@ -368,7 +375,6 @@ def main() -> None:
     r["watch"] = watch_latency(work, py, env, ckpt)
     r["worker_memory"] = [worker_memory(work, py, env, ckpt, rows) for rows in (10_000, 100_000)]
     r["dispatch"] = dispatch(work, py, env, ckpt)
-    r["feed"] = feed(spec)
 
     args.out.write_text(json.dumps(r, indent=1))
     print(f"machine: {r['machine']}")
@@ -396,9 +402,6 @@ def main() -> None:
     print(f"1-row chunks: {1000 * d['seconds_per_chunk']:.1f} ms each, {1000 * d['in_task_seconds_per_chunk']:.1f} ms in the task, "
           f"{1000 * d['overhead_seconds_per_chunk']:.1f} ms dispatch overhead; one Redis: "
           f"{d['redis_send_per_s']:.0f} sends/s, {d['redis_take_ack_per_s']:.0f} take+ack/s")
-    f = r["feed"]
-    print(f"CPU work per {f['rows']}-row chunk: read {f['read_ms']:.0f} ms, hash {f['hash_ms']:.0f} ms, float32 {f['float32_ms']:.0f} ms; "
-          f"feeds at most {f['serial_rows_per_s']:,.0f} rows/s in series, {f['hash_beside_rows_per_s']:,.0f} rows/s with the hash beside the model")
 
 
 if __name__ == "__main__":
