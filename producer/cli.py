@@ -115,10 +115,10 @@ def out_arg(args: argparse.Namespace) -> Path:
 
 
 def model_arg(args: argparse.Namespace) -> str | None:
-    from worker.checkpoint import fingerprint
+    from worker.checkpoint import fingerprint, model_id, tf32_from_env
 
     checkpoint = checkpoint_arg(args)
-    return fingerprint(checkpoint) if checkpoint else None
+    return model_id(fingerprint(checkpoint), tf32_from_env()) if checkpoint else None
 
 
 def plan(

@@ -285,3 +285,19 @@ def test_cpu_workers_split_the_cores_whatever_the_machine(redis_url, model_files
             assert cmdline[cmdline.index("--threads") + 1] == str(threads_per_worker(2))
     finally:
         stop_up(up)
+
+
+def test_tf32_workers_have_a_model_id_of_their_own(sample, model_files, expected, redis_url, workers):
+    """TF32 (opt-in) and float32 embeddings never meet in one job. Run on the CPU, where TF32 does
+    not apply, so the outputs must still equal the reference."""
+    summary, _ = run(sample, model_files, {"VGGISH_TF32": "1", "CUDA_VISIBLE_DEVICES": "-1"})
+    assert summary["model"].endswith("+tf32")
+    check_outputs(sample["dir"], sample["csv"], expected["relu"])
+
+    other = sample["dir"].parent / "float32"
+    enqueued = cli("producer", "enqueue", str(sample["spec"]), "--out", str(other), "--broker", redis_url,
+                   "--checkpoint", str(model_files["checkpoint"]), "--chunk-rows", "200", env={"VGGISH_TF32": None})
+    assert enqueued.returncode == 0, enqueued.stderr
+    workers.start("tf32", [sample["dir"].parent], "--tf32")
+    waited = cli("producer", "wait", str(other), "--broker", redis_url, "--timeout", "120")
+    assert waited.returncode == 2 and "+tf32 loaded" in waited.stderr, waited.stderr

@@ -69,6 +69,17 @@ def checkpoint_prefix(path: Path) -> Path:
 
 CACHE_ENV = "VGGISH_CACHE_DIR"
 FINGERPRINTS_KEPT = 64
+TF32_ENV = "VGGISH_TF32"
+
+
+def tf32_from_env() -> bool:
+    return os.environ.get(TF32_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def model_id(digest: str, tf32: bool) -> str:
+    """What a job is pinned to: the checkpoint's digest, marked when TF32 (not float32) computes
+    it, so that no job mixes the two precisions."""
+    return f"{digest}+tf32" if tf32 else digest
 
 
 def fingerprint(path: Path) -> str:

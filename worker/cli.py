@@ -48,6 +48,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "separated by ':'; default: the current folder)",
     )
     start.add_argument(
+        "--tf32",
+        action="store_true",
+        help="let TensorFlow compute in TF32 on Ampere and newer GPUs: faster, ~1e-3 off float32 (env VGGISH_TF32=1)",
+    )
+    start.add_argument(
         "--chunks-in-flight",
         type=int,
         metavar="N",
@@ -65,6 +70,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     up.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
     up.add_argument("--checkpoint", type=Path, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
     up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    up.add_argument("--tf32", action="store_true", help="as for `worker start`")
     up.add_argument("--data-root", type=Path, action="append", help="as for `worker start`")
 
     down = sub.add_parser("down", help="ask a worker to finish its current chunk and leave")
@@ -124,7 +130,9 @@ def start(args: argparse.Namespace) -> int:
 
     # The weights load on a helper thread from here on (~0.8 s without the GIL); meanwhile
     # Celery loads, connects and starts, and is then held at worker_init until they are in.
-    model = Embedder(checkpoint, threads=args.threads, batch_size=args.batch_size)
+    from worker.checkpoint import tf32_from_env
+
+    model = Embedder(checkpoint, threads=args.threads, batch_size=args.batch_size, tf32=args.tf32 or tf32_from_env())
     from worker.chunk import GPU_IN_FLIGHT, ChunkRunner, serve
 
     app = broker.make_app(url)
@@ -224,7 +232,7 @@ def up(args: argparse.Namespace) -> int:
         raise PipelineError("--cpus must be at least 1")
     else:
         gpus = []
-    common = ["--broker", broker.broker_url(args.broker), "--batch-size", str(args.batch_size)]
+    common = ["--broker", broker.broker_url(args.broker), "--batch-size", str(args.batch_size), *(["--tf32"] if args.tf32 else [])]
     if args.checkpoint:
         common += ["--checkpoint", str(args.checkpoint)]
     for root in args.data_root or []:
