@@ -48,13 +48,17 @@ class InstantModel:
 
 
 class PacedModel(InstantModel):
-    """STAND-IN, not VGGish: takes rows / rate seconds without the GIL, like a GPU's session.run."""
+    """STAND-IN, not VGGish: takes rows / rate seconds without the GIL, like a GPU's session.run,
+    and notes when each call began and ended in `times` (a file), for the gaps between them."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, times: Path) -> None:
         self.rate = rate
+        self.times = open(times, "a", buffering=1)
 
     def embed(self, rows: np.ndarray, form: str) -> np.ndarray:
+        began = time.perf_counter()
         time.sleep(len(rows) / self.rate)
+        self.times.write(f"{began} {time.perf_counter()}\n")
         return np.zeros((len(rows), 128), np.float32)
 
 
@@ -110,7 +114,7 @@ from worker.broker import make_app, poll_briefly
 from bench.feed import in_flight
 from worker.chunk import ChunkRunner, serve
 app = make_app(sys.argv[2]); poll_briefly(app)
-runner = ChunkRunner(PacedModel(float(sys.argv[4])), [Path(sys.argv[3])], "bench@paced", "stand-in")
+runner = ChunkRunner(PacedModel(float(sys.argv[4]), Path(sys.argv[3]) / "times.txt"), [Path(sys.argv[3])], "bench@paced", "stand-in")
 serve(app, runner, "bench@paced", "warning", in_flight())
 """
 
@@ -118,14 +122,15 @@ serve(app, runner, "bench@paced", "warning", in_flight())
 def overhead(work: Path, rows: int, chunk_rows: int, rate: float = GPU_RATE) -> dict:
     """A real worker process serving the paced stand-in; enqueue a job and time it to its last shard.
 
-    The steady overhead per chunk is the period between shards (after the first quarter) beyond
-    one chunk's compute; the whole job's time also holds the first message's trip, the first read
-    and the first touch of each read buffer."""
+    The steady overhead per chunk is the time the model stood idle between chunks (after the first
+    quarter, whose chunks also fault in each thread's fresh read buffer); the whole job's time also
+    holds the first message's trip, the first read and the first shard's write."""
     from producer.local import LocalRedis
     from producer.plan import send
     from worker.broker import make_app
 
     job = make_job(work / "overhead", rows, chunk_rows)
+    (work / "times.txt").unlink(missing_ok=True)
     redis = LocalRedis().start()
     app = make_app(redis.url)
     log = open(work / "paced-worker.log", "wb")
@@ -134,12 +139,14 @@ def overhead(work: Path, rows: int, chunk_rows: int, rate: float = GPU_RATE) -> 
         while not app.control.ping(timeout=0.2):
             if worker.poll() is not None:
                 raise RuntimeError((work / "paced-worker.log").read_text())
+        cpu_before = cpu_seconds(worker.pid)
         began = time.perf_counter()
         send(app, job, job.chunks)
         shards = job.dir.shards
         while len(list(shards.glob("*.npz"))) < len(job.chunks):
-            time.sleep(0.001)
+            time.sleep(0.01)  # the steady figure comes from the shards themselves; polling must not steal a core
         seconds = time.perf_counter() - began
+        cores = (cpu_seconds(worker.pid) - cpu_before) / seconds
     finally:
         worker.terminate()
         worker.wait()
@@ -147,20 +154,27 @@ def overhead(work: Path, rows: int, chunk_rows: int, rate: float = GPU_RATE) -> 
         redis.stop()
     compute = rows / rate
     chunks = len(job.chunks)
-    written = sorted(p.stat().st_mtime_ns / 1e9 for p in job.dir.shards.glob("*.npz"))
-    skip = chunks // 4  # the first chunks also fault in each thread's fresh read buffer: not the steady state
-    period = (written[-1] - written[skip]) / (chunks - 1 - skip)
+    calls = sorted(tuple(map(float, line.split())) for line in (work / "times.txt").read_text().splitlines())
+    steady = calls[chunks // 4 :]
+    idle = sum(b[0] - a[1] for a, b in zip(steady, steady[1:]))
+    busy = sum(end - start for start, end in steady[1:])
     return {
         "rows": rows, "chunk_rows": chunk_rows, "chunks": chunks, "rate": rate, "in_flight": in_flight(),
         "seconds": seconds, "compute_seconds": compute,
-        "steady_overhead_ms_per_chunk": 1000 * (period - chunk_rows / rate), "steady_overhead_fraction": period * rate / chunk_rows - 1,
-        "whole_job_overhead_fraction": (seconds - compute) / compute,
+        "steady_overhead_ms_per_chunk": 1000 * idle / (len(steady) - 1), "steady_overhead_fraction": idle / busy,
+        "whole_job_overhead_fraction": (seconds - compute) / compute, "worker_cores_busy": cores,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=65536)
+    parser.add_argument("--rows", type=int, default=131072)
     parser.add_argument("--chunk-rows", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "feed.json")
     args = parser.parse_args()
@@ -179,7 +193,8 @@ def main() -> None:
     for o in r["overhead"]:
         print(f"at {o['rate']:,.0f} rows/s of compute, {o['chunk_rows']:>5}-row chunks, {o['in_flight']} in flight: "
               f"{o['steady_overhead_ms_per_chunk']:.1f} ms per chunk beyond compute = {100 * o['steady_overhead_fraction']:.1f} % "
-              f"(whole job: {o['seconds']:.2f} s for {o['compute_seconds']:.2f} s of compute, +{100 * o['whole_job_overhead_fraction']:.0f} %)")
+              f"(whole job: {o['seconds']:.2f} s for {o['compute_seconds']:.2f} s of compute, +{100 * o['whole_job_overhead_fraction']:.0f} %; "
+              f"worker busy on {o['worker_cores_busy']:.2f} cores)")
 
 
 if __name__ == "__main__":
