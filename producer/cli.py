@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.errors import PipelineError
+from worker.errors import PipelineError, WorkersDied, os_error_line
 from worker.message import EMBEDDING_FORMS
 from worker.spectrogram import ROW_BYTES
 
@@ -177,14 +177,15 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def embed(app: Celery, job: Job, chunks: list[Chunk], fleet: Fleet | None) -> None:
-    """Send `chunks` and wait for their shards, re-sending lost messages; stop if every local worker died."""
+    """Send `chunks` and wait for their shards, re-sending lost messages; a local worker that dies
+    is started again (WorkersDied if it keeps dying)."""
     from producer.plan import send
     from producer.progress import wait
     from producer.recovery import Recovery
 
     send(app, job, chunks)
     recovery = Recovery(app, job)
-    wait(job, check=lambda: (fleet and fleet.check(), recovery()))
+    wait(job, check=lambda: (fleet and fleet.revive(), recovery()))
 
 
 def required_checkpoint(args: argparse.Namespace) -> Path:
@@ -396,6 +397,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     try:
                         embed(app, planned.job, planned.send, fleet)
                         finalize(planned.job, pca)
+                    except WorkersDied:
+                        raise
                     except PipelineError as e:
                         print(f"producer: error: {e} (still watching)", file=sys.stderr)
                     else:
@@ -410,6 +413,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 if args.once:
                     return 0
                 time.sleep(args.poll)
+                if fleet:
+                    fleet.revive()  # a service replaces a dead worker even while nothing lands
     except KeyboardInterrupt:
         print("\nstopped watching", file=sys.stderr)
         return 0
@@ -444,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except PipelineError as e:
         print(f"producer: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's, not the code's: one line, no traceback
+        print(f"producer: error: {os_error_line(e)}", file=sys.stderr)
         return 2
 
 

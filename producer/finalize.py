@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import pyarrow.csv as pacsv
 from producer.dataset import csv_header, csv_reader
 from producer.job import Job
 from producer.postprocess import PCA
+from worker.devices import usable_cores
 from worker.errors import InputError
 from worker.files import atomic_write
 from worker.shard import EMBEDDING_SIZE, read_shard
@@ -42,7 +42,7 @@ def ranges(pairs: list[tuple[int, int]], limit: int = 6) -> str:
 
 def check_complete(job: Job) -> None:
     """Refuse, naming row ranges, unless every chunk has exactly the shard the plan asks for."""
-    failures = job.dir.failures()
+    failures = job.failures()
     if failures:
         reasons = "; ".join(f"{f['start']}-{f['stop']}: {f['reason']}" for f in failures[:3])
         raise InputError(f"{len(failures)} chunks failed (rows {reasons}); fix the cause and re-run `producer enqueue`")
@@ -126,7 +126,7 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> di
     frame = Path(job.csv)
     names = csv_header(frame)
     taker = RowTaker(shard_rows(job))
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or usable_cores()
     rows = 0
     with contextlib.ExitStack() as stack:
         dat = stack.enter_context(atomic_write(out / OUTPUT_DAT))

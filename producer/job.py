@@ -68,6 +68,12 @@ class Job:
         """Chunks that have no shard yet."""
         return [c for c in self.chunks if not self.shard_path(c).exists()]
 
+    def failures(self) -> list[dict]:
+        """Failure records of chunks this plan has and that have no shard: a chunk with its shard is
+        done, whatever was recorded before, and a record of rows the plan does not cut is stale."""
+        missing = {(c.start, c.stop) for c in self.missing()}
+        return [f for f in self.dir.failures() if (f.get("start"), f.get("stop")) in missing]
+
     def save(self) -> None:
         record = asdict(self)
         record["chunks"] = [[c.start, c.stop, c.digest] for c in self.chunks]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from celery import Celery
 from worker.broker import make_app
 from worker.devices import Discovery, discover
 from worker.errors import BrokerError
-from worker.fleet import Fleet
+from worker.fleet import Fleet, exit_with_parent
 
 CPU_WORKERS = 1  # with no GPU: one worker using every core was fastest (BENCHMARKS.md: 1 vs 2 workers)
 
@@ -50,7 +51,9 @@ class LocalRedis:
     def start(self, timeout: float = 20.0) -> "LocalRedis":
         args = [redis_server_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.dir)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=exit_with_parent(signal.SIGKILL)
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -89,7 +92,8 @@ def local_fleet(workers: int | None, common: list[str], log_dir: Path, discovery
     gpus = discovery.devices[:workers] if workers else discovery.devices
     if workers and discovery.devices and workers > len(discovery.devices):
         print(f"--workers {workers}: {len(discovery.devices)} GPUs are granted, so {len(gpus)} workers start", file=sys.stderr)
-    return Fleet.plan(gpus, workers or CPU_WORKERS, common, prefix="local-", log_dir=log_dir)
+    # The private Redis dies with this process too, so its workers have nothing left to finish.
+    return Fleet.plan(gpus, workers or CPU_WORKERS, common, prefix="local-", log_dir=log_dir, death_signal=signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ class Status:
 
 
 def job_status(job: Job, per_worker: bool = False) -> Status:
-    status = Status(job.id, job.rows, 0, len(job.chunks), 0, failed=job.dir.failures())
+    status = Status(job.id, job.rows, 0, len(job.chunks), 0, failed=job.failures())
     workers: dict[str, dict] = defaultdict(lambda: {"chunks": 0, "rows": 0, "seconds": 0.0})
     for chunk in job.chunks:
         path = job.shard_path(chunk)

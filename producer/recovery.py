@@ -19,6 +19,7 @@ from celery import Celery
 
 from producer.job import Job
 from producer.plan import send
+from worker.errors import JobFailed
 from worker.message import QUEUE
 
 
@@ -40,6 +41,9 @@ def held_chunks(app: Celery, job: Job) -> set[int]:
     return held
 
 
+MAX_RESENDS = 3  # of one chunk: past that its fate is an error, not another try
+
+
 class Recovery:
     def __init__(self, app: Celery, job: Job, every: float = 5.0, out: TextIO = sys.stderr) -> None:
         self.app = app
@@ -49,12 +53,13 @@ class Recovery:
         self.last = time.monotonic()
         self.suspects: set[int] = set()
         self.missing_before = -1
+        self.resent: dict[int, int] = {}
 
     def __call__(self) -> None:
         if time.monotonic() - self.last < self.every:
             return
         self.last = time.monotonic()
-        failed = {f["start"] for f in self.job.dir.failures()}
+        failed = {f["start"] for f in self.job.failures()}
         missing = {c.start: c for c in self.job.missing() if c.start not in failed}
         progressed, self.missing_before = len(missing) != self.missing_before, len(missing)
         try:
@@ -67,6 +72,15 @@ class Recovery:
             return
         resend = sorted(orphans & self.suspects)
         self.suspects = orphans - set(resend)
+        lost = [s for s in resend if self.resent.get(s, 0) >= MAX_RESENDS]
+        if lost:
+            rows = ", ".join(f"{missing[s].start}-{missing[s].stop}" for s in lost[:3])
+            raise JobFailed(
+                f"rows {rows}: re-sent {MAX_RESENDS} times, and still neither a shard nor a failure record "
+                "(a worker that dies on them, or cannot write to the job folder: see the workers' logs)"
+            )
+        for s in resend:
+            self.resent[s] = self.resent.get(s, 0) + 1
         if resend:
             send(self.app, self.job, [missing[s] for s in resend])
             self.out.write(f"\nre-sent {len(resend)} chunks whose message was lost (worker killed or broker restarted)\n")

@@ -209,3 +209,42 @@ def test_watch_once_with_running_workers_adds_and_embeds_then_exits(sample, work
     assert "left/a.wav: 2 rows added" in result.stderr and f"outputs refreshed: {SAMPLE_ROWS + 2} rows" in result.stderr
     new = audio.wav_examples(inbox / "added" / "left" / "a.wav")
     check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)]))
+
+
+def test_watch_replaces_a_dead_worker_and_stops_with_its_error_when_it_keeps_dying(sample, model_files, weights, expected, tmp_path):
+    from test_faults import descendants
+
+    inbox, log = tmp_path / "inbox", tmp_path / "watch.log"
+    inbox.mkdir()
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(model_files["checkpoint"].read_bytes())  # a copy this test may break
+    args = [sys.executable, "-m", "producer", "watch", str(inbox), "--label", "new", "--spec", str(sample["spec"]),
+            "--checkpoint", str(ckpt), "--workers", "1", "--chunk-rows", "64", "--settle", "0.3", "--poll", "0.2"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def worker_pid() -> int:
+        found = [p for p in descendants(proc.pid) if b"worker\0start" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(found) == 1, found
+        return found[0]
+
+    try:
+        wait_for_log(proc, log, "outputs refreshed", 1)
+        os.kill(worker_pid(), signal.SIGKILL)
+        wait_for_log(proc, log, "starting it again", 1)
+        write_wav(inbox / "after.wav", tone(1.0, 500))
+        wait_for_log(proc, log, f"outputs refreshed: {SAMPLE_ROWS + 1} rows", 1)  # the new worker embedded it
+
+        ckpt.write_bytes(b"not a checkpoint any more" * 100)
+        os.kill(worker_pid(), signal.SIGKILL)  # it dies, and every new one dies at start
+        assert proc.wait(300) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    content = log.read_text()
+    assert "Traceback" not in content
+    last = content.strip().splitlines()[-1]
+    assert last.startswith("producer: error: worker local-") and "died 4 times in 10 minutes" in last, last
+    assert "it said: worker: error: " in last and "not a readable TensorFlow checkpoint" in last, last
+    new = audio.wav_examples(inbox / "added" / "after.wav")
+    check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)]))

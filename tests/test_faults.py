@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from conftest import cli
+import numpy as np
+import pytest
+
+from conftest import IN_CI, cli, merged_env
 from outputs import check_outputs
 
 
@@ -123,3 +129,116 @@ def test_a_failed_finalize_leaves_no_output_and_a_rerun_is_correct(sample, redis
     sample["csv"].write_text(original)
     assert cli("producer", "finalize", str(sample["dir"])).returncode == 0
     check_outputs(sample["dir"], sample["csv"], expected["relu"])
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        out = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout
+        kids = [int(p) for p in out.split()]
+        found += kids
+        todo += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie nobody has reaped yet (a container's PID 1 may not reap)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_kill_9_of_producer_run_takes_all_it_started_and_a_rerun_finishes(sample, model_files, expected):
+    from test_scaling import grow
+
+    grow(sample, 3)
+    expected = {"relu": np.tile(expected["relu"], (3, 1))}
+    args = [sys.executable, "-m", "producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]),
+            "--workers", "2", "--chunk-rows", "50"]
+    env = merged_env({"CUDA_VISIBLE_DEVICES": "-1"})  # two CPU workers, whatever the machine has
+    run = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(shards(sample["dir"])) >= 1, what="a first shard")
+        started = descendants(run.pid)
+        assert len(started) >= 3  # a Redis and two workers
+    finally:
+        run.kill()
+        run.wait()
+    wait_for(lambda: not any(alive(p) for p in started), timeout=30, what="everything the killed run started to end")
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    check_outputs(sample["dir"], sample["csv"], expected["relu"])
+
+
+def test_kill_9_of_worker_up_stops_its_workers(redis_url, model_files, tmp_path):
+    up = subprocess.Popen([sys.executable, "-m", "worker", "up", "--cpus", "2", "--broker", redis_url, "--checkpoint",
+                           str(model_files["checkpoint"]), "--data-root", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(descendants(up.pid)) == 2, timeout=30, what="two workers")
+        started = descendants(up.pid)
+    finally:
+        up.kill()
+        up.wait()
+    wait_for(lambda: not any(alive(p) for p in started), timeout=60, what="the workers of a killed `worker up` to stop")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 400 KiB filesystem (tmpfs), to fill up; root only, as in CI (never skipped there)."""
+    if os.geteuid() != 0:
+        message = "mounting a small filesystem needs root"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k,mode=0755", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_a_rerun_finishes(sample, model_files, expected, small_disk):
+    args = ["producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]), "--out", str(small_disk),
+            "--chunk-rows", "100", "--workers", "1"]
+    full = cli(*args)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"producer: error: cannot write {small_disk}/wavfile_embed(_pca)?\.(csv|dat): No space left on device", last), last
+    assert not [p.name for p in small_disk.iterdir() if "wavfile_embed" in p.name]  # no output, no temp file
+    assert len(shards(small_disk)) == 2  # the embeddings are kept
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # space is freed
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    check_outputs(small_disk, sample["csv"], expected["relu"])
+
+
+def test_messages_the_job_never_planned_do_not_poison_it(sample, workers, redis_url, expected, tmp_path):
+    from producer.job import Job
+    from worker.broker import make_app
+    from worker.message import QUEUE, TASK_NAME
+
+    enqueue(sample, redis_url, 64)
+    job = Job.load(sample["dir"])
+    planned = job.message(job.chunks[0]).encode()
+    outside = tmp_path / "elsewhere.dat"
+    outside.write_bytes(sample["spec"].read_bytes())
+    forged = [
+        {**planned, "source": str(outside)},  # a source outside the data roots
+        {**planned, "digest": "0" * 32},  # a stale message: rows the plan no longer has
+        {**planned, "stop": 50},  # a range the plan never cut
+    ]
+    app = make_app(redis_url)
+    for payload in forged:
+        app.send_task(TASK_NAME, kwargs=payload, queue=QUEUE)
+    workers.start("w1", [sample["dir"]])
+    wait_for(lambda: workers.log("w1").count("nothing recorded") == len(forged), what="the forged messages to be refused")
+    finish(sample, redis_url, expected)
+    assert status(sample["dir"])["failed"] == []
+    # A failure record beside a valid shard (a refusal that lost a race with a good run) changes nothing.
+    (sample["dir"] / "failed" / f"{0:012d}-{64:012d}.json").write_text(json.dumps({"start": 0, "stop": 64, "reason": "x", "worker": "w"}))
+    assert cli("producer", "finalize", str(sample["dir"])).returncode == 0
+    assert status(sample["dir"])["failed"] == []

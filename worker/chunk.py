@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 from celery.worker.control import inspect_command
 
-from worker.errors import ChunkRefused, InputError
+from worker.errors import ChunkRefused, InputError, PipelineError
 from worker.jobdir import JobDir
 from worker.message import QUEUE, TASK_NAME, ChunkMessage, MessageError
 from worker.shard import ShardMeta, write_shard
@@ -119,12 +119,24 @@ class ChunkRunner:
         return {"start": msg.start, "stop": msg.stop, "seconds": seconds}
 
     def record_failure(self, payload: dict, reason: str) -> None:
-        """Note a chunk's failure in its job folder, if the message names a real job inside the roots."""
+        """Note a chunk's failure in its job folder, if the message is a chunk that job planned.
+
+        A message the job never planned (stale, forged, outside the data roots) is only logged:
+        its refusal says nothing about the job's own chunks. A record that cannot be written is
+        logged as an error; the producer then gives up on the chunk after a few re-sends.
+        """
         try:
             msg = ChunkMessage.decode(payload)
-            self.job_dir(msg).record_failure(msg.start, msg.stop, reason, self.worker)
+            jobdir = self.job_dir(msg)
         except (MessageError, TypeError, ChunkRefused, OSError):
-            pass
+            return
+        if not jobdir.plans(msg.job, msg.source, msg.start, msg.stop, msg.digest, msg.embedding):
+            log.warning("the refused message is not a chunk job %s planned: nothing recorded", msg.job)
+            return
+        try:
+            jobdir.record_failure(msg.start, msg.stop, reason, self.worker)
+        except (OSError, PipelineError) as e:
+            log.error("could not record the failure of rows %d-%d in %s: %s", msg.start, msg.stop, jobdir.failed, e)
 
 
 @inspect_command()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.errors import PipelineError
+from worker.errors import PipelineError, os_error_line
 from worker.model import DEFAULT_BATCH
 
 if TYPE_CHECKING:
@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         return {"start": start, "up": up, "down": down, "make-checkpoint": make_checkpoint}[args.command](args)
     except PipelineError as e:
         print(error_line(e), file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's, not the code's: one line, no traceback
+        print(f"worker: error: {os_error_line(e)}", file=sys.stderr)
         return 2
 
 

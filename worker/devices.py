@@ -176,6 +176,8 @@ def discover(env: Mapping[str, str] | None = None) -> Discovery:
     """Every device this process may use, with the CPUs near each. No nvidia-smi, a failing or
     a hanging one all mean no GPUs, with a note saying which."""
     env = os.environ if env is None else env
+    if env.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return Discovery([], [])  # none granted: nvidia-smi need not be asked
     try:
         listed = parse_list(nvidia_smi("-L"))
     except FileNotFoundError:
@@ -234,10 +236,14 @@ def pin_cpus(cpus: tuple[int, ...]) -> set[int] | None:
     return allowed
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (all of them where the OS cannot say, as on macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def threads_per_worker(workers: int) -> int:
     """Split the cores this process may use evenly, so N CPU workers do not fight over them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(workers, 1))
+    return max(1, usable_cores() // max(workers, 1))
 
 
 def load_tensorflow():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -10,11 +11,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from worker.errors import WriteError
+
+
+# Errors that can only come from writing: turned into one line naming the file.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
 
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
-    """Yield a temp file beside `path`; on success fsync it and rename it over `path`, else remove it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Yield a temp file beside `path`; on success fsync it and rename it over `path`, else remove
+    it. A full disk, a read-only or vanished folder or a refused permission raise WriteError."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -24,9 +35,11 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            raise WriteError(f"cannot write {path}: {e.strerror}") from e
         raise
 
 

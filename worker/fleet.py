@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.devices import Device, threads_per_worker
-from worker.errors import PipelineError
+from worker.errors import WorkersDied
 
 
 @dataclass
@@ -23,6 +25,18 @@ class Member:
     device: Device | None = None
     proc: subprocess.Popen | None = None
     log: Path | None = None
+    deaths: list[float] = field(default_factory=list)  # when it died, for the restart limit
+
+    def last_words(self) -> str:
+        """Its own error line (`worker: error: …`), else its last ERROR line, else its last line."""
+        if self.log is None or not self.log.exists():
+            return "(no log)"
+        lines = [line.strip() for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+        for wanted in (lambda line: line.startswith("worker: error:"), lambda line: " ERROR " in line or " CRITICAL " in line):
+            found = [line for line in lines if wanted(line)]
+            if found:
+                return found[-1]
+        return lines[-1] if lines else "(nothing)"
 
     def where(self) -> str:
         return self.device.describe() if self.device else "CPU"
@@ -40,15 +54,48 @@ class Member:
         }
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+MAX_RESTARTS = 3  # of one local worker within RESTART_WINDOW; one more death stops the command
+RESTART_WINDOW = 600.0
+
+
+def exit_with_parent(sig: int) -> Callable[[], None] | None:
+    """A `preexec_fn` after which the child gets `sig` when this process dies, however it dies
+    (kill -9, OOM, a dropped session): Linux's PR_SET_PDEATHSIG. None where there is no such call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
 @dataclass
 class Fleet:
+    """Members get `death_signal` if the process that started them dies: SIGTERM (a warm stop)
+    where the broker outlives it, SIGKILL where it dies too (a private Redis)."""
+
     members: list[Member]
     log_dir: Path | None = None
     reported: set[str] = field(default_factory=set)
     stopping: bool = False
+    death_signal: int = signal.SIGTERM
 
     @classmethod
-    def plan(cls, gpus: list[Device], cpus: int, common: list[str], prefix: str = "", log_dir: Path | None = None) -> "Fleet":
+    def plan(
+        cls,
+        gpus: list[Device],
+        cpus: int,
+        common: list[str],
+        prefix: str = "",
+        log_dir: Path | None = None,
+        death_signal: int = signal.SIGTERM,
+    ) -> "Fleet":
         """One member per device in `gpus`, pinned by its UUID; else `cpus` CPU members."""
         host = socket.gethostname()
         members = []
@@ -61,7 +108,7 @@ class Fleet:
                 name = f"{prefix}cpu{i}@{host}"
                 args = ["--cpu", "--threads", str(threads), "--name", name, *common]
                 members.append(Member(name, args, {"CUDA_VISIBLE_DEVICES": "-1"}))
-        return cls(members, log_dir)
+        return cls(members, log_dir, death_signal=death_signal)
 
     def summary(self) -> str:
         """'2 local workers: local-gpu0 on GPU 0 … (GPU-…), …' for the line a run starts with."""
@@ -70,16 +117,34 @@ class Fleet:
 
     def start(self) -> "Fleet":
         for m in self.members:
-            command = [sys.executable, "-m", "worker", "start", *m.args]
-            env = {**os.environ, **m.env}
-            if self.log_dir is None:
-                m.proc = subprocess.Popen(command, env=env)
-                continue
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            m.log = self.log_dir / f"{m.name.split('@')[0]}.log"
-            with open(m.log, "wb") as log:
-                m.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self._spawn(m)
         return self
+
+    def _spawn(self, m: Member, again: bool = False) -> None:
+        command = [sys.executable, "-m", "worker", "start", *m.args]
+        env = {**os.environ, **m.env}
+        arm = exit_with_parent(self.death_signal)
+        if self.log_dir is None:
+            m.proc = subprocess.Popen(command, env=env, preexec_fn=arm)
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        m.log = self.log_dir / f"{m.name.split('@')[0]}.log"
+        with open(m.log, "ab" if again else "wb") as log:
+            m.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=arm)
+
+    def revive(self, out=sys.stderr) -> None:
+        """Start again each member that died, saying so in one line, unless it died more than
+        MAX_RESTARTS times in RESTART_WINDOW seconds: then raise WorkersDied with its own error."""
+        if self.stopping:
+            return
+        now = time.monotonic()
+        for m in self.dead():
+            m.deaths = [t for t in m.deaths if now - t < RESTART_WINDOW] + [now]
+            said = m.last_words()
+            if len(m.deaths) > MAX_RESTARTS:
+                raise WorkersDied(f"worker {m.name} died {len(m.deaths)} times in {RESTART_WINDOW / 60:g} minutes; it said: {said}")
+            out.write(f"\nworker {m.name} exited with code {m.proc.returncode} ({said}); starting it again\n")
+            self._spawn(m, again=True)
 
     def dead(self) -> list[Member]:
         return [m for m in self.members if m.proc is not None and m.proc.poll() is not None]
@@ -94,11 +159,7 @@ class Fleet:
         """Raise if every member has died; one death is survivable (its chunk is re-sent), and reported
         unless `report` is off (while starting, when all may fail at once for the same reason)."""
         if self.members and len(self.dead()) == len(self.members):
-            last = ""
-            if self.members[0].log:
-                lines = self.members[0].log.read_text(errors="replace").strip().splitlines()
-                last = lines[-1] if lines else ""
-            raise PipelineError(f"all workers exited; {self.members[0].name} said: {last or '(nothing)'}")
+            raise WorkersDied(f"all workers exited; {self.members[0].name} said: {self.members[0].last_words()}")
         if report:
             self.report_deaths()
 

@@ -62,6 +62,20 @@ class JobDir:
     def clear_failure(self, start: int, stop: int) -> None:
         self._failure_path(start, stop).unlink(missing_ok=True)
 
+    def plans(self, job: str, source: str, start: int, stop: int, digest: str, embedding: str) -> bool:
+        """Whether job.json plans exactly this chunk: only then may a refusal count as its failure
+        (a stale or forged message must not poison the job)."""
+        try:
+            record = json.loads(self.job_file.read_text())
+        except (OSError, ValueError):
+            return False
+        return (
+            record.get("id") == job
+            and record.get("source") == source
+            and record.get("embedding") == embedding
+            and [start, stop, digest] in record.get("chunks", [])
+        )
+
     def failures(self) -> list[dict]:
         if not self.failed.is_dir():
             return []
