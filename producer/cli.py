@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.errors import PipelineError, WorkersDied, os_error_line
+from worker.errors import EXIT_CODES, INTERRUPTED, OS_ERROR, InputError, JobFailed, PipelineError, UsageError, WorkersDied, os_error_line
 from worker.message import EMBEDDING_FORMS
 from worker.spectrogram import ROW_BYTES
 
@@ -27,7 +27,9 @@ DEFAULT_CSV = "wavfile_df.csv"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="producer", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="producer", description=__doc__, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def job_inputs(p: argparse.ArgumentParser) -> None:
@@ -132,7 +134,7 @@ def plan(
     from producer.plan import plan_job
 
     if args.chunk_rows is not None and args.chunk_rows < 1:
-        raise PipelineError("--chunk-rows must be at least 1")
+        raise UsageError("--chunk-rows must be at least 1")
     count, speed = workers
     return plan_job(
         args.spec, csv_arg(args), out_arg(args), args.embedding, args.chunk_rows, count, model, unchanged_rows, before_writing, speed
@@ -194,7 +196,7 @@ def required_checkpoint(args: argparse.Namespace) -> Path:
 
     ckpt = checkpoint_arg(args)
     if ckpt is None:
-        raise PipelineError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
+        raise UsageError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
     checkpoint.checkpoint_files(ckpt)
     return ckpt
 
@@ -209,9 +211,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from producer.local import first_ready, local_workers
     from producer.postprocess import PCA
 
+    check_workers(args.workers)  # usage first, then the files
     ckpt = required_checkpoint(args)
     pca = PCA(args.pca_params) if args.pca_params else None
-    check_workers(args.workers)
     out_dir = out_arg(args)
     check_writable(out_dir)  # it takes the workers' logs
     try:
@@ -234,14 +236,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = finalize(job, pca)
     except KeyboardInterrupt:
         print(f"\ninterrupted: shards so far are kept in {out_dir}; run the same command to go on", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     report({**planned.summary(), **result, "workers": [m.describe() for m in fleet.members]}, args.json)
     return 0
 
 
 def check_workers(workers: int | None) -> None:
     if workers is not None and workers < 1:
-        raise PipelineError("--workers must be at least 1")
+        raise UsageError("--workers must be at least 1")
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -271,7 +273,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         live = broker.live_workers(app)
     if args.json:
         print(json.dumps({**status.to_dict(), "live_workers": live}))
-        return 0
+        return JobFailed.exit_code if status.failed else 0
     print(f"job {status.job}: " + progress_line(status, 0.0).split("  ETA")[0])
     print(f"chunks {status.chunks_done}/{status.chunks_total} done, {len(status.failed)} failed")
     for f in status.failed:
@@ -282,7 +284,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"live workers: {len(live)}")
         for name, w in sorted(live.items()):
             print(f"  {name}: {w.get('device')}, {w.get('chunks')} chunks, {w.get('rows_per_s')} rows/s")
-    return 0
+    return JobFailed.exit_code if status.failed else 0  # scripts can tell a failed job
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
@@ -306,7 +308,7 @@ def cmd_add_clips(args: argparse.Namespace) -> int:
         return 0
     clips = gather(args.wavs, args.label, args.label_from_folder)
     if not clips:
-        raise PipelineError("no .wav files found in " + ", ".join(map(str, args.wavs)))
+        raise InputError("no .wav files found in " + ", ".join(map(str, args.wavs)))
     with locked(spec, frame):
         results = append_clips(spec, frame, clips, args.valid, args.pad, known_names(frame))
     refused = [r for r in results if r.error]
@@ -315,7 +317,7 @@ def cmd_add_clips(args: argparse.Namespace) -> int:
         what = "already in the CSV, skipped" if r.duplicate else f"{r.rows} row{'s' * (r.rows != 1)}"
         print(r.error or f"{r.clip.path}: {what}", file=sys.stderr)
     if refused:
-        raise PipelineError(f"{len(refused)} of {len(results)} files refused (listed above); nothing was added")
+        raise InputError(f"{len(refused)} of {len(results)} files refused (listed above); nothing was added")
     summary = {
         "spec": str(spec),
         "csv": str(frame),
@@ -342,7 +344,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     check_label_choice(args.label, args.label_from_folder)
     if not args.inbox.is_dir():
-        raise PipelineError(f"{args.inbox}: no such folder")
+        raise InputError(f"{args.inbox}: no such folder")
     check_workers(args.workers)
     spec, frame = args.spec, csv_arg(args)
     app = broker.optional_app(args.broker)
@@ -351,7 +353,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
     pca = PCA(args.pca_params) if args.pca_params else None
     inbox = Inbox(args.inbox, settle=args.settle)
     out_dir = out_arg(args)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C: no append is left half-done
 
     def ingest(names: set[str]) -> int:
         clips = []
@@ -424,7 +425,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from producer.dataset import write_sample
 
     if args.rows < 1:
-        raise PipelineError("--rows must be at least 1")
+        raise UsageError("--rows must be at least 1")
     spec, frame = write_sample(args.out_dir, args.rows, args.seed)
     print(f"wrote {args.rows} synthetic spectrograms to {spec} and {frame}")
     return 0
@@ -443,16 +444,22 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = parse(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does: cleanly
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return INTERRUPTED
     except PipelineError as e:
         print(f"producer: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except OSError as e:  # the machine's, not the code's: one line, no traceback
         print(f"producer: error: {os_error_line(e)}", file=sys.stderr)
-        return 2
+        return OS_ERROR
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from producer.audio import wav_examples
 from producer.dataset import csv_header, csv_reader, csv_rows, journal_path, validate
-from worker.errors import InputError, PipelineError
+from worker.errors import InputError, PipelineError, UsageError
 from worker.files import write_json
 from worker.spectrogram import DTYPE
 
@@ -195,7 +195,7 @@ def commit(spec: Path, frame: Path, staged: Path, csv_bytes: bytes) -> None:
 
 def check_label_choice(label: str | None, label_from_folder: bool) -> None:
     if (label is None) == (not label_from_folder):
-        raise InputError("give exactly one of --label LABEL or --label-from-folder")
+        raise UsageError("give exactly one of --label LABEL or --label-from-folder")
 
 
 def gather(paths: list[Path], label: str | None, label_from_folder: bool) -> list[Clip]:

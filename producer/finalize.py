@@ -24,7 +24,7 @@ from producer.dataset import csv_header, csv_reader
 from producer.job import Job
 from producer.postprocess import PCA
 from worker.devices import usable_cores
-from worker.errors import InputError
+from worker.errors import InputError, JobFailed
 from worker.files import atomic_write
 from worker.shard import EMBEDDING_SIZE, read_shard
 
@@ -45,10 +45,10 @@ def check_complete(job: Job) -> None:
     failures = job.failures()
     if failures:
         reasons = "; ".join(f"{f['start']}-{f['stop']}: {f['reason']}" for f in failures[:3])
-        raise InputError(f"{len(failures)} chunks failed (rows {reasons}); fix the cause and re-run `producer enqueue`")
+        raise JobFailed(f"{len(failures)} chunks failed (rows {reasons}); fix the cause and re-run `producer enqueue`")
     missing = job.missing()
     if missing:
-        raise InputError(
+        raise JobFailed(
             f"{len(missing)} of {len(job.chunks)} chunks have no shard yet (rows {ranges([(c.start, c.stop) for c in missing])})"
         )
 

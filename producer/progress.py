@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, TextIO
 
 from producer.job import Job
-from worker.errors import InputError
+from worker.errors import JobFailed, TimedOut
 from worker.shard import read_meta
 
 
@@ -128,9 +128,9 @@ def wait(
             if tty:
                 out.write("\n")
             ranges = ", ".join(f"{f['start']}-{f['stop']} ({f['reason']})" for f in status.failed[:3])
-            raise InputError(f"{len(status.failed)} chunks failed: rows {ranges}")
+            raise JobFailed(f"{len(status.failed)} chunks failed: rows {ranges}")
         if timeout is not None and elapsed > timeout:
-            raise InputError(f"timed out after {duration(timeout)} with {status.chunks_total - status.chunks_done} chunks left")
+            raise TimedOut(f"timed out after {duration(timeout)} with {status.chunks_total - status.chunks_done} chunks left")
         if check is not None:
             check()
         time.sleep(interval)

@@ -57,7 +57,7 @@ def test_a_bad_file_refuses_the_whole_add_and_changes_nothing(sample, tmp_path):
     write_wav(tmp_path / "short.wav", tone(0.5))
     (tmp_path / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
     result = add_clips(sample, str(tmp_path / "good.wav"), str(tmp_path / "short.wav"), str(tmp_path / "broken.wav"), "--label", "x")
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert "short.wav: too short (0.500 s)" in result.stderr and "broken.wav: " in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "producer: error: 2 of 3 files refused (listed above); nothing was added"
     assert "Traceback" not in result.stderr
@@ -73,7 +73,7 @@ def test_a_new_pair_is_created_and_a_failed_first_add_leaves_none(tmp_path):
     frame = tmp_path / "new" / "clips.csv"
     write_wav(tmp_path / "short.wav", tone(0.2))
     failed = cli("producer", "add-clips", str(tmp_path / "short.wav"), "--label", "a", "--spec", str(spec), "--csv", str(frame))
-    assert failed.returncode == 2 and not spec.exists() and not frame.exists()
+    assert failed.returncode == 3 and not spec.exists() and not frame.exists()
     write_wav(tmp_path / "ok.wav", tone(1.0))
     ok = cli("producer", "add-clips", str(tmp_path / "ok.wav"), "--label", "a", "--spec", str(spec), "--csv", str(frame))
     assert ok.returncode == 0, ok.stderr
@@ -104,7 +104,7 @@ def test_an_append_cut_off_mid_write_is_refused_then_rolled_back(sample, tmp_pat
     assert sample["spec"].stat().st_size == len(before[0]) + ROW_BYTES  # out of step on disk, journal present
 
     refused = cli("producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]))
-    assert refused.returncode == 2 and "cut off mid-append" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 3 and "cut off mid-append" in refused.stderr and "Traceback" not in refused.stderr
     repaired = cli("producer", "add-clips", "--spec", str(sample["spec"]))
     assert repaired.returncode == 0 and "rolled back" in repaired.stderr
     assert (sample["spec"].read_bytes(), sample["csv"].read_bytes()) == before

@@ -19,8 +19,9 @@ def outputs(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.glob("wavfile_embed*"))
 
 
-def assert_one_line_error(result, fragment: str, after_progress: bool = False) -> None:
-    assert result.returncode == 2, result.stderr
+def assert_one_line_error(result, fragment: str, after_progress: bool = False, code: int = 3) -> None:
+    """One line naming the problem, and the exit code of its kind (3: bad input or setup; 1: the job failed)."""
+    assert result.returncode == code, result.stderr
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr and (after_progress or len(lines) == 1), result.stderr
     assert lines[-1].startswith("producer: error: ") and fragment in lines[-1], lines[-1]
@@ -88,7 +89,7 @@ def test_run_refuses_bad_checkpoint_and_pca_before_starting_anything(sample, mod
 
 def test_worker_refuses_a_missing_checkpoint_at_start(redis_url, tmp_path):
     result = cli("worker", "start", "--broker", redis_url, "--checkpoint", str(tmp_path / "nope.ckpt"), "--cpu")
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("worker: error: ")
+    assert result.returncode == 3 and result.stderr.strip().splitlines()[-1].startswith("worker: error: ")
     assert "no such checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -100,7 +101,7 @@ def test_unreadable_weights_stop_the_worker_before_it_takes_work(sample, redis_u
     with open(next(tmp_path.glob("cut.ckpt.data-*")), "r+b") as f:
         f.truncate(1000)
     result = cli("worker", "start", "--broker", redis_url, "--checkpoint", str(cut), "--cpu", "--data-root", str(tmp_path))
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("worker: error: ") and "cannot restore VGGish" in result.stderr
     result = cli("producer", "run", str(sample["spec"]), "--checkpoint", str(cut))
     assert_one_line_error(result, "cannot restore VGGish")
@@ -121,7 +122,7 @@ def test_finalize_refuses_an_incomplete_job_naming_rows(sample, redis_url):
     enqueued = cli("producer", "enqueue", str(sample["spec"]), "--broker", redis_url, "--chunk-rows", "50", "--json")
     assert enqueued.returncode == 0, enqueued.stderr
     result = cli("producer", "finalize", str(sample["dir"]))
-    assert_one_line_error(result, "4 of 4 chunks have no shard yet (rows 0-50, 50-100, 100-150, 150-200)")
+    assert_one_line_error(result, "4 of 4 chunks have no shard yet (rows 0-50, 50-100, 100-150, 150-200)", code=1)
     assert outputs(sample["dir"]) == []
 
 
@@ -132,11 +133,11 @@ def test_source_changed_after_enqueue_is_refused_not_mixed(sample, redis_url, wo
     data.tofile(sample["spec"])
     workers.start("w1", [sample["dir"]])
     waited = cli("producer", "wait", str(sample["dir"]), "--timeout", "120")
-    assert_one_line_error(waited, "rows 100-200 (", after_progress=True)
+    assert_one_line_error(waited, "rows 100-200 (", after_progress=True, code=1)
     assert "changed since they were enqueued" in waited.stderr
     status = json.loads(cli("producer", "status", str(sample["dir"]), "--json").stdout)
     assert status["chunks_done"] == 1 and [f["start"] for f in status["failed"]] == [100]
-    assert_one_line_error(cli("producer", "finalize", str(sample["dir"])), "1 chunks failed (rows 100-200")
+    assert_one_line_error(cli("producer", "finalize", str(sample["dir"])), "1 chunks failed (rows 100-200", code=1)
     assert outputs(sample["dir"]) == []
 
 
@@ -180,3 +181,13 @@ def test_hostile_messages_are_refused_and_touch_nothing(sample, redis_url, worke
         from worker.chunk import inside
 
         inside("/etc/passwd", [sample["dir"]])
+
+
+def test_exit_codes_tell_usage_from_bad_input_and_are_in_the_help(sample):
+    for tool in ("producer", "worker"):
+        helped = cli(tool, "--help")
+        assert helped.returncode == 0 and "exit codes:" in helped.stdout and "130  interrupted" in helped.stdout
+    usage = cli("producer", "run", str(sample["spec"]), "--checkpoint", "x.ckpt", "--workers", "0")
+    assert usage.returncode == 2 and usage.stderr.strip() == "producer: error: --workers must be at least 1"
+    assert cli("producer", "run", str(sample["spec"]), env={"VGGISH_CHECKPOINT": None}).returncode == 2  # no checkpoint anywhere
+    assert cli("producer", "finalize", str(sample["dir"])).returncode == 3  # not a job folder

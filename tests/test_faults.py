@@ -109,11 +109,12 @@ def test_poison_chunk_is_retried_then_recorded_and_finalize_names_it(sample, wor
     shard_dir.write_text("not a folder")  # every attempt to write the shard fails
     workers.start("w1", [sample["dir"]])
     waited = cli("producer", "wait", str(sample["dir"]), "--broker", redis_url, "--timeout", "120")
-    assert waited.returncode == 2 and "1 chunks failed: rows 0-200 (failed 3 times" in waited.stderr, waited.stderr
+    assert waited.returncode == 1 and "1 chunks failed: rows 0-200 (failed 3 times" in waited.stderr, waited.stderr
     assert workers.log("w1").count("retrying") == 2
     assert status(sample["dir"])["failed"][0]["worker"] == "w1@test"
+    assert cli("producer", "status", str(sample["dir"])).returncode == 1  # a script can tell
     refused = cli("producer", "finalize", str(sample["dir"]))
-    assert refused.returncode == 2 and "rows 0-200: failed 3 times" in refused.stderr
+    assert refused.returncode == 1 and "rows 0-200: failed 3 times" in refused.stderr
     assert not list(sample["dir"].glob("wavfile_embed*"))
 
 
@@ -124,7 +125,7 @@ def test_a_failed_finalize_leaves_no_output_and_a_rerun_is_correct(sample, redis
     original = sample["csv"].read_text()
     sample["csv"].write_text(original + "200,extra.wav,yes,True\n")  # the CSV grew after enqueue
     failed = cli("producer", "finalize", str(sample["dir"]))
-    assert failed.returncode == 2 and "the CSV changed since enqueue" in failed.stderr
+    assert failed.returncode == 3 and "the CSV changed since enqueue" in failed.stderr
     assert not [p for p in os.listdir(sample["dir"]) if "wavfile_embed" in p]  # no output, no temp file
     sample["csv"].write_text(original)
     assert cli("producer", "finalize", str(sample["dir"])).returncode == 0
@@ -205,7 +206,7 @@ def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_a_rerun_finishe
     args = ["producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]), "--out", str(small_disk),
             "--chunk-rows", "100", "--workers", "1"]
     full = cli(*args)
-    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    assert full.returncode == 3 and "Traceback" not in full.stderr, full.stderr
     last = full.stderr.strip().splitlines()[-1]
     assert re.fullmatch(rf"producer: error: cannot write {small_disk}/wavfile_embed(_pca)?\.(csv|dat): No space left on device", last), last
     assert not [p.name for p in small_disk.iterdir() if "wavfile_embed" in p.name]  # no output, no temp file

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.errors import PipelineError, os_error_line
+from worker.errors import EXIT_CODES, OS_ERROR, PipelineError, UsageError, os_error_line
 from worker.model import DEFAULT_BATCH
 
 if TYPE_CHECKING:
@@ -24,7 +24,9 @@ log = logging.getLogger("worker")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="worker", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="worker", description=__doc__, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     start = sub.add_parser("start", help="run one worker process on one device")
@@ -110,9 +112,9 @@ def start(args: argparse.Namespace) -> int:
     url = broker.broker_url(args.broker)
     checkpoint = args.checkpoint or (Path(os.environ[CHECKPOINT_ENV]) if os.environ.get(CHECKPOINT_ENV) else None)
     if checkpoint is None:
-        raise PipelineError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
+        raise UsageError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
     if args.chunks_in_flight is not None and args.chunks_in_flight < 1:
-        raise PipelineError("--chunks-in-flight must be at least 1")
+        raise UsageError("--chunks-in-flight must be at least 1")
     roots = data_roots(args.data_root)
     device = pin(args.gpu) if args.gpu is not None else None
     if args.cpu:
@@ -208,7 +210,7 @@ def await_weights(model: Embedder) -> None:
         model.loaded()
     except PipelineError as e:
         print(error_line(e), file=sys.__stderr__, flush=True)  # Celery has taken over sys.stderr
-        os._exit(2)  # nothing is connected yet
+        os._exit(e.exit_code)  # nothing is connected yet
 
 
 def error_line(e: PipelineError) -> str:
@@ -229,7 +231,7 @@ def up(args: argparse.Namespace) -> int:
         for note in discovery.notes:
             log.warning("%s", note)
     elif args.cpus < 1:
-        raise PipelineError("--cpus must be at least 1")
+        raise UsageError("--cpus must be at least 1")
     else:
         gpus = []
     common = ["--broker", broker.broker_url(args.broker), "--batch-size", str(args.batch_size), *(["--tf32"] if args.tf32 else [])]
@@ -283,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         return {"start": start, "up": up, "down": down, "make-checkpoint": make_checkpoint}[args.command](args)
     except PipelineError as e:
         print(error_line(e), file=sys.stderr)
-        return 2
+        return e.exit_code
     except OSError as e:  # the machine's, not the code's: one line, no traceback
         print(f"worker: error: {os_error_line(e)}", file=sys.stderr)
-        return 2
+        return OS_ERROR
 
 
 if __name__ == "__main__":

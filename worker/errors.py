@@ -1,8 +1,31 @@
-"""Errors a user can cause. The command-line edge prints them as one line; bugs keep their traceback."""
+"""Errors a user can cause. The command-line edge prints them as one line and exits with the
+error's code; bugs keep their traceback.
+
+Exit codes, the same for `producer` and `worker` (EXIT_CODES is their --help text):
+0 done; 1 the job failed (chunks failed for good, workers kept dying, the job is not complete);
+2 usage (a flag missing or out of range); 3 bad input or setup (a file, the checkpoint, the
+broker, a GPU, the disk); 4 timed out (`wait --timeout`); 130 interrupted (Ctrl-C, SIGTERM).
+"""
+
+EXIT_CODES = """exit codes:
+  0    done
+  1    the job failed: chunks failed for good, workers kept dying, or it is not complete
+  2    usage: a flag missing or out of range
+  3    bad input or setup: a file, the checkpoint, the broker, a GPU, the disk
+  4    timed out (wait --timeout)
+  130  interrupted (Ctrl-C or SIGTERM)"""
 
 
 class PipelineError(Exception):
     """Base of every error that is the user's input or setup, not a bug."""
+
+    exit_code = 3
+
+
+class UsageError(PipelineError):
+    """A flag is missing, or its value is out of range."""
+
+    exit_code = 2
 
 
 class InputError(PipelineError):
@@ -21,20 +44,32 @@ class BrokerError(PipelineError):
     """The broker cannot be reached or is not configured."""
 
 
+class DeviceError(PipelineError):
+    """A GPU asked for is not one this process is granted."""
+
+
 class JobFailed(PipelineError):
-    """Chunks of a job failed for good, or could not be brought to an end."""
+    """Chunks of a job failed for good, or the job is not complete."""
+
+    exit_code = 1
 
 
-class WorkersDied(PipelineError):
+class WorkersDied(JobFailed):
     """Local workers died, and could not be started again."""
+
+
+class TimedOut(PipelineError):
+    """A wait ran out of its time."""
+
+    exit_code = 4
 
 
 class ChunkRefused(PipelineError):
     """A chunk message this worker must not run: bad path, changed source, other model."""
 
 
-class DeviceError(PipelineError):
-    """A GPU asked for is not one this process is granted."""
+INTERRUPTED = 130
+OS_ERROR = PipelineError.exit_code
 
 
 def os_error_line(e: OSError) -> str:

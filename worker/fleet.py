@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.devices import Device, threads_per_worker
-from worker.errors import WorkersDied
+from worker.errors import PipelineError, WorkersDied
 
 
 @dataclass
@@ -159,7 +159,8 @@ class Fleet:
         """Raise if every member has died; one death is survivable (its chunk is re-sent), and reported
         unless `report` is off (while starting, when all may fail at once for the same reason)."""
         if self.members and len(self.dead()) == len(self.members):
-            raise WorkersDied(f"all workers exited; {self.members[0].name} said: {self.members[0].last_words()}")
+            # Before any was ready, that is the setup's fault (a checkpoint, a GPU), not the job's: exit 3.
+            raise PipelineError(f"all workers exited; {self.members[0].name} said: {self.members[0].last_words()}")
         if report:
             self.report_deaths()
 
