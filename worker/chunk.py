@@ -6,8 +6,8 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np

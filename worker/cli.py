@@ -59,7 +59,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         metavar="N",
         help="chunks held at a time: one in the model while the next is read and the last written "
-        "(default 2 on a GPU, 1 on the CPU, where the model is the bottleneck; a warm stop finishes them all)",
+        "(default 3 on a GPU, 1 on the CPU, where the model is the bottleneck; a warm stop finishes them all)",
     )
     start.add_argument("--loglevel", default="info")
 
@@ -115,8 +115,10 @@ def start(args: argparse.Namespace) -> int:
         raise UsageError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
     if args.chunks_in_flight is not None and args.chunks_in_flight < 1:
         raise UsageError("--chunks-in-flight must be at least 1")
+    from worker.devices import cpu_list, pin_process
+
     roots = data_roots(args.data_root)
-    device = pin(args.gpu) if args.gpu is not None else None
+    device = pin_process(args.gpu) if args.gpu is not None else None
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
     name = args.name or default_name(args, device)
@@ -165,42 +167,6 @@ def start(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def pin(spec: str) -> Device:
-    """Pin this process to the one GPU or MIG slice `spec` names, and to the CPUs near it, before
-    TensorFlow loads. If nvidia-smi cannot be asked now, pin by `spec` as given, unchecked."""
-    from worker.devices import Device, discover, pin_cpus, select
-
-    discovery = discover()
-    if not discovery.devices and discovery.notes:
-        for note in discovery.notes:
-            log.warning("%s", note)
-        device = Device(spec, spec, "(not checked: nvidia-smi did not answer)")
-        os.environ.update({"CUDA_VISIBLE_DEVICES": spec, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
-        return device
-    chosen = select(spec, discovery)
-    if len(chosen) != 1:
-        raise PipelineError(
-            f"--gpu {spec} names {len(chosen)} MIG slices; give one: " + ", ".join(f"{d.index} ({d.uuid})" for d in chosen)
-        )
-    for note in discovery.notes:
-        log.warning("%s", note)
-    device = chosen[0]
-    os.environ.update(device.env())
-    pin_cpus(device.cpus)
-    return device
-
-
-def cpu_list(cpus: set[int]) -> str:
-    """{0, 1, 2, 5} as '0-2,5'."""
-    runs: list[list[int]] = []
-    for cpu in sorted(cpus):
-        if runs and cpu == runs[-1][1] + 1:
-            runs[-1][1] = cpu
-        else:
-            runs.append([cpu, cpu])
-    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def await_weights(model: Embedder) -> None:

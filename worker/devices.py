@@ -18,6 +18,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from worker.errors import DeviceError
+
 log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "VGGISH_NVIDIA_SMI_TIMEOUT"
@@ -57,6 +59,7 @@ class Discovery:
 
     devices: list[Device]
     notes: list[str]
+    unanswered: bool = False  # nvidia-smi is there but failed or hung: the devices are unknown, not absent
 
     def say(self, out=None) -> None:
         for note in self.notes:
@@ -183,7 +186,7 @@ def discover(env: Mapping[str, str] | None = None) -> Discovery:
     except FileNotFoundError:
         return Discovery([], [])  # no NVIDIA driver here: a CPU machine, nothing to say
     except (OSError, TimeoutError, RuntimeError) as e:
-        return Discovery([], [f"no GPUs used: {e}"])
+        return Discovery([], [f"no GPUs used: {e}"], unanswered=True)
     devices, notes = granted(listed, env.get("CUDA_VISIBLE_DEVICES"))
     if not devices:
         return Discovery([], notes)
@@ -204,8 +207,6 @@ def discover(env: Mapping[str, str] | None = None) -> Discovery:
 
 def select(specs: str, discovery: Discovery) -> list[Device]:
     """The devices a comma-separated list of indices or UUIDs names among those granted ('all': every one)."""
-    from worker.errors import DeviceError
-
     if specs.strip() == "all":
         if not discovery.devices:
             raise DeviceError("no GPU is granted to this process" + "".join(f"; {n}" for n in discovery.notes))
@@ -218,6 +219,37 @@ def select(specs: str, discovery: Discovery) -> list[Device]:
             raise DeviceError(f"GPU {spec!r} is not among the devices granted to this process: {granted_list}")
         chosen.extend(d for d in found if d not in chosen)
     return chosen
+
+
+def pin_process(spec: str) -> Device:
+    """Pin this process to the one GPU or MIG slice `spec` names, and to the CPUs near it, before
+    TensorFlow loads. If nvidia-smi cannot be asked now, pin by `spec` as given, unchecked."""
+    discovery = discover()
+    for note in discovery.notes:
+        log.warning("%s", note)
+    if discovery.unanswered:
+        os.environ.update({"CUDA_VISIBLE_DEVICES": spec, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+        return Device("?", spec, "(not checked: nvidia-smi did not answer)")
+    chosen = select(spec, discovery)
+    if len(chosen) != 1:
+        raise DeviceError(
+            f"--gpu {spec} names {len(chosen)} MIG slices; give one: " + ", ".join(f"{d.index} ({d.uuid})" for d in chosen)
+        )
+    device = chosen[0]
+    os.environ.update(device.env())
+    pin_cpus(device.cpus)
+    return device
+
+
+def cpu_list(cpus: set[int]) -> str:
+    """{0, 1, 2, 5} as '0-2,5'."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def pin_cpus(cpus: tuple[int, ...]) -> set[int] | None:
