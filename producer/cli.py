@@ -263,16 +263,19 @@ def cmd_wait(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from producer.job import Job
     from producer.progress import job_status, progress_line
+    from producer.recovery import model_note
     from worker import broker
 
-    status = job_status(Job.load(args.dir), per_worker=True)
-    live = None
+    job = Job.load(args.dir)
+    status = job_status(job, per_worker=True)
+    live, note = None, None
     app = broker.optional_app(args.broker)
     if app is not None:
         broker.check_connection(app)
         live = broker.live_workers(app)
+        note = None if status.done else model_note(job, live)
     if args.json:
-        print(json.dumps({**status.to_dict(), "live_workers": live}))
+        print(json.dumps({**status.to_dict(), "live_workers": live, "model": job.dir.pinned_model(), "model_note": note}))
         return JobFailed.exit_code if status.failed else 0
     print(f"job {status.job}: " + progress_line(status, 0.0).split("  ETA")[0])
     print(f"chunks {status.chunks_done}/{status.chunks_total} done, {len(status.failed)} failed")
@@ -284,6 +287,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"live workers: {len(live)}")
         for name, w in sorted(live.items()):
             print(f"  {name}: {w.get('device')}, {w.get('chunks')} chunks, {w.get('rows_per_s')} rows/s")
+    if note:
+        print(note)
     return JobFailed.exit_code if status.failed else 0  # scripts can tell a failed job
 
 

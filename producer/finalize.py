@@ -1,13 +1,12 @@
 """The finalizer: merge a job's shards, in row order, into the seed notebook's output files.
 
 It streams: a few CSV blocks and the shards under them are in memory at a time, whatever N is.
-Every output is written to a temp name and renamed when whole, so a crash leaves the old
-outputs (or none), never a torn one; re-running finalize is always safe.
+The outputs are published as one set (worker.files.atomic_set): a crash leaves the old set or the
+new one, never a torn file or files of both; re-running finalize is always safe.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import time
@@ -25,7 +24,7 @@ from producer.job import Job
 from producer.postprocess import PCA
 from worker.devices import usable_cores
 from worker.errors import InputError, JobFailed
-from worker.files import atomic_write
+from worker.files import atomic_set
 from worker.shard import EMBEDDING_SIZE, read_shard
 
 OUTPUT_DAT = "wavfile_embed.dat"
@@ -128,11 +127,10 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> di
     taker = RowTaker(shard_rows(job))
     threads = threads or usable_cores()
     rows = 0
-    with contextlib.ExitStack() as stack:
-        dat = stack.enter_context(atomic_write(out / OUTPUT_DAT))
-        quantized = stack.enter_context(atomic_write(out / OUTPUT_PCA)) if pca else None
-        table_csv = stack.enter_context(atomic_write(out / OUTPUT_CSV))
-        pool = stack.enter_context(ThreadPoolExecutor(threads))
+    paths = [out / OUTPUT_DAT, out / OUTPUT_CSV] + ([out / OUTPUT_PCA] if pca else [])
+    with atomic_set(paths) as files, ThreadPoolExecutor(threads) as pool:
+        dat, table_csv = files[:2]
+        quantized = files[2] if pca else None
         table_csv.write(header_line(names))
         pending: deque[Future] = deque()
         for batch in csv_reader(frame, block_size=BLOCK_BYTES):
@@ -148,5 +146,4 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> di
             table_csv.write(pending.popleft().result())
         if rows != job.rows or not taker.exhausted():
             raise InputError(f"{frame} has {rows} rows but the job has {job.rows}: the CSV changed since enqueue")
-    outputs = [str(out / OUTPUT_DAT), str(out / OUTPUT_CSV)] + ([str(out / OUTPUT_PCA)] if pca else [])
-    return {"rows": rows, "outputs": outputs, "seconds": round(time.perf_counter() - began, 3)}
+    return {"rows": rows, "outputs": [str(p) for p in paths], "seconds": round(time.perf_counter() - began, 3)}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from producer.dataset import Chunk
 from worker.errors import InputError
-from worker.files import write_json
+from worker.files import finish_set, write_json
 from worker.jobdir import JobDir
 from worker.message import ChunkMessage
 from worker.spectrogram import OLD_DIGEST
@@ -84,6 +84,7 @@ class Job:
         path = JobDir(out_dir).job_file
         if not out_dir.is_dir():
             raise InputError(f"{out_dir}: no such job folder")
+        finish_set(out_dir)  # outputs whose publication a crash cut short are completed first
         try:
             record = json.loads(path.read_text())
         except FileNotFoundError:

@@ -19,6 +19,7 @@ from celery import Celery
 
 from producer.job import Job
 from producer.plan import send
+from worker.broker import live_workers
 from worker.errors import JobFailed
 from worker.message import QUEUE
 
@@ -41,6 +42,15 @@ def held_chunks(app: Celery, job: Job) -> set[int]:
     return held
 
 
+def model_note(job: Job, live: dict[str, dict]) -> str | None:
+    """A line when live workers answer but none has the job's model: its chunks then wait for one."""
+    model = job.dir.pinned_model()
+    models = sorted({str(w.get("model")) for w in live.values()})
+    if not live or model is None or model in models:
+        return None
+    return f"no live worker has this job's model {model} (they have {', '.join(models)}): its chunks wait for one"
+
+
 MAX_RESENDS = 3  # of one chunk: past that its fate is an error, not another try
 
 
@@ -54,6 +64,7 @@ class Recovery:
         self.suspects: set[int] = set()
         self.missing_before = -1
         self.resent: dict[int, int] = {}
+        self.model_checked = 0.0  # when live workers' models were last compared with the job's
 
     def __call__(self) -> None:
         if time.monotonic() - self.last < self.every:
@@ -63,6 +74,11 @@ class Recovery:
         missing = {c.start: c for c in self.job.missing() if c.start not in failed}
         progressed, self.missing_before = len(missing) != self.missing_before, len(missing)
         try:
+            if missing and not progressed and time.monotonic() - self.model_checked > 60:  # stalled: other models?
+                self.model_checked = time.monotonic()
+                note = model_note(self.job, live_workers(self.app))
+                if note:
+                    self.out.write(f"\n{note}\n")
             if not missing or progressed or queue_length(self.app) > 0:  # shards still coming: nothing is lost yet
                 self.suspects = set()
                 return

@@ -35,3 +35,23 @@ def test_scale_up_then_down_mid_job(sample, workers, redis_url, expected):
     per_worker = json.loads(cli("producer", "status", str(sample["dir"]), "--json").stdout)["workers"]
     assert per_worker["second@test"]["chunks"] >= 1 and per_worker["first@test"]["chunks"] >= 1
     assert sum(w["chunks"] for w in per_worker.values()) == 20  # nothing redone
+
+
+def test_a_worker_with_another_model_hands_chunks_back_to_one_with_the_jobs(sample, workers, redis_url, expected, tmp_path):
+    """A mixed fleet: the job is pinned to model A; a worker with model B hands its chunks back
+    instead of failing them, and the worker with A embeds them all."""
+    from worker.checkpoint import write_untrained_checkpoint
+
+    (tmp_path / "other").mkdir()
+    other = write_untrained_checkpoint(tmp_path / "other" / "b.ckpt", seed=1)
+    enqueued = cli("producer", "enqueue", str(sample["spec"]), "--broker", redis_url, "--chunk-rows", "50",
+                   "--checkpoint", str(workers.checkpoint), "--json")
+    assert enqueued.returncode == 0, enqueued.stderr
+    workers.start("b", [sample["dir"]], "--checkpoint", str(other))
+    wait_for(lambda: "handed back" in workers.log("b"), what="the other model's worker to hand a chunk back")
+    status = json.loads(cli("producer", "status", str(sample["dir"]), "--broker", redis_url, "--json").stdout)
+    assert status["failed"] == [] and "no live worker has this job's model" in status["model_note"]
+    workers.start("a", [sample["dir"]])
+    finish(sample, redis_url, expected)
+    per_worker = json.loads(cli("producer", "status", str(sample["dir"]), "--json").stdout)["workers"]
+    assert set(per_worker) == {"a@test"}

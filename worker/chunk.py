@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from celery.exceptions import Reject
 from celery.worker.control import inspect_command
 
 from worker.errors import ChunkRefused, InputError, PipelineError
@@ -29,6 +30,10 @@ class Model(Protocol):
     def embed(self, rows: np.ndarray, form: str) -> np.ndarray: ...
 
 
+class OtherModel(ChunkRefused):
+    """The chunk's job is pinned to a model this worker has not loaded: another worker's chunk."""
+
+
 def inside(path: str, roots: list[Path]) -> Path:
     """`path` with symlinks and `..` resolved, if that lies under one of `roots`; else refuse."""
     real = Path(os.path.realpath(path))
@@ -37,6 +42,7 @@ def inside(path: str, roots: list[Path]) -> Path:
     return real
 
 
+OTHER_MODEL_PAUSE = 1.0  # seconds before a worker hands back a chunk of a job pinned to another model
 GPU_IN_FLIGHT = 3  # chunks a GPU worker holds: one in the model, the others being read or written (BENCHMARKS.md)
 
 
@@ -97,9 +103,7 @@ class ChunkRunner:
             return {"start": msg.start, "stop": msg.stop, "skipped": True}
         pinned = jobdir.pinned_model() or jobdir.pin_model(self.model.fingerprint)
         if pinned != self.model.fingerprint:
-            raise ChunkRefused(
-                f"job {msg.job} is pinned to model {pinned}; this worker has {self.model.fingerprint} loaded"
-            )
+            raise OtherModel(f"job {msg.job} is pinned to model {pinned}; this worker has {self.model.fingerprint} loaded")
         began = time.perf_counter()
         rows = self.read(source, msg)
         read = time.perf_counter() - began
@@ -155,6 +159,12 @@ def register(app, runner: ChunkRunner, max_retries: int = 2) -> None:
             if args:
                 raise ChunkRefused("message has positional arguments; the schema is keyword-only")
             return runner.run(payload)
+        except OtherModel as e:
+            # Not this chunk's fault: hand it back for a worker with the job's model (a mixed fleet).
+            # The pause keeps a lone wrong worker from spinning on it; `status` names the mismatch.
+            log.warning("handed back: %s", e)
+            time.sleep(OTHER_MODEL_PAUSE)
+            raise Reject(str(e), requeue=True) from e
         except ChunkRefused as e:
             log.error("refused chunk: %s", e)
             runner.record_failure(payload, str(e))

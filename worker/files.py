@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 from worker.errors import WriteError
 
@@ -18,29 +18,98 @@ from worker.errors import WriteError
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
-@contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
-    """Yield a temp file beside `path`; on success fsync it and rename it over `path`, else remove
-    it. A full disk, a read-only or vanished folder or a refused permission raise WriteError."""
+SET_JOURNAL = ".publish-journal.json"
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A new temp file in `path`'s folder, with the mode an output usually gets (mkstemp makes 0600)."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
+def failed_write(e: BaseException, path: Path, temps: list[str]) -> NoReturn:
+    """Remove what was half written, and raise again: a full disk, a read-only folder… as one WriteError."""
+    for tmp in temps:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        raise WriteError(f"cannot write {path}: {e.strerror}") from e
+    raise e
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """Yield a temp file beside `path`; on success fsync it and rename it over `path`, else remove
+    it. A full disk, a read-only or vanished folder or a refused permission raise WriteError."""
+    fd, tmp = temp_beside(path)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual mode
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
-            raise WriteError(f"cannot write {path}: {e.strerror}") from e
-        raise
+        failed_write(e, path, [tmp])
+
+
+@contextlib.contextmanager
+def atomic_set(paths: list[Path]) -> Iterator[list[IO]]:
+    """Write several files of one folder as one set: a reader after a crash finds the old set or
+    the new one, never files of both.
+
+    Each file goes to a temp file, fsynced; then a journal names the renames, they run, the folder
+    is fsynced and the journal removed. A crash before the journal leaves the old set; after it,
+    `finish_set` (run by the next command on the folder) completes the new one.
+    """
+    folder = paths[0].parent
+    finish_set(folder)
+    temps: list[str] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            files = []
+            for path in paths:
+                fd, tmp = temp_beside(path)
+                temps.append(tmp)
+                files.append(stack.enter_context(os.fdopen(fd, "wb")))
+            yield files
+            for f in files:
+                f.flush()
+                os.fsync(f.fileno())
+        write_json(folder / SET_JOURNAL, [[tmp, str(path)] for tmp, path in zip(temps, paths)])
+        fsync_folder(folder)
+    except BaseException as e:
+        failed_write(e, folder, temps)
+    finish_set(folder)
+
+
+def finish_set(folder: Path) -> None:
+    """Complete a set whose publication a crash cut short (see atomic_set); nothing if none was."""
+    journal = folder / SET_JOURNAL
+    try:
+        renames = json.loads(journal.read_text())
+    except FileNotFoundError:
+        return
+    for tmp, final in renames:
+        if os.path.exists(tmp):
+            os.replace(tmp, final)
+    fsync_folder(folder)
+    journal.unlink()
+    fsync_folder(folder)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make renames in `folder` durable (a rename is a change to the folder, not to the file)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj: object) -> None:
