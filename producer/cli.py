@@ -141,8 +141,8 @@ def plan(
     )
 
 
-def live_fleet(app: Celery) -> tuple[int, float | None]:
-    """The broker's live workers: how many, and the rows/s to size chunks for."""
+def remote_capacity(app: Celery) -> tuple[int, float | None]:
+    """The broker's live workers: how many, and the rows/s to size chunks for (measured, or a guess for GPUs)."""
     from producer.job import fleet_speed
     from worker import broker
 
@@ -151,7 +151,8 @@ def live_fleet(app: Celery) -> tuple[int, float | None]:
     return len(live), fleet_speed([str(w.get("device")) for w in live.values()], measured)
 
 
-def local_fleet(fleet: Fleet) -> tuple[int, float | None]:
+def local_capacity(fleet: Fleet) -> tuple[int, float | None]:
+    """This command's own workers: how many, and the rows/s to size chunks for (a guess for GPUs)."""
     from producer.job import fleet_speed
 
     return len(fleet.members), fleet_speed([m.where() for m in fleet.members], [])
@@ -171,7 +172,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
     app = broker.make_app(broker.broker_url(args.broker))
     broker.check_connection(app)
-    workers = live_fleet(app) if args.chunk_rows is None else (1, None)
+    workers = remote_capacity(app) if args.chunk_rows is None else (1, None)
     planned = plan(args, workers, model_arg(args))
     send(app, planned.job, planned.send)
     report({**planned.summary(), "broker": broker.redact(app.conf.broker_url)}, args.json)
@@ -224,7 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from producer.finalize import finalize, warm_up  # Arrow loads after the workers are spawned
 
             warm_up()
-            planned = plan(args, local_fleet(fleet), model_arg(args), before_writing=lambda: first_ready(app, fleet))
+            planned = plan(args, local_capacity(fleet), model_arg(args), before_writing=lambda: first_ready(app, fleet))
             job = planned.job
             print(
                 f"job {job.id}: {job.rows} rows, {len(planned.send)} chunks to embed "
@@ -387,11 +388,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 app, fleet = stack.enter_context(local_workers(ckpt, args.workers, roots, out_dir / "logs"))
                 first_ready(app, fleet)  # the checkpoint is good before any job is pinned to it
                 print(f"workers: {fleet.summary()}", file=sys.stderr)
-                workers = local_fleet(fleet)
+                workers = local_capacity(fleet)
             else:
                 fleet = None
                 broker.check_connection(app)
-                workers = live_fleet(app)
+                workers = remote_capacity(app)
             names = known_names(frame)
             print(f"watching {args.inbox} for wav files ({len(names)} clips already in {frame})", file=sys.stderr)
             embedded_rows, first = 0, True

@@ -17,7 +17,7 @@ from pathlib import Path
 from celery import Celery
 
 from worker.broker import make_app
-from worker.devices import Discovery, discover
+from worker.devices import discover
 from worker.errors import BrokerError
 from worker.fleet import Fleet, exit_with_parent
 
@@ -84,10 +84,10 @@ class LocalRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def local_fleet(workers: int | None, common: list[str], log_dir: Path, discovery: Discovery | None = None) -> Fleet:
+def local_fleet(workers: int | None, common: list[str], log_dir: Path) -> Fleet:
     """One worker per GPU or MIG slice this process is granted, at most `workers`; with none,
     `workers` CPU workers (default CPU_WORKERS). Says what it chose and why."""
-    discovery = discovery or discover()
+    discovery = discover()
     discovery.say()
     gpus = discovery.devices[:workers] if workers else discovery.devices
     if workers and discovery.devices and workers > len(discovery.devices):
