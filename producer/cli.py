@@ -466,6 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the machine's, not the code's: one line, no traceback
         print(f"producer: error: {os_error_line(e)}", file=sys.stderr)
         return OS_ERROR
+    except Exception as e:
+        from worker import broker
+
+        refused = broker.failure(e)
+        if refused is None:
+            raise
+        print(f"producer: error: {refused}", file=sys.stderr)
+        return refused.exit_code
 
 
 if __name__ == "__main__":

@@ -1,33 +1,156 @@
-"""docker-compose.yml is valid and keeps its promises (checked without a Docker engine)."""
+"""docker-compose.yml keeps its promises: its config is checked without a Docker engine, and the
+Redis it runs (scripts/redis-with-acl: an ACL user with the least rights, a password from a file)
+carries a real job, with real workers, through a killed worker, with the password never in sight."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import IN_CI, cli, free_port, redis_binary
+from outputs import check_outputs
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_compose_config_passes_and_pins_one_gpu_per_worker():
+def compose_config() -> dict:
     if not shutil.which("docker-compose"):
-        if os.environ.get("CI") == "true":
+        if IN_CI:
             pytest.fail("docker-compose is not installed")
         pytest.skip("docker-compose is not installed")
-    result = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True, text=True, env={**os.environ, "REDIS_PASSWORD": "pw-for-test"},
-    )
+    result = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    config = yaml.safe_load(result.stdout)
-    redis = config["services"]["redis"]
-    assert "appendonly" in " ".join(redis["command"]) and "noeviction" in redis["command"]
+    return yaml.safe_load(result.stdout)
+
+
+def test_compose_pins_one_gpu_per_worker_and_waits_for_a_healthy_redis_whose_password_is_a_secret():
+    config = compose_config()
+    services = config["services"]
+    redis = services["redis"]
+    assert "--appendonly" in redis["command"] and "noeviction" in redis["command"]
+    assert redis["entrypoint"][-1] == "/usr/local/bin/redis-with-acl"
+    assert any(v.startswith(f"{ROOT}/scripts/redis-with-acl:") for v in redis["volumes"])
+    assert "redis-cli --user vggish" in redis["healthcheck"]["test"][1] and "REDISCLI_AUTH" in redis["healthcheck"]["test"][1]
     assert all(str(p.get("host_ip", p) if isinstance(p, dict) else p).startswith("127.0.0.1") for p in redis["ports"])
-    workers = {k: v for k, v in config["services"].items() if k.startswith("worker-gpu")}
+    assert config["secrets"]["redis_password"]["file"].endswith("/secrets/redis_password")
+
+    workers = {k: v for k, v in services.items() if k.startswith("worker-gpu")}
     ids = [v["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for v in workers.values()]
     assert sorted(ids) == [["0"], ["1"]]
-    assert all("pw-for-test@redis" in v["environment"]["VGGISH_BROKER_URL"] for v in workers.values())
+    assert sorted(v["environment"]["VGGISH_WORKER_NAME"] for v in workers.values()) == ["gpu0@compose", "gpu1@compose"]
+    assert all(v["healthcheck"]["test"] == ["CMD", "worker", "ping"] for v in workers.values())
+    for name, service in services.items():
+        if name == "redis":
+            continue
+        assert service["depends_on"] == {"redis": {"condition": "service_healthy"}}, name
+        env = service["environment"]
+        assert env["VGGISH_BROKER_URL"] == "redis://vggish@redis:6379/0", name  # no password in the URL
+        assert env["VGGISH_BROKER_PASSWORD_FILE"] == "/run/secrets/redis_password", name
+        assert [s["source"] for s in service["secrets"]] == ["redis_password"], name
+    assert "+@all" not in (ROOT / "scripts" / "redis-with-acl").read_text()
+
+
+@pytest.fixture
+def acl_redis(tmp_path):
+    """scripts/redis-with-acl, as docker-compose runs it, on a real redis-server on 127.0.0.1."""
+    binary = redis_binary()
+    if binary is None:
+        if IN_CI:
+            pytest.fail("no redis-server")
+        pytest.skip("no redis-server")
+    secret = tmp_path / "redis_password"
+    password = secrets.token_hex(16)
+    secret.write_text(password + "\n")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(binary).parent}{os.pathsep}{os.environ['PATH']}",
+        "REDIS_PASSWORD_FILE": str(secret),
+        "REDIS_ACL_FILE": str(tmp_path / "users.acl"),
+    }
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(["sh", str(ROOT / "scripts" / "redis-with-acl"), *args], env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "redis-with-acl did not start"
+                time.sleep(0.05)
+        yield {"port": port, "secret": secret, "password": password, "pid": proc.pid}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_acl_user_carries_a_job_through_a_killed_worker_and_can_do_nothing_else(acl_redis, sample, model_files, expected, tmp_path):
+    import redis
+
+    password, port = acl_redis["password"], acl_redis["port"]
+    assert password not in (tmp_path / "users.acl").read_text()  # only its SHA-256
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=port).ping()  # the default user is off
+    client = redis.Redis(port=port, username="vggish", password=password)
+    for command in (["FLUSHALL"], ["CONFIG", "GET", "*"], ["KEYS", "*"], ["DEBUG", "SLEEP", "0"], ["ACL", "LIST"], ["SHUTDOWN"]):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.execute_command(*command)
+
+    env = {
+        "VGGISH_BROKER_URL": f"redis://vggish@127.0.0.1:{port}/0",  # the password comes from the file only
+        "VGGISH_BROKER_PASSWORD_FILE": str(acl_redis["secret"]),
+        "VGGISH_CHECKPOINT": str(model_files["checkpoint"]),
+    }
+    host = socket.gethostname()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "worker", "up", "--cpus", "2", "--data-root", str(sample["dir"])],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "up.log", "wb"), start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while cli("worker", "ping", f"cpu1@{host}", env=env).returncode != 0:
+            assert time.monotonic() < deadline and up.poll() is None, (tmp_path / "up.log").read_text()
+        pids = [acl_redis["pid"], up.pid, *map(int, subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split())]
+        assert len(pids) == 4
+        for pid in pids:  # neither `ps` nor a look at the environment shows the password
+            for view in ("cmdline", "environ"):
+                assert password.encode() not in Path(f"/proc/{pid}/{view}").read_bytes(), (pid, view)
+
+        enqueued = cli("producer", "enqueue", str(sample["spec"]), "--chunk-rows", "20", env=env)
+        assert enqueued.returncode == 0, enqueued.stderr
+        shards = sample["dir"] / "shards"
+        while not any(shards.glob("*.npz")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed = cli("worker", "ping", f"cpu1@{host}", env=env)
+        os.kill(pids[-1], signal.SIGKILL)  # a worker lost mid-job: its chunk must come back through the ACL'd broker
+        assert killed.returncode == 0
+        waited = cli("producer", "wait", str(sample["dir"]), env=env, timeout=300)
+        assert waited.returncode == 0, waited.stderr
+        finalized = cli("producer", "finalize", str(sample["dir"]))
+        assert finalized.returncode == 0, finalized.stderr
+        check_outputs(sample["dir"], sample["csv"], expected["relu"])
+
+        down = cli("worker", "down", f"cpu0@{host}", env=env)
+        assert down.returncode == 0, down.stderr
+        up.wait(60)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    refused = cli("producer", "status", str(sample["dir"]), env={**env, "VGGISH_BROKER_PASSWORD_FILE": str(wrong)})
+    assert refused.returncode == 3
+    assert refused.stderr.count("\n") == 1 and "invalid username-password" in refused.stderr and "not-the-password" not in refused.stderr

@@ -4,20 +4,41 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from worker.errors import BrokerError
+from worker.errors import BrokerError, os_error_line
 from worker.message import QUEUE
 
 if TYPE_CHECKING:
     from celery import Celery
 
 BROKER_ENV = "VGGISH_BROKER_URL"
+PASSWORD_FILE_ENV = "VGGISH_BROKER_PASSWORD_FILE"
 VISIBILITY_ENV = "VGGISH_VISIBILITY_TIMEOUT"
 
 
-def broker_url(flag: str | None) -> str:
+def given_url(flag: str | None) -> str | None:
+    """--broker, else the environment's URL; the password from VGGISH_BROKER_PASSWORD_FILE goes in
+    here, so it never has to sit in a command line or an environment that `ps`/`docker inspect` show."""
     url = flag or os.environ.get(BROKER_ENV)
+    secret = os.environ.get(PASSWORD_FILE_ENV)
+    if not url or not secret:
+        return url
+    try:
+        password = Path(secret).read_text().rstrip("\r\n")
+    except OSError as e:
+        raise BrokerError(f"cannot read the broker password ({PASSWORD_FILE_ENV}): {os_error_line(e)}") from e
+    parts = urlsplit(url)
+    if parts.password is not None:
+        raise BrokerError(f"{redact(url)} has a password and {PASSWORD_FILE_ENV} gives another: give one")
+    user = quote(unquote(parts.username or ""), safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"))
+
+
+def broker_url(flag: str | None) -> str:
+    url = given_url(flag)
     if not url:
         raise BrokerError(f"no broker: pass --broker URL or set {BROKER_ENV} (e.g. redis://:PASSWORD@host:6379/0)")
     return url
@@ -25,13 +46,21 @@ def broker_url(flag: str | None) -> str:
 
 def optional_app(flag: str | None) -> Celery | None:
     """The app for --broker or the environment's broker, or None where neither names one."""
-    url = flag or os.environ.get(BROKER_ENV)
+    url = given_url(flag)
     return make_app(url) if url else None
 
 
 def redact(url: str) -> str:
     """The URL with any password replaced, for logs and status output."""
     return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def failure(e: Exception) -> BrokerError | None:
+    """An error raised by the broker's client libraries (a command the ACL refuses, a link lost
+    for good) as one BrokerError line; None for any other error."""
+    if type(e).__module__.split(".")[0] not in ("redis", "kombu"):
+        return None
+    return BrokerError(f"broker: {type(e).__name__}: {redact(str(e))}")
 
 
 def make_app(url: str) -> Celery:
@@ -70,8 +99,13 @@ def poll_briefly(app: Celery) -> None:
     A warm stop closes the consumer only once the pop in flight has returned, so an idle worker
     otherwise takes up to a second to leave. Redis before 6.0 takes whole seconds only: keep 1 s there.
     """
+    from redis.exceptions import NoPermissionError
+
     with app.connection_for_write() as conn:
-        version = conn.default_channel.client.info("server").get("redis_version", "0")
+        try:
+            version = conn.default_channel.client.info("server").get("redis_version", "0")
+        except NoPermissionError:  # an ACL without INFO (docker-compose's): ACLs came with Redis 6
+            version = "6"
     if int(version.split(".")[0]) >= 6:
         app.conf.broker_transport_options = {**app.conf.broker_transport_options, "polling_interval": 0.1}
 

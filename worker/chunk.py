@@ -185,15 +185,22 @@ def serve(
     loglevel: str = "info",
     in_flight: int = 1,
     before_start: Callable[[], None] | None = None,
-) -> None:
+) -> int:
     """Run the Celery worker on QUEUE until a warm stop, holding `in_flight` chunks at a time;
     `before_start` runs in worker_init, before it connects (so no ping is answered and no chunk
-    taken until it returns). A warm stop finishes the chunks held, and no other."""
+    taken until it returns). A warm stop finishes the chunks held, and no other. Returns the
+    worker's exit code: non-zero after an unrecoverable error (Celery's own CLI would lose it)."""
     from celery.signals import worker_init
 
     register(app, runner)
-    if before_start is not None:
-        worker_init.connect(lambda **_: before_start(), weak=False)
+    started: list = []
+
+    def init(sender, **_) -> None:
+        started.append(sender)
+        if before_start is not None:
+            before_start()
+
+    worker_init.connect(init, weak=False)
     app.worker_main(
         [
             "worker",
@@ -206,3 +213,4 @@ def serve(
             "--without-gossip",
         ]
     )
+    return (started[0].exitcode or 0) if started else 1

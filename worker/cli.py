@@ -14,11 +14,14 @@ from worker.errors import EXIT_CODES, OS_ERROR, PipelineError, UsageError, os_er
 from worker.model import DEFAULT_BATCH
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from worker.devices import Device
     from worker.model import Embedder
 
 CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
 DATA_ROOTS_ENV = "VGGISH_DATA_ROOTS"
+NAME_ENV = "VGGISH_WORKER_NAME"
 
 log = logging.getLogger("worker")
 
@@ -39,7 +42,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="pin to this GPU or MIG slice (nvidia-smi's index, e.g. 2 or 2:1, or its UUID) and the CPUs near it",
     )
     device.add_argument("--cpu", action="store_true", help="hide every GPU (CUDA_VISIBLE_DEVICES=-1)")
-    start.add_argument("--name", help="worker name, e.g. gpu0@host (default: from the device and host)")
+    start.add_argument(
+        "--name", default=os.environ.get(NAME_ENV), help=f"worker name, e.g. gpu0@host (env {NAME_ENV}; default: from the device and host)"
+    )
     start.add_argument("--threads", type=int, default=0, help="TensorFlow threads per pool (0: all cores)")
     start.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"rows per session.run (default {DEFAULT_BATCH})")
     start.add_argument(
@@ -78,6 +83,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     down = sub.add_parser("down", help="ask a worker to finish its current chunk and leave")
     down.add_argument("name", help="worker name, e.g. gpu3@host")
     down.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
+
+    ping = sub.add_parser("ping", help="exit 0 if the worker answers through the broker (a container healthcheck)")
+    ping.add_argument("name", nargs="?", default=os.environ.get(NAME_ENV), help=f"worker name (env {NAME_ENV})")
+    ping.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
 
     make = sub.add_parser("make-checkpoint", help="write an UNTRAINED checkpoint and PCA params for tests and demos")
     make.add_argument("out_dir", type=Path)
@@ -160,13 +169,13 @@ def start(args: argparse.Namespace) -> int:
         log.warning("checkpoint %s holds UNTRAINED seeded random weights: its embeddings mean nothing", checkpoint)
     runner = ChunkRunner(model, roots, name, device.describe() if device else None)
     in_flight = args.chunks_in_flight or (GPU_IN_FLIGHT if model.device.startswith("GPU") else 1)
-    serve(app, runner, name, args.loglevel, in_flight, before_start=lambda: await_weights(model))
+    code = serve(app, runner, name, args.loglevel, in_flight, before_start=lambda: await_weights(model))
     # Celery has acked the last chunk and every shard is fsynced. Tearing down TensorFlow at
     # interpreter exit would take another ~0.8 s per worker (measured) for nothing, so leave now.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def await_weights(model: Embedder) -> None:
@@ -200,12 +209,15 @@ def up(args: argparse.Namespace) -> int:
         raise UsageError("--cpus must be at least 1")
     else:
         gpus = []
-    common = ["--broker", broker.broker_url(args.broker), "--batch-size", str(args.batch_size), *(["--tf32"] if args.tf32 else [])]
+    broker.broker_url(args.broker)  # fails now, in one line, if none is given
+    # The URL reaches the workers by environment, as given (a password file stays a file): a command line shows it to `ps`.
+    env = {broker.BROKER_ENV: args.broker or os.environ[broker.BROKER_ENV]}
+    common = ["--batch-size", str(args.batch_size), *(["--tf32"] if args.tf32 else [])]
     if args.checkpoint:
         common += ["--checkpoint", str(args.checkpoint)]
     for root in args.data_root or []:
         common += ["--data-root", str(root)]
-    fleet = Fleet.plan(gpus, args.cpus or 0, common)
+    fleet = Fleet.plan(gpus, args.cpus or 0, common, env)
     signal.signal(signal.SIGTERM, lambda *_: fleet.signal(signal.SIGTERM))
     signal.signal(signal.SIGINT, lambda *_: fleet.signal(signal.SIGTERM))
     fleet.start()
@@ -217,14 +229,21 @@ def up(args: argparse.Namespace) -> int:
     return 1 if any(m.proc.returncode for m in fleet.members) else 0
 
 
-def down(args: argparse.Namespace) -> int:
+def ping(args: argparse.Namespace) -> Celery:
+    """The broker's app, once the worker `args.name` has answered its ping."""
     from worker import broker
 
+    if not args.name:
+        raise UsageError(f"name a worker, or set {NAME_ENV}")
     app = broker.make_app(broker.broker_url(args.broker))
     broker.check_connection(app)
     if not app.control.ping(destination=[args.name], timeout=2.0):
         raise PipelineError(f"no live worker named {args.name}")
-    app.control.shutdown(destination=[args.name])
+    return app
+
+
+def down(args: argparse.Namespace) -> int:
+    ping(args).control.shutdown(destination=[args.name])
     print(f"asked {args.name} to finish its current chunk and stop")
     return 0
 
@@ -248,13 +267,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse(argv)
     try:
-        return {"start": start, "up": up, "down": down, "make-checkpoint": make_checkpoint}[args.command](args)
+        commands = {"start": start, "up": up, "down": down, "ping": lambda a: ping(a) and 0, "make-checkpoint": make_checkpoint}
+        return commands[args.command](args)
     except PipelineError as e:
         print(error_line(e), file=sys.stderr)
         return e.exit_code
     except OSError as e:  # the machine's, not the code's: one line, no traceback
         print(f"worker: error: {os_error_line(e)}", file=sys.stderr)
         return OS_ERROR
+    except Exception as e:
+        from worker import broker
+
+        refused = broker.failure(e)
+        if refused is None:
+            raise
+        print(f"worker: error: {refused}", file=sys.stderr)
+        return refused.exit_code
 
 
 if __name__ == "__main__":

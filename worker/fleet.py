@@ -92,22 +92,25 @@ class Fleet:
         gpus: list[Device],
         cpus: int,
         common: list[str],
+        env: dict[str, str] | None = None,
         prefix: str = "",
         log_dir: Path | None = None,
         death_signal: int = signal.SIGTERM,
     ) -> "Fleet":
-        """One member per device in `gpus`, pinned by its UUID; else `cpus` CPU members."""
+        """One member per device in `gpus`, pinned by its UUID; else `cpus` CPU members; each gets
+        `common` arguments and `env` (for secrets, which a command line would show to `ps`)."""
+        env = env or {}
         host = socket.gethostname()
         members = []
         for gpu in gpus:
             name = f"{prefix}{gpu.short}@{host}"
-            members.append(Member(name, ["--gpu", gpu.uuid, "--name", name, *common], gpu.env(), gpu))
+            members.append(Member(name, ["--gpu", gpu.uuid, "--name", name, *common], {**env, **gpu.env()}, gpu))
         if not gpus:
             threads = threads_per_worker(cpus)
             for i in range(cpus):
                 name = f"{prefix}cpu{i}@{host}"
                 args = ["--cpu", "--threads", str(threads), "--name", name, *common]
-                members.append(Member(name, args, {"CUDA_VISIBLE_DEVICES": "-1"}))
+                members.append(Member(name, args, {**env, "CUDA_VISIBLE_DEVICES": "-1"}))
         return cls(members, log_dir, death_signal=death_signal)
 
     def summary(self) -> str:
