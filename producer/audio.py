@@ -1,16 +1,18 @@
-"""Recordings to VGGish examples: read a wav file, mix to mono, resample to 16 kHz, log-mel, 96-frame rows.
+"""Recordings to VGGish examples, exactly as upstream's `vggish_input.wavfile_to_examples` makes them.
 
-The recipe is the one the VGGish checkpoint was trained on (`vggish_input.waveform_to_examples`):
-25 ms periodic-Hann STFT with a 10 ms hop and a 512-point FFT, 64 mel bands from 125 to 7500 Hz
-(HTK mel scale, DC bin zeroed), log(mel + 0.01), and non-overlapping examples of 96 frames.
+Read with soundfile (libsndfile: WAV, FLAC, OGG/Vorbis, MP3, AIFF and the rest it knows) as int16
+divided by 32768, the mean over channels, `resampy` to 16 kHz, then the log-mel recipe the
+checkpoint was trained on: 25 ms periodic-Hann STFT with a 10 ms hop and a 512-point FFT, 64 mel
+bands from 125 to 7500 Hz (HTK mel scale, DC bin zeroed), log(mel + 0.01), and non-overlapping
+examples of 96 frames.
 """
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
+import soundfile
 
 from worker.errors import InputError
 from worker.spectrogram import BANDS, FRAMES
@@ -23,64 +25,59 @@ LOW_HZ, HIGH_HZ = 125.0, 7500.0
 LOG_OFFSET = 0.01
 MIN_SAMPLES = WINDOW + (FRAMES - 1) * HOP  # 15,600 samples = 0.975 s give one example
 
-_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
+# What a folder scan takes for a recording: every format libsndfile reads (but headerless RAW),
+# their usual other names, and audio it cannot read, so that such a file is refused with its
+# reason rather than passed over in silence.
+AUDIO_SUFFIXES = frozenset(
+    {f".{f.lower()}" for f in soundfile.available_formats() if f != "RAW"}
+    | {".wave", ".aif", ".aifc", ".oga", ".opus", ".snd", ".m4a", ".aac", ".wma", ".webm", ".mka", ".amr"}
+)
 
 
-def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """Samples as float64 in [-1, 1], shape (n, channels), and the sample rate. PCM 8/16/24/32-bit or float."""
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
+
+
+def is_recording(path: Path) -> bool:
+    return path.suffix.lower() in AUDIO_SUFFIXES and not path.name.startswith(".")
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """Samples in [-1, 1], shape (n, channels), and the rate, as upstream reads them: int16 / 32768.
+
+    Except float files (WAV, AIFF… holding FLOAT or DOUBLE samples): an int16 read makes
+    libsndfile round each sample to -1, 0 or 1, so upstream turns them into silence. They are
+    read as the floats they are, which is the scale upstream's division means.
+    """
     try:
-        data = path.read_bytes()
+        open(path, "rb").close()  # the OS's own reason (no such file, no permission), not libsndfile's "System error"
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from e
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise InputError(f"{path}: not a wav file (no RIFF/WAVE header)")
-    fmt, samples, pos = None, None, 12
-    while pos + 8 <= len(data):
-        tag, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
-        body = data[pos + 8 : pos + 8 + size]
-        if tag == b"fmt ":
-            fmt = body
-        elif tag == b"data":
-            samples = body  # a header still saying 0 or 0xFFFFFFFF (streamed) is cut to what is there
-            break
-        pos += 8 + size + (size & 1)
-    if fmt is None or len(fmt) < 16 or samples is None:
-        raise InputError(f"{path}: wav file without a fmt and a data chunk")
-    kind, channels, rate, _, align, bits = struct.unpack_from("<HHIIHH", fmt)
-    if kind == _EXTENSIBLE and len(fmt) >= 26:
-        kind = struct.unpack_from("<H", fmt, 24)[0]
-    sane = 1 <= channels <= 64 and 1000 <= rate <= 768000 and bits in (8, 16, 24, 32, 64)
-    if not sane or align != channels * bits // 8:
-        raise InputError(f"{path}: unsupported wav layout ({channels} channels, {rate} Hz, {bits} bits)")
-    width = bits // 8
-    usable = len(samples) - len(samples) % align
-    raw = np.frombuffer(samples, dtype=np.uint8, count=usable)
-    if kind == _FLOAT and bits in (32, 64):
-        x = raw.view(f"<f{width}").astype(np.float64)
-    elif kind == _PCM and bits == 8:
-        x = (raw.astype(np.float64) - 128.0) / 128.0
-    elif kind == _PCM and bits == 24:
-        b = raw.reshape(-1, 3).astype(np.int32)
-        x = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8) / float(1 << 23)
-    elif kind == _PCM and bits in (16, 32):
-        x = raw.view(f"<i{width}") / float(1 << (bits - 1))
-    else:
-        raise InputError(f"{path}: unsupported wav encoding (format {kind}, {bits} bits)")
-    if not np.all(np.isfinite(x)):
-        raise InputError(f"{path}: NaN or Inf samples")
-    return x.reshape(-1, channels), rate
+    try:
+        # soundfile.read itself, as upstream: it seeks to the start first, and after that seek
+        # libmpg123 decodes a few MP3 samples 1 LSB apart from a fresh read.
+        if soundfile.info(str(path)).subtype in FLOAT_SUBTYPES:
+            return soundfile.read(path, dtype="float64", always_2d=True)
+        data, rate = soundfile.read(path, dtype="int16", always_2d=True)
+        return data / 32768.0, rate
+    except (RuntimeError, TypeError, ValueError) as e:  # soundfile.LibsndfileError is a RuntimeError
+        raise InputError(f"{path}: cannot read audio ({getattr(e, 'error_string', e)})") from e
 
 
 def resample(mono: np.ndarray, rate: int) -> np.ndarray:
-    """Band-limited resampling to 16 kHz by zero-padding or truncating the spectrum."""
+    """To 16 kHz with resampy's default filter (kaiser_best), as upstream does."""
     if rate == SAMPLE_RATE or len(mono) == 0:
         return mono
-    n_out = int(round(len(mono) * SAMPLE_RATE / rate))
-    spectrum = np.fft.rfft(mono)
-    keep = min(len(spectrum), n_out // 2 + 1)
-    out = np.zeros(n_out // 2 + 1, dtype=complex)
-    out[:keep] = spectrum[:keep]
-    return np.fft.irfft(out, n_out) * (n_out / len(mono))
+    import resampy  # here: it loads numba, which only files at other rates need
+
+    try:
+        return resampy.resample(mono, rate, SAMPLE_RATE)
+    except ValueError:  # too few samples for the filter: as good as empty
+        return mono[:0]
+
+
+def warm_up() -> None:
+    """Load resampy (and compile or load its numba code) now: ~0.7 s the first clip need not wait."""
+    resample(np.zeros(MIN_SAMPLES), 44100)
 
 
 def hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
@@ -117,13 +114,13 @@ def examples(waveform: np.ndarray) -> np.ndarray:
     return features[: rows * FRAMES].reshape(rows, FRAMES, BANDS)
 
 
-def wav_examples(path: Path, pad: bool = False) -> np.ndarray:
-    """The VGGish examples of one wav file; InputError if it is unreadable or gives no example.
+def file_examples(path: Path, pad: bool = False) -> np.ndarray:
+    """The VGGish examples of one recording; InputError if it is unreadable or gives no example.
 
     With pad, a clip shorter than 0.975 s is zero-padded to one example instead of refused
     (the speech-commands set has many clips just under a second).
     """
-    samples, rate = read_wav(path)
+    samples, rate = read_audio(path)
     mono = resample(samples.mean(axis=1), rate)
     if len(mono) < MIN_SAMPLES:
         if not pad:

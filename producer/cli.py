@@ -76,12 +76,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--valid", action="store_true", help="mark the new rows as validation rows (valid=True)")
         p.add_argument("--pad", action="store_true", help="zero-pad clips shorter than 0.975 s to one row")
 
-    add = sub.add_parser("add-clips", help="append wav recordings to SPEC and its CSV as VGGish log-mel rows")
-    add.add_argument("wavs", type=Path, nargs="*", help="wav files or folders; none: only repair a cut-off append")
+    add = sub.add_parser("add-clips", help="append recordings (WAV, FLAC, OGG, MP3, AIFF…) to SPEC and its CSV as VGGish log-mel rows")
+    add.add_argument("recordings", type=Path, nargs="*", help="audio files or folders; none: only repair a cut-off append")
     clip_options(add)
     add.add_argument("--json", action="store_true")
 
-    watch = sub.add_parser("watch", help="add wav files landing in INBOX, embed only the new rows, refresh outputs")
+    watch = sub.add_parser("watch", help="add recordings landing in INBOX, embed only the new rows, refresh outputs")
     watch.add_argument("inbox", type=Path)
     clip_options(watch)
     watch.add_argument("--out", type=Path, help="job folder (default: SPEC's folder)")
@@ -307,14 +307,14 @@ def cmd_add_clips(args: argparse.Namespace) -> int:
     from producer.clips import append_clips, gather, known_names, locked, roll_back
 
     spec, frame = args.spec, csv_arg(args)
-    if not args.wavs:
+    if not args.recordings:
         with locked(spec, frame):
             repaired = roll_back(spec, frame)
         print(f"rolled back a cut-off append to {spec}" if repaired else f"{spec}: nothing to repair", file=sys.stderr)
         return 0
-    clips = gather(args.wavs, args.label, args.label_from_folder)
+    clips = gather(args.recordings, args.label, args.label_from_folder)
     if not clips:
-        raise InputError("no .wav files found in " + ", ".join(map(str, args.wavs)))
+        raise InputError("no recordings found in " + ", ".join(map(str, args.recordings)))
     with locked(spec, frame):
         results = append_clips(spec, frame, clips, args.valid, args.pad, known_names(frame))
     refused = [r for r in results if r.error]
@@ -342,6 +342,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     import time
 
     from producer.clips import Clip, append_clips, check_label_choice, known_names, locked
+    from producer.audio import warm_up
     from producer.finalize import finalize
     from producer.inbox import Inbox
     from producer.local import first_ready, local_workers
@@ -393,8 +394,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 fleet = None
                 broker.check_connection(app)
                 workers = remote_capacity(app)
+            warm_up()  # resampy and numba now, not on the first clip
             names = known_names(frame)
-            print(f"watching {args.inbox} for wav files ({len(names)} clips already in {frame})", file=sys.stderr)
+            print(f"watching {args.inbox} for recordings ({len(names)} clips already in {frame})", file=sys.stderr)
             embedded_rows, first = 0, True
             while True:
                 added = ingest(names)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from producer.audio import wav_examples
+from producer.audio import file_examples, is_recording
 from producer.dataset import csv_header, csv_reader, csv_rows, journal_path, validate
 from worker.errors import InputError, PipelineError, UsageError
 from worker.files import write_json
@@ -35,7 +35,7 @@ STAGED = ".staged"
 
 @dataclass(frozen=True)
 class Clip:
-    path: Path  # the wav file
+    path: Path  # the recording
     file_name: str  # what the CSV's file_name column gets
     label: str
 
@@ -158,7 +158,7 @@ def append_clips(
                 if added.duplicate:
                     continue
                 try:
-                    examples = wav_examples(added.clip.path, pad)
+                    examples = file_examples(added.clip.path, pad)
                 except PipelineError as e:
                     added.error = str(e)
                     continue
@@ -199,12 +199,13 @@ def check_label_choice(label: str | None, label_from_folder: bool) -> None:
 
 
 def gather(paths: list[Path], label: str | None, label_from_folder: bool) -> list[Clip]:
-    """Clips for the given wav files and folders (searched for *.wav); file_name is the path as seen from here."""
+    """Clips for the given files and folders (searched for recordings, see audio.is_recording);
+    file_name is the path as seen from here."""
     check_label_choice(label, label_from_folder)
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() == ".wav" and p.is_file())
+            files += sorted(p for p in path.rglob("*") if is_recording(p) and p.is_file())
         elif path.exists():
             files.append(path)
         else:

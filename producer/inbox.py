@@ -1,4 +1,4 @@
-"""A folder that recordings land in: which wav files are complete, and where each goes once handled.
+"""A folder that recordings land in: which recordings are complete, and where each goes once handled.
 
 A file is ready when its size and mtime have not changed for `settle` seconds and, if its RIFF
 header states a length, the file has reached it; a header that never completes counts as ready
@@ -13,6 +13,8 @@ import struct
 import time
 from pathlib import Path
 
+from producer.audio import is_recording
+
 UNKNOWN_RIFF_SIZES = (0, 0xFFFFFFFF)  # written by recorders that stream, before they patch the header
 
 
@@ -20,7 +22,7 @@ def riff_complete(path: Path, size: int) -> bool:
     with open(path, "rb") as f:
         head = f.read(8)
     if len(head) < 8 or head[:4] != b"RIFF":
-        return True  # not a wav file: let the reader say so
+        return True  # not a RIFF file: its own length is unknown, settling decides
     stated = struct.unpack_from("<I", head, 4)[0]
     return stated in UNKNOWN_RIFF_SIZES or size >= stated + 8
 
@@ -34,19 +36,19 @@ class Inbox:
         self.stall = stall
         self._seen: dict[Path, tuple[tuple[int, int], float]] = {}
 
-    def wav_files(self) -> list[Path]:
+    def recordings(self) -> list[Path]:
         found = []
         for folder, dirs, files in os.walk(self.root):
             here = Path(folder)
             dirs[:] = sorted(d for d in dirs if not d.startswith(".") and here / d not in (self.added, self.failed))
-            found += [here / f for f in sorted(files) if f.lower().endswith(".wav") and not f.startswith(".")]
+            found += [here / f for f in sorted(files) if is_recording(here / f)]
         return found
 
     def ready(self) -> list[Path]:
-        """Wav files that are done being written, oldest first seen first."""
+        """Recordings that are done being written, oldest first seen first."""
         now = time.monotonic()
         seen, ready = {}, []
-        for path in self.wav_files():
+        for path in self.recordings():
             try:
                 st = path.stat()
                 key = (st.st_size, st.st_mtime_ns)

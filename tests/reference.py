@@ -41,3 +41,29 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-5) -
     """Equal within rtol of the embeddings' scale (element-wise relative error is meaningless near 0)."""
     scale = float(np.abs(expected).max())
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def upstream_examples(path) -> np.ndarray:
+    """Upstream's `vggish_input.wavfile_to_examples`, step by step: soundfile's int16 read / 32768
+    (float files as their floats: see producer/audio.py), the mean over channels, resampy to
+    16 kHz, and the log-mel by TensorFlow's tf.signal (STFT with periodic Hann, HTK mel matrix)."""
+    import resampy
+    import soundfile
+
+    from worker.devices import load_tensorflow
+
+    tf = load_tensorflow()
+    if soundfile.info(str(path)).subtype in ("FLOAT", "DOUBLE"):
+        data, rate = soundfile.read(path, dtype="float64")
+    else:
+        data, rate = soundfile.read(path, dtype="int16")
+        data = data / 32768.0
+    if data.ndim > 1:
+        data = np.mean(data, axis=1)
+    if rate != 16000:
+        data = resampy.resample(data, rate, 16000)
+    stft = tf.signal.stft(data, frame_length=400, frame_step=160, fft_length=512, window_fn=tf.signal.hann_window)
+    mel = tf.signal.linear_to_mel_weight_matrix(64, 257, 16000, 125.0, 7500.0, dtype=tf.float64)
+    log_mel = np.log(np.abs(stft.numpy()) @ mel.numpy() + 0.01)
+    rows = len(log_mel) // 96
+    return log_mel[: rows * 96].reshape(rows, 96, 64)

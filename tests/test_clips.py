@@ -16,8 +16,8 @@ import pandas as pd
 from conftest import SAMPLE_ROWS, cli
 from outputs import check_outputs
 from producer import audio
-from reference import vggish
-from wavs import tone, wav_bytes, write_wav
+from reference import upstream_examples, vggish
+from wavs import speech_like, tone, wav_bytes, write_audio, write_wav
 from worker.spectrogram import ROW_BYTES
 
 
@@ -38,7 +38,7 @@ def test_add_clips_appends_rows_and_frame_lines_in_step(sample, tmp_path):
     data = sample["spec"].read_bytes()
     assert data[: len(before)] == before  # old rows untouched
     new = np.frombuffer(data[len(before) :], dtype="<f8").reshape(-1, 96, 64)
-    np.testing.assert_array_equal(new, np.concatenate([audio.wav_examples(up), audio.wav_examples(yes)]))
+    np.testing.assert_array_equal(new, np.concatenate([audio.file_examples(up), audio.file_examples(yes)]))
 
     frame = pd.read_csv(sample["csv"], index_col=0)
     assert list(frame.index) == list(range(SAMPLE_ROWS + 4))  # the unnamed index column counts on
@@ -191,7 +191,7 @@ def test_watch_embeds_new_files_only_and_never_reads_a_file_half_written(sample,
     spectrograms = np.fromfile(sample["spec"]).reshape(-1, 96, 64)
     assert len(spectrograms) == SAMPLE_ROWS + 4
     new_names = pd.read_csv(sample["csv"], index_col=0)["file_name"].iloc[SAMPLE_ROWS:].drop_duplicates()
-    new = np.concatenate([audio.wav_examples(inbox / "added" / name) for name in new_names])
+    new = np.concatenate([audio.file_examples(inbox / "added" / name) for name in new_names])
     np.testing.assert_array_equal(spectrograms[SAMPLE_ROWS:], new)
     all_expected = np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)])
     check_outputs(sample["dir"], sample["csv"], all_expected)
@@ -207,7 +207,7 @@ def test_watch_once_with_running_workers_adds_and_embeds_then_exits(sample, work
     )
     assert result.returncode == 0, result.stderr
     assert "left/a.wav: 2 rows added" in result.stderr and f"outputs refreshed: {SAMPLE_ROWS + 2} rows" in result.stderr
-    new = audio.wav_examples(inbox / "added" / "left" / "a.wav")
+    new = audio.file_examples(inbox / "added" / "left" / "a.wav")
     check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)]))
 
 
@@ -246,5 +246,47 @@ def test_watch_replaces_a_dead_worker_and_stops_with_its_error_when_it_keeps_dyi
     last = content.strip().splitlines()[-1]
     assert last.startswith("producer: error: worker local-") and "died 4 times in 10 minutes" in last, last
     assert "it said: worker: error: " in last and "not a readable TensorFlow checkpoint" in last, last
-    new = audio.wav_examples(inbox / "added" / "after.wav")
+    new = audio.file_examples(inbox / "added" / "after.wav")
     check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)]))
+
+
+def test_add_clips_takes_every_format_and_rate_in_one_command(sample, tmp_path):
+    rec = tmp_path / "rec"
+    files = [
+        write_audio(rec / "no" / "c.ogg", speech_like(2.1, 48000, 2, seed=3), 48000, "VORBIS"),
+        write_audio(rec / "no" / "d.mp3", speech_like(1.5, 22050, 1, seed=4), 22050, "MPEG_LAYER_III"),
+        write_audio(rec / "yes" / "a.wav", speech_like(1.2, 8000, 1, seed=1), 8000, "PCM_16"),
+        write_audio(rec / "yes" / "b.flac", speech_like(3.0, 44100, 2, seed=2), 44100, "PCM_24"),
+    ]
+    (rec / "yes" / "notes.txt").write_text("not a recording")
+    before = sample["spec"].stat().st_size
+    result = add_clips(sample, str(rec), "--label-from-folder")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["files_added"] == 4
+
+    frame = pd.read_csv(sample["csv"], index_col=0).iloc[SAMPLE_ROWS:]
+    added = np.fromfile(sample["spec"], dtype="<f8", offset=before).reshape(-1, 96, 64)
+    expected = {path.name: upstream_examples(path) for path in files}
+    assert sum(len(rows) for rows in expected.values()) == len(added) == len(frame)
+    at = 0
+    for name in dict.fromkeys(Path(f).name for f in frame["file_name"]):  # in the CSV's order
+        rows = expected.pop(name)
+        np.testing.assert_allclose(added[at : at + len(rows)], rows, rtol=0, atol=1e-6)
+        at += len(rows)
+    assert not expected
+    assert sorted(set(frame["label"])) == ["no", "yes"]
+
+
+def test_watch_embeds_a_flac_and_moves_an_unreadable_recording_to_failed(sample, workers, redis_url, weights, expected, tmp_path):
+    inbox = tmp_path / "inbox"
+    write_audio(inbox / "take.flac", speech_like(2.0, 44100, 2), 44100, "PCM_16")
+    (inbox / "broken.ogg").write_bytes(b"OggS" + bytes(200))
+    workers.start("w1", [sample["dir"]])
+    result = cli(
+        "producer", "watch", str(inbox), "--label", "x", "--spec", str(sample["spec"]), "--broker", redis_url, "--settle", "0", "--once",
+    )
+    assert result.returncode == 0, result.stderr
+    assert (inbox / "failed" / "broken.ogg").exists() and "cannot read audio" in (inbox / "failed" / "broken.ogg.error.txt").read_text()
+    new = upstream_examples(inbox / "added" / "take.flac")
+    np.testing.assert_allclose(np.fromfile(sample["spec"]).reshape(-1, 96, 64)[SAMPLE_ROWS:], new, rtol=0, atol=1e-6)
+    check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, audio.file_examples(inbox / "added" / "take.flac"), relu_embedding=True)]))

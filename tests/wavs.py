@@ -35,3 +35,26 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = 16000, **encoding) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(wav_bytes(samples, rate, **encoding))
     return path
+
+
+def speech_like(seconds: float, rate: int, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """(n, channels) in [-0.8, 0.8]: a voiced sweep with formant-like harmonics, syllable envelope and
+    noise, loud up to the last sample (so a resampler that wraps the clip around shows at the start)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(round(seconds * rate))) / rate
+    pitch = 120 + 60 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 30) if k * 180 < rate / 2)
+    envelope = 0.55 + 0.45 * np.sin(2 * np.pi * 3.1 * t) ** 2
+    mono = envelope * voice + 0.05 * rng.standard_normal(len(t))
+    out = np.stack([mono, np.roll(mono, 37) * 0.7 + 0.02 * rng.standard_normal(len(t))][:channels], axis=1)
+    return 0.8 * out / np.abs(out).max()
+
+
+def write_audio(path: Path, samples: np.ndarray, rate: int, subtype: str, format: str | None = None) -> Path:
+    """Any format libsndfile writes (WAV, FLAC, OGG, MP3, AIFF…), by soundfile."""
+    import soundfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, samples, rate, subtype=subtype, format=format)
+    return path
