@@ -89,17 +89,16 @@ def validate(spec: Path, frame: Path) -> int:
 
 
 def scan(
-    spec: Path, rows: int, chunk_rows: int, scheme: str = NEW_DIGEST, known: dict[tuple[int, int], str] | None = None
+    spec: Path, bounds: list[tuple[int, int]], scheme: str = NEW_DIGEST, known: dict[tuple[int, int], str] | None = None
 ) -> list[Chunk]:
-    """Plan chunks aligned to multiples of chunk_rows, fingerprint each, and refuse NaN or Inf.
+    """Fingerprint the chunks with these (start, stop) bounds, and refuse NaN or Inf.
 
     `known` maps (start, stop) to a digest taken earlier of rows the caller knows are unchanged;
     those chunks are not read again.
     """
     chunks, bad = [], []
     reader = RowReader()
-    for start in range(0, rows, chunk_rows):
-        stop = min(start + chunk_rows, rows)
+    for start, stop in bounds:
         if known and (start, stop) in known:
             chunks.append(Chunk(start, stop, known[(start, stop)]))
             continue

@@ -78,7 +78,7 @@ def plan_job(
         rows=rows,
         chunk_rows=chunk_rows,
         embedding=embedding,
-        chunks=scan(spec, rows, chunk_rows, scheme, known_digests(old, spec, chunk_rows, unchanged_rows)),
+        chunks=scan(spec, cut(old, spec, rows, chunk_rows), scheme, known_digests(old, spec, chunk_rows, unchanged_rows)),
         digest_scheme=scheme,
     )
     if before_writing is not None:
@@ -96,6 +96,17 @@ def plan_job(
     job.save()
     reused = [c for c in job.chunks if c not in send]
     return Plan(job, send, reused, dropped, jobdir.pinned_model())
+
+
+def cut(old: Job | None, spec: Path, rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """Chunk bounds: the earlier plan's chunks that still lie within the rows, then the rows past
+    them in chunks of their own. So rows appended to a source never reopen a chunk that has its
+    shard: a refresh after k new rows embeds exactly those k rows."""
+    kept = []
+    if old is not None and old.source == str(spec) and old.chunk_rows == chunk_rows:
+        kept = [(c.start, c.stop) for c in old.chunks if c.stop <= rows]  # a prefix: chunks tile [0, rows)
+    start = kept[-1][1] if kept else 0
+    return kept + [(a, min(a + chunk_rows, rows)) for a in range(start, rows, chunk_rows)]
 
 
 def known_digests(old: Job | None, spec: Path, chunk_rows: int, unchanged_rows: int) -> dict[tuple[int, int], str]:

@@ -92,6 +92,7 @@ def test_appended_rows_embed_only_new_chunks(sample, model_files, expected):
     second = cli(*args)
     assert second.returncode == 0, second.stderr
     summary = json.loads(second.stdout.strip().splitlines()[-1])
-    assert summary["reused_rows"] == 120 and summary["enqueued_rows"] == 80  # rows 120-150 were a partial chunk
-    assert summary["enqueued_rows"] <= 50 + 40
+    assert summary["reused_rows"] == 150 and summary["enqueued_rows"] == 50  # new rows in chunks of their own
+    job = json.loads((sample["dir"] / "job.json").read_text())
+    assert [c[:2] for c in job["chunks"]] == [[0, 40], [40, 80], [80, 120], [120, 150], [150, 190], [190, 200]]
     check_outputs(sample["dir"], sample["csv"], expected["relu"])
