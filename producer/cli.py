@@ -222,7 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             # The plan scans the inputs while the workers start. A worker checks the checkpoint as
             # it loads it, and only then may the plan pin the job to it (pinning another model
             # drops the job's shards). This process never imports TensorFlow.
-            from producer.finalize import finalize, warm_up  # Arrow loads after the workers are spawned
+            from producer.finalize import refresh, warm_up  # Arrow loads after the workers are spawned
 
             warm_up()
             planned = plan(args, local_capacity(fleet), model_arg(args), before_writing=lambda: first_ready(app, fleet))
@@ -234,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             embed(app, job, planned.send, fleet)
             fleet.signal_stop()  # the workers wind down while finalize runs
-            result = finalize(job, pca)
+            result = refresh(job, pca)
     except KeyboardInterrupt:
         print(f"\ninterrupted: shards so far are kept in {out_dir}; run the same command to go on", file=sys.stderr)
         return INTERRUPTED
@@ -343,7 +343,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     from producer.clips import Clip, append_clips, check_label_choice, known_names, locked
     from producer.audio import warm_up
-    from producer.finalize import finalize
+    from producer.finalize import refresh
     from producer.inbox import Inbox
     from producer.local import first_ready, local_workers
     from producer.postprocess import PCA
@@ -405,7 +405,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     planned = plan(args, workers, model, unchanged_rows=embedded_rows)
                     try:
                         embed(app, planned.job, planned.send, fleet)
-                        finalize(planned.job, pca)
+                        refresh(planned.job, pca)
                     except WorkersDied:
                         raise
                     except PipelineError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
@@ -40,20 +41,22 @@ def csv_header(path: Path) -> list[str]:
     return header
 
 
-def csv_reader(path: Path, block_size: int = 1 << 22) -> pacsv.CSVStreamingReader:
-    """Stream the CSV with every column read as text, so its values are copied, never reinterpreted."""
-    header = csv_header(path)
-    names = [f"_{i}" for i in range(len(header))]
+def csv_reader(
+    source: Path | IO[bytes], block_size: int = 1 << 22, header: list[str] | None = None, skip_header: bool = True
+) -> pacsv.CSVStreamingReader:
+    """Stream the CSV with every column read as text, so its values are copied, never reinterpreted.
+    `source` may be a file's lines after its header (`header` given, `skip_header=False`)."""
+    names = [f"_{i}" for i in range(len(header or csv_header(source)))]  # type: ignore[arg-type]
     try:
         return pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=block_size),
+            source,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if skip_header else 0, block_size=block_size),
             convert_options=pacsv.ConvertOptions(
                 column_types={n: pa.string() for n in names}, strings_can_be_null=False, quoted_strings_can_be_null=False
             ),
         )
     except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+        raise InputError(f"{source}: not a readable CSV ({str(e).splitlines()[0]})") from e
 
 
 def csv_rows(path: Path) -> int:

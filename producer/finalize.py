@@ -3,12 +3,19 @@
 It streams: a few CSV blocks and the shards under them are in memory at a time, whatever N is.
 The outputs are published as one set (worker.files.atomic_set): a crash leaves the old set or the
 new one, never a torn file or files of both; re-running finalize is always safe.
+
+Beside them, `wavfile_embed.manifest.json` says what they hold: the chunks, model, embedding
+form, PCA params and the input CSV bytes they were made from, and each file's size. When a job
+has only grown since (its earlier chunks and CSV bytes unchanged), `refresh` appends the new rows
+to the outputs in place (worker.files.append_set): O(new rows), whatever N is.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -24,12 +31,13 @@ from producer.job import Job
 from producer.postprocess import PCA
 from worker.devices import usable_cores
 from worker.errors import InputError, JobFailed
-from worker.files import atomic_set
+from worker.files import append_set, atomic_set
 from worker.shard import EMBEDDING_SIZE, read_shard
 
 OUTPUT_DAT = "wavfile_embed.dat"
 OUTPUT_CSV = "wavfile_embed.csv"
 OUTPUT_PCA = "wavfile_embed_pca.dat"
+MANIFEST = "wavfile_embed.manifest.json"
 EMBEDDING_COLUMNS = [f"e{i}" for i in range(EMBEDDING_SIZE)]
 BLOCK_BYTES = 1 << 16  # of input CSV per block: ~1,900 rows, ~2.5 MB of output text
 
@@ -52,10 +60,10 @@ def check_complete(job: Job) -> None:
         )
 
 
-def shard_rows(job: Job) -> Iterator[np.ndarray]:
-    """Each chunk's embeddings as float64, in row order, after checking they fit the job."""
+def shard_rows(job: Job, first: int = 0) -> Iterator[np.ndarray]:
+    """Each chunk's embeddings (from chunk `first` on) as float64, in row order, after checking they fit the job."""
     model = job.dir.pinned_model()
-    for chunk in job.chunks:
+    for chunk in job.chunks[first:]:
         path = job.shard_path(chunk)
         try:
             meta, embeddings = read_shard(path)
@@ -113,7 +121,7 @@ def warm_up() -> None:
 
 def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> dict:
     """Write wavfile_embed.dat (N x 128 float64), wavfile_embed.csv (frame + e0..e127) and,
-    with PCA params, wavfile_embed_pca.dat (N x 128 uint8). Returns a summary.
+    with PCA params, wavfile_embed_pca.dat (N x 128 uint8), and their manifest. Returns a summary.
 
     Formatting 13.5 M floats as text is most of the work, so blocks of CSV are formatted on
     `threads` threads (default: one per core; Arrow releases the GIL) and written in order;
@@ -127,8 +135,8 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> di
     taker = RowTaker(shard_rows(job))
     threads = threads or usable_cores()
     rows = 0
-    paths = [out / OUTPUT_DAT, out / OUTPUT_CSV] + ([out / OUTPUT_PCA] if pca else [])
-    with atomic_set(paths) as files, ThreadPoolExecutor(threads) as pool:
+    paths = output_paths(out, pca)
+    with atomic_set([*paths, out / MANIFEST]) as files, ThreadPoolExecutor(threads) as pool:
         dat, table_csv = files[:2]
         quantized = files[2] if pca else None
         table_csv.write(header_line(names))
@@ -146,4 +154,92 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> di
             table_csv.write(pending.popleft().result())
         if rows != job.rows or not taker.exhausted():
             raise InputError(f"{frame} has {rows} rows but the job has {job.rows}: the CSV changed since enqueue")
-    return {"rows": rows, "outputs": [str(p) for p in paths], "seconds": round(time.perf_counter() - began, 3)}
+        sizes = {p.name: f.tell() for p, f in zip(paths, files)}
+        files[-1].write(manifest(job, pca, sizes))
+    return {"rows": rows, "outputs": [str(p) for p in paths], "appended": False, "seconds": round(time.perf_counter() - began, 3)}
+
+
+def output_paths(out: Path, pca: PCA | None) -> list[Path]:
+    return [out / OUTPUT_DAT, out / OUTPUT_CSV] + ([out / OUTPUT_PCA] if pca else [])
+
+
+def input_csv(job: Job, size: int | None = None) -> tuple[int, str]:
+    """The input CSV's first `size` bytes (default: all): their count and xxh3-128 digest."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    done = 0
+    with open(job.csv, "rb") as f:
+        while size is None or done < size:
+            block = f.read(min(1 << 22, size - done) if size is not None else 1 << 22)
+            if not block:
+                break
+            h.update(block)
+            done += len(block)
+    return done, h.hexdigest()
+
+
+def manifest(job: Job, pca: PCA | None, sizes: dict[str, int]) -> bytes:
+    csv_bytes, csv_digest = input_csv(job)
+    record = {
+        "rows": job.rows,
+        "chunks": [[c.start, c.stop, c.digest] for c in job.chunks],
+        "embedding": job.embedding,
+        "model": job.dir.pinned_model(),
+        "pca": pca.digest if pca else None,
+        "csv_bytes": csv_bytes,
+        "csv_digest": csv_digest,
+        "sizes": sizes,
+    }
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def refresh(job: Job, pca: PCA | None = None) -> dict:
+    """The outputs for the job as it is now: new rows appended in place when the job only grew
+    since the outputs were made (see the module's doc), else a full finalize."""
+    return extend(job, pca) or finalize(job, pca)
+
+
+def extend(job: Job, pca: PCA | None) -> dict | None:
+    """Append the rows of the chunks the outputs lack; None if they are not a prefix of the job."""
+    began = time.perf_counter()
+    out = Path(job.out_dir)
+    try:
+        held = json.loads((out / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return None
+    chunks = [[c.start, c.stop, c.digest] for c in job.chunks]
+    paths = output_paths(out, pca)
+    same = (
+        held.get("chunks") == chunks[: len(held.get("chunks", []))]
+        and held.get("embedding") == job.embedding
+        and held.get("model") == job.dir.pinned_model()
+        and held.get("pca") == (pca.digest if pca else None)
+        and held.get("sizes") == {p.name: p.stat().st_size if p.exists() else -1 for p in paths}
+    )
+    if not same or input_csv(job, held["csv_bytes"]) != (held["csv_bytes"], held["csv_digest"]):
+        return None
+    check_complete(job)
+    summary = {"rows": job.rows, "outputs": [str(p) for p in paths], "appended": True}
+    if len(held["chunks"]) == len(chunks):
+        return {**summary, "seconds": round(time.perf_counter() - began, 3)}  # nothing new: they are up to date
+    with open(job.csv, "rb") as f:
+        f.seek(held["csv_bytes"])
+        tail = f.read()
+    new_rows = job.rows - held["rows"]
+    batch = read_tail(job, tail)
+    if batch.num_rows != new_rows:
+        return None  # the CSV gained rows in another way than the .dat: let finalize say what is wrong
+    embeddings = np.concatenate(list(shard_rows(job, first=len(held["chunks"]))))
+    appends = [(paths[0], embeddings.tobytes()), (paths[1], csv_lines(batch, embeddings).to_pybytes())]
+    if pca:
+        appends.append((paths[2], pca.quantize(embeddings).tobytes()))
+    sizes = {p.name: held["sizes"][p.name] + len(data) for p, (_, data) in zip(paths, appends)}
+    append_set(appends, out / MANIFEST, manifest(job, pca, sizes))
+    return {**summary, "seconds": round(time.perf_counter() - began, 3)}
+
+
+def read_tail(job: Job, tail: bytes) -> pa.RecordBatch:
+    """The CSV rows in `tail` (bytes after a whole line), read exactly as finalize reads the file."""
+    table = csv_reader(io.BytesIO(tail), header=csv_header(Path(job.csv)), skip_header=False).read_all()
+    return table.combine_chunks().to_batches()[0] if table.num_rows else pa.record_batch([])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from producer.dataset import Chunk
 from worker.errors import InputError
-from worker.files import finish_set, write_json
+from worker.files import finish_append, finish_set, write_json
 from worker.jobdir import JobDir
 from worker.message import ChunkMessage
 from worker.spectrogram import OLD_DIGEST
@@ -85,6 +85,7 @@ class Job:
         if not out_dir.is_dir():
             raise InputError(f"{out_dir}: no such job folder")
         finish_set(out_dir)  # outputs whose publication a crash cut short are completed first
+        finish_append(out_dir)  # or, if it was an append, cut back
         try:
             record = json.loads(path.read_text())
         except FileNotFoundError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ class PCA:
             raise CheckpointError(f"{path}: {PCA_EIGEN_VECTORS} has shape {self.matrix.shape}, expected (128, 128)")
         if self.means.shape != (EMBEDDING_SIZE, 1):
             raise CheckpointError(f"{path}: {PCA_MEANS} has {self.means.size} values, expected 128")
+        self.digest = hashlib.sha256(self.matrix.astype("<f8").tobytes() + self.means.astype("<f8").tobytes()).hexdigest()[:32]
 
     def quantize(self, embeddings: np.ndarray) -> np.ndarray:
         """uint8 embeddings exactly as upstream's Postprocessor makes them (truncating cast included)."""

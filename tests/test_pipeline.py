@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from conftest import cli
 from outputs import check_outputs
@@ -96,3 +100,72 @@ def test_appended_rows_embed_only_new_chunks(sample, model_files, expected):
     job = json.loads((sample["dir"] / "job.json").read_text())
     assert [c[:2] for c in job["chunks"]] == [[0, 40], [40, 80], [80, 120], [120, 150], [150, 190], [190, 200]]
     check_outputs(sample["dir"], sample["csv"], expected["relu"])
+
+
+def grow_in_two_steps(sample, model_files) -> tuple[list[str], dict[str, bytes]]:
+    """Run on the first 150 rows (outputs with PCA), then append the last 50 rows to the inputs.
+    Returns the run's arguments and the outputs the first run made."""
+    from worker.spectrogram import ROW_BYTES
+
+    data, lines = sample["spec"].read_bytes(), sample["csv"].read_text().splitlines(keepends=True)
+    sample["spec"].write_bytes(data[: 150 * ROW_BYTES])
+    sample["csv"].write_text("".join(lines[:151]))
+    args = [
+        "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]), "--pca-params", str(model_files["pca"]),
+        "--chunk-rows", "40", "--json",
+    ]
+    first = cli("producer", *args)
+    assert first.returncode == 0, first.stderr
+    outputs = {p.name: p.read_bytes() for p in sample["dir"].glob("wavfile_embed*")}
+    assert len(outputs) == 4  # .dat, .csv, _pca.dat and the manifest
+    sample["spec"].write_bytes(data)
+    sample["csv"].write_text("".join(lines))
+    return args, outputs
+
+
+def test_a_grown_job_appends_to_its_outputs_in_place_equal_to_a_full_finalize(sample, model_files, expected):
+    args, before = grow_in_two_steps(sample, model_files)
+    inodes = {p.name: p.stat().st_ino for p in sample["dir"].glob("wavfile_embed*.dat")}
+    second = cli("producer", *args)
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["appended"] and summary["enqueued_rows"] == 50
+    assert {p.name: p.stat().st_ino for p in sample["dir"].glob("wavfile_embed*.dat")} == inodes  # in place, not rewritten
+    for name in ("wavfile_embed.dat", "wavfile_embed.csv", "wavfile_embed_pca.dat"):
+        assert (sample["dir"] / name).read_bytes().startswith(before[name])
+    check_outputs(sample["dir"], sample["csv"], expected["relu"], model_files["pca"])
+
+    appended = {p.name: p.read_bytes() for p in sample["dir"].glob("wavfile_embed*")}
+    full = cli("producer", "finalize", str(sample["dir"]), "--pca-params", str(model_files["pca"]))
+    assert full.returncode == 0, full.stderr
+    assert {p.name: p.read_bytes() for p in sample["dir"].glob("wavfile_embed*")} == appended  # byte for byte
+
+
+@pytest.mark.parametrize("dies", [False, True], ids=["write-refused", "killed-mid-append"])
+def test_an_append_cut_short_leaves_the_old_outputs_and_a_rerun_finishes(sample, model_files, expected, dies):
+    """A real file-size limit (RLIMIT_FSIZE) stops the append a few rows into the .dat: refused
+    (EFBIG, as Python sees it), or killed by SIGXFSZ with the .dat torn."""
+    import resource
+
+    args, before = grow_in_two_steps(sample, model_files)
+    limit = len(before["wavfile_embed.dat"]) + 1000
+    ignore = "signal.SIG_DFL" if dies else "signal.SIG_IGN"
+    code = f"import signal, sys; signal.signal(signal.SIGXFSZ, {ignore}); from producer.cli import main; sys.exit(main(sys.argv[1:]))"
+    cut = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    if dies:
+        assert cut.returncode == -signal.SIGXFSZ, cut.stderr
+        assert len((sample["dir"] / "wavfile_embed.dat").read_bytes()) > len(before["wavfile_embed.dat"])  # torn for now
+        assert cli("producer", "status", str(sample["dir"])).returncode == 0  # the next command on the folder repairs
+    else:
+        assert cut.returncode == 3, cut.stderr
+        assert "wavfile_embed.dat: File too large" in cut.stderr and "Traceback" not in cut.stderr
+    assert {p.name: p.read_bytes() for p in sample["dir"].glob("wavfile_embed*")} == before
+    assert not (sample["dir"] / ".append-journal.json").exists()
+
+    again = cli("producer", *args)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["appended"]
+    check_outputs(sample["dir"], sample["csv"], expected["relu"], model_files["pca"])

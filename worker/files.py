@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +20,7 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 SET_JOURNAL = ".publish-journal.json"
+APPEND_JOURNAL = ".append-journal.json"
 
 
 def temp_beside(path: Path) -> tuple[int, str]:
@@ -99,6 +101,57 @@ def finish_set(folder: Path) -> None:
         if os.path.exists(tmp):
             os.replace(tmp, final)
     fsync_folder(folder)
+    journal.unlink()
+    fsync_folder(folder)
+
+
+def append_set(appends: list[tuple[Path, bytes]], commit: Path, record: bytes) -> None:
+    """Append bytes to several files of one folder, then replace `commit` (the record of what they
+    hold) with `record`, as one step: `commit` is the step's commit point.
+
+    A journal first notes each file's size and the record's digest. A crash before the record is
+    in place leaves the files cut back to their old sizes by `finish_append` (run by the next
+    command on the folder, and here at once on a failure); after it, the step is done. Each file
+    gets its bytes in one write, fsynced: readers see whole rows arrive, not a trickle.
+    """
+    folder = commit.parent
+    finish_append(folder)
+    journal = folder / APPEND_JOURNAL
+    sizes = {str(path): path.stat().st_size for path, _ in appends}
+    write_json(journal, {"sizes": sizes, "commit": str(commit), "digest": hashlib.sha256(record).hexdigest()})
+    fsync_folder(folder)
+    path = commit  # the file being written, for the error line
+    try:
+        for path, data in appends:
+            with open(path, "ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        path = commit
+        with atomic_write(commit) as f:
+            f.write(record)
+        fsync_folder(folder)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            finish_append(folder)
+        failed_write(e, path, [])
+    finish_append(folder)
+
+
+def finish_append(folder: Path) -> None:
+    """Settle an append_set a crash cut short: done if its record is in place, else cut back."""
+    journal = folder / APPEND_JOURNAL
+    try:
+        step = json.loads(journal.read_text())
+    except FileNotFoundError:
+        return
+    commit = Path(step["commit"])
+    done = commit.exists() and hashlib.sha256(commit.read_bytes()).hexdigest() == step["digest"]
+    if not done:
+        for path, size in step["sizes"].items():
+            with contextlib.suppress(FileNotFoundError), open(path, "r+b") as f:
+                f.truncate(size)
+                os.fsync(f.fileno())
     journal.unlink()
     fsync_folder(folder)
 
