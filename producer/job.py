@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from producer.dataset import Chunk
@@ -93,7 +94,16 @@ class Job:
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: corrupt job record ({e})") from e
         record["chunks"] = [Chunk(*c) for c in record["chunks"]]
-        return cls(**record)
+        return cls(**record).found_at(out_dir)
+
+    def found_at(self, out_dir: Path) -> "Job":
+        """The job as found in `out_dir`: a folder moved, renamed or copied since job.json was written
+        is this job's folder now, and inputs that were inside the old one are inside this one."""
+        here, then = Path(os.path.realpath(out_dir)), Path(self.out_dir)
+        if here == then:
+            return self
+        inside = lambda p: str(here / Path(p).relative_to(then)) if Path(p).is_relative_to(then) else p  # noqa: E731
+        return replace(self, out_dir=str(here), source=inside(self.source), csv=inside(self.csv))
 
     @classmethod
     def load_or_new(cls, out_dir: Path) -> "Job | None":

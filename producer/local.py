@@ -13,13 +13,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from celery import Celery
 
 from worker.broker import make_app
 from worker.devices import discover
 from worker.errors import BrokerError
-from worker.fleet import Fleet, exit_with_parent
+from worker.fleet import MAX_RESTARTS, RESTART_WINDOW, Fleet, exit_with_parent
 
 CPU_WORKERS = 1  # with no GPU: one worker using every core was fastest (BENCHMARKS.md: 1 vs 2 workers)
 
@@ -47,6 +48,7 @@ class LocalRedis:
         self.socket = self.dir / "redis.sock"
         self.url = f"redis+socket://{self.socket}"
         self.proc: subprocess.Popen | None = None
+        self.deaths: list[float] = []
 
     def start(self, timeout: float = 20.0) -> "LocalRedis":
         args = [redis_server_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
@@ -62,6 +64,25 @@ class LocalRedis:
                 return self
             time.sleep(0.05)
         raise BrokerError("redis-server did not start in time")
+
+    def revive(self, out: TextIO = sys.stderr) -> None:
+        """Start the server again if it died (OOM, kill -9), at most MAX_RESTARTS times in
+        RESTART_WINDOW seconds, else BrokerError. The workers reconnect by themselves; the messages
+        it held are gone, so Recovery re-sends the chunks that have no shard."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        code = self.proc.returncode
+        how = f"signal {-code}" if code < 0 else f"code {code}"
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW] + [now]
+        if len(self.deaths) > MAX_RESTARTS:
+            raise BrokerError(
+                f"the private redis-server died {len(self.deaths)} times in {RESTART_WINDOW / 60:g} minutes (last: {how}); "
+                "shards are kept: run the same command to go on"
+            )
+        out.write(f"\nthe private redis-server exited ({how}); starting it again (lost messages are re-sent)\n")
+        self.socket.unlink(missing_ok=True)
+        self.start()
 
     def ping(self) -> bool:
         try:
@@ -104,8 +125,9 @@ def local_workers(checkpoint: Path, workers: int | None, roots: list[Path], log_
     try:
         redis.start()
         common = ["--broker", redis.url, "--checkpoint", str(checkpoint), *(f"--data-root={r}" for r in roots)]
-        fleet = local_fleet(workers, common, log_dir).start()
-        yield make_app(redis.url), fleet
+        fleet = local_fleet(workers, common, log_dir)
+        fleet.needs.append(redis.revive)
+        yield make_app(redis.url), fleet.start()
     finally:
         if fleet:
             fleet.stop()

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import TextIO
 
 from celery import Celery
+from celery.exceptions import DuplicateNodenameWarning
 
 from producer.job import Job
 from producer.plan import send
 from worker.broker import live_workers
-from worker.errors import JobFailed
+from worker.errors import InputError, JobFailed
 from worker.message import QUEUE
 
 
@@ -33,7 +35,10 @@ def held_chunks(app: Celery, job: Job) -> set[int]:
     """Start rows of this job's chunks that live workers are running or have reserved."""
     inspect = app.control.inspect(timeout=0.5)
     held = set()
-    for reply in (inspect.active() or {}, inspect.reserved() or {}):
+    with warnings.catch_warnings():  # two workers sharing a name: Celery's 4-line warning on every round
+        warnings.simplefilter("ignore", DuplicateNodenameWarning)
+        replies = (inspect.active() or {}, inspect.reserved() or {})
+    for reply in replies:
         for tasks in reply.values():
             for task in tasks:
                 kwargs = task.get("kwargs") or {}
@@ -52,6 +57,7 @@ def model_note(job: Job, live: dict[str, dict]) -> str | None:
 
 
 MAX_RESENDS = 3  # of one chunk: past that its fate is an error, not another try
+GONE_PATIENCE = 60.0  # seconds a job folder may be away (moved and back) before `wait` gives up on it
 
 
 class Recovery:
@@ -65,11 +71,21 @@ class Recovery:
         self.missing_before = -1
         self.resent: dict[int, int] = {}
         self.model_checked = 0.0  # when live workers' models were last compared with the job's
+        self.gone_since = 0.0  # when job.json was first found missing
 
     def __call__(self) -> None:
         if time.monotonic() - self.last < self.every:
             return
         self.last = time.monotonic()
+        if not self.job.dir.job_file.exists():  # moved away, perhaps for a moment: re-sending would only be refused
+            self.gone_since = self.gone_since or time.monotonic()
+            if time.monotonic() - self.gone_since < GONE_PATIENCE:
+                return
+            raise InputError(
+                f"{self.job.out_dir}: the job folder is gone (moved or deleted?); its shards are kept where it is: "
+                "run `producer wait` on it there, or `producer run`/`enqueue` where it is now"
+            )
+        self.gone_since = 0.0
         failed = {f["start"] for f in self.job.failures()}
         missing = {c.start: c for c in self.job.missing() if c.start not in failed}
         progressed, self.missing_before = len(missing) != self.missing_before, len(missing)
@@ -99,4 +115,8 @@ class Recovery:
             self.resent[s] = self.resent.get(s, 0) + 1
         if resend:
             send(self.app, self.job, [missing[s] for s in resend])
-            self.out.write(f"\nre-sent {len(resend)} chunks whose message was lost (worker killed or broker restarted)\n")
+            n = len(resend)
+            self.out.write(
+                f"\nre-sent {n} chunk{'s' * (n != 1)} with no shard and no message left "
+                "(a worker killed or stopped, a broker restart, or a shard deleted)\n"
+            )

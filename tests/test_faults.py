@@ -173,6 +173,29 @@ def test_kill_9_of_producer_run_takes_all_it_started_and_a_rerun_finishes(sample
     check_outputs(sample["dir"], sample["csv"], expected["relu"])
 
 
+def test_producer_run_whose_private_redis_is_killed_starts_it_again_and_finishes(sample, model_files, expected):
+    """An OOM kill of the private Redis mid-job: the run says so in one line, starts it again, re-sends
+    what was lost, and ends with the reference outputs, nothing embedded twice into them."""
+    args = [sys.executable, "-m", "producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]),
+            "--workers", "1", "--chunk-rows", "20"]
+    log = sample["dir"].parent / "run.log"
+    with open(log, "wb") as out:
+        run = subprocess.Popen(args, env=merged_env({"CUDA_VISIBLE_DEVICES": "-1"}), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(shards(sample["dir"])) >= 2, what="two shards")
+        redis = [p for p in descendants(run.pid) if "redis-server" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(redis) == 1
+        os.kill(redis[0], signal.SIGKILL)
+        assert run.wait(300) == 0, log.read_text()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    said = log.read_text()
+    assert "the private redis-server exited (signal 9); starting it again" in said and "Traceback" not in said
+    check_outputs(sample["dir"], sample["csv"], expected["relu"])
+
+
 def test_kill_9_of_worker_up_stops_its_workers(redis_url, model_files, tmp_path):
     up = subprocess.Popen([sys.executable, "-m", "worker", "up", "--cpus", "2", "--broker", redis_url, "--checkpoint",
                            str(model_files["checkpoint"]), "--data-root", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -274,3 +297,26 @@ def test_a_crash_between_finalizes_renames_never_leaves_files_of_two_sets(sample
     assert not [p.name for p in sample["dir"].iterdir() if p.name.startswith(".")]  # no journal, no temp file
     assert out.read_text() != old
     check_outputs(sample["dir"], sample["csv"], expected["relu"])  # the new set, whole
+
+
+def test_a_job_folder_renamed_or_copied_is_the_job_where_it_is_now(sample, model_files, expected):
+    import shutil
+
+    run = cli("producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]), "--chunk-rows", "50")
+    assert run.returncode == 0, run.stderr
+    moved = sample["dir"].with_name("moved")
+    sample["dir"].rename(moved)
+    for output in moved.glob("wavfile_embed*"):
+        output.unlink()
+    status = json.loads(cli("producer", "status", str(moved), "--json").stdout)
+    assert status["chunks_done"] == 4 and status["rows_done"] == 200
+    finalized = cli("producer", "finalize", str(moved))
+    assert finalized.returncode == 0, finalized.stderr
+    check_outputs(moved, moved / "wavfile_df.csv", expected["relu"])
+
+    copy = moved.with_name("copy")
+    shutil.copytree(moved, copy)
+    (copy / "wavfile_embed.dat").unlink()
+    assert cli("producer", "finalize", str(copy)).returncode == 0
+    check_outputs(copy, copy / "wavfile_df.csv", expected["relu"])  # into the copy, from the copy
+    assert (moved / "wavfile_embed.dat").read_bytes() == (copy / "wavfile_embed.dat").read_bytes()

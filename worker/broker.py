@@ -76,7 +76,9 @@ def make_app(url: str) -> Celery:
         task_reject_on_worker_lost=True,
         task_default_queue=QUEUE,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A task keeps going when the broker goes away: the threads pool cannot cancel one (Celery logs
+        # tracebacks trying), and its shard is written once under its name whoever finishes it.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": int(os.environ.get(VISIBILITY_ENV, "3600"))},
         worker_hijack_root_logger=True,

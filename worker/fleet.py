@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from worker.devices import Device, threads_per_worker
 from worker.errors import PipelineError, WorkersDied
@@ -85,6 +86,7 @@ class Fleet:
     reported: set[str] = field(default_factory=set)
     stopping: bool = False
     death_signal: int = signal.SIGTERM
+    needs: list[Callable[[TextIO], None]] = field(default_factory=list)  # revivers of what the members need (a private Redis)
 
     @classmethod
     def plan(
@@ -140,6 +142,8 @@ class Fleet:
         MAX_RESTARTS times in RESTART_WINDOW seconds: then raise WorkersDied with its own error."""
         if self.stopping:
             return
+        for revive_need in self.needs:
+            revive_need(out)
         now = time.monotonic()
         for m in self.dead():
             m.deaths = [t for t in m.deaths if now - t < RESTART_WINDOW] + [now]
