@@ -87,6 +87,38 @@ def test_redis_restart_without_persistence_mid_job(sample, workers, redis_server
     assert kept <= {p.name for p in shards(sample["dir"])}  # shards from before the restart were kept
 
 
+def test_broker_restarted_twice_and_a_worker_suspended_past_the_resend_while_wait_runs(sample, workers, redis_server, redis_url, expected):
+    """Long-running faults in one job: Redis restarted twice (no persistence) and a worker stopped
+    (SIGSTOP, as a suspended VM) long enough for its chunk to be re-sent, then resumed."""
+    enqueue(sample, redis_url, 20)
+    workers.start("w1", [sample["dir"]], "--batch-size", "8")
+    stopped = workers.start("w2", [sample["dir"]], "--batch-size", "8")
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "producer", "wait", str(sample["dir"]), "--broker", redis_url, "--timeout", "400"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(lambda: len(shards(sample["dir"])) >= 1, what="a first shard")
+        os.kill(stopped.pid, signal.SIGSTOP)
+        for _ in range(2):
+            redis_server.stop()
+            redis_server.start()
+            time.sleep(3)
+        time.sleep(12)  # past the re-send of what w2 held
+        os.kill(stopped.pid, signal.SIGCONT)
+        _, said = waiting.communicate(timeout=400)
+        assert waiting.returncode == 0, said
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert cli("producer", "finalize", str(sample["dir"])).returncode == 0
+    check_outputs(sample["dir"], sample["csv"], expected["relu"])
+    for name in ("w1", "w2"):
+        assert "Traceback" not in workers.log(name), workers.log(name)
+
+
 def test_a_chunk_delivered_twice_gives_one_valid_shard(sample, workers, redis_url, expected):
     from producer.job import Job
     from producer.plan import send
