@@ -6,24 +6,16 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.errors import EXIT_CODES, INTERRUPTED, OS_ERROR, InputError, JobFailed, PipelineError, UsageError, WorkersDied, os_error_line
+from producer.run import CHECKPOINT_ENV, DEFAULT_CSV
+from worker.errors import EXIT_CODES, INTERRUPTED, OS_ERROR, InputError, JobFailed, PipelineError, UsageError, os_error_line
 from worker.message import EMBEDDING_FORMS
 from worker.spectrogram import ROW_BYTES
 
 if TYPE_CHECKING:
-    from celery import Celery
-
-    from producer.dataset import Chunk
-    from producer.job import Job
-    from producer.plan import Plan
-    from worker.fleet import Fleet
-
-CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
-DEFAULT_CSV = "wavfile_df.csv"
+    from producer.run import JobInputs
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -102,60 +94,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def checkpoint_arg(args: argparse.Namespace) -> Path | None:
-    if args.checkpoint:
-        return args.checkpoint
-    return Path(os.environ[CHECKPOINT_ENV]) if os.environ.get(CHECKPOINT_ENV) else None
+def inputs(args: argparse.Namespace) -> JobInputs:
+    from producer.run import JobInputs
 
-
-def csv_arg(args: argparse.Namespace) -> Path:
-    return args.csv or args.spec.parent / DEFAULT_CSV
-
-
-def out_arg(args: argparse.Namespace) -> Path:
-    return args.out or args.spec.parent
-
-
-def model_arg(args: argparse.Namespace) -> str | None:
-    from worker.checkpoint import fingerprint, model_id, tf32_from_env
-
-    checkpoint = checkpoint_arg(args)
-    return model_id(fingerprint(checkpoint), tf32_from_env()) if checkpoint else None
-
-
-def plan(
-    args: argparse.Namespace,
-    workers: tuple[int, float | None],
-    model: str | None,
-    unchanged_rows: int = 0,
-    before_writing: Callable[[], None] | None = None,
-) -> Plan:
-    """Plan the job for `workers`: how many, and the rows/s of each when known (chunk sizes follow both)."""
-    from producer.plan import plan_job
-
-    if args.chunk_rows is not None and args.chunk_rows < 1:
-        raise UsageError("--chunk-rows must be at least 1")
-    count, speed = workers
-    return plan_job(
-        args.spec, csv_arg(args), out_arg(args), args.embedding, args.chunk_rows, count, model, unchanged_rows, before_writing, speed
+    return JobInputs.of(
+        args.spec, args.csv, getattr(args, "out", None), getattr(args, "embedding", "relu"), getattr(args, "chunk_rows", None),
+        getattr(args, "checkpoint", None),
     )
-
-
-def remote_capacity(app: Celery) -> tuple[int, float | None]:
-    """The broker's live workers: how many, and the rows/s to size chunks for (measured, or a guess for GPUs)."""
-    from producer.job import fleet_speed
-    from worker import broker
-
-    live = broker.live_workers(app)
-    measured = [w["rows_per_s"] for w in live.values() if w.get("rows_per_s")]
-    return len(live), fleet_speed([str(w.get("device")) for w in live.values()], measured)
-
-
-def local_capacity(fleet: Fleet) -> tuple[int, float | None]:
-    """This command's own workers: how many, and the rows/s to size chunks for (a guess for GPUs)."""
-    from producer.job import fleet_speed
-
-    return len(fleet.members), fleet_speed([m.where() for m in fleet.members], [])
 
 
 def report(summary: dict, as_json: bool) -> None:
@@ -168,83 +113,29 @@ def report(summary: dict, as_json: bool) -> None:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from producer.plan import send
+    from producer.run import remote_capacity
     from worker import broker
 
     app = broker.make_app(broker.broker_url(args.broker))
     broker.check_connection(app)
-    workers = remote_capacity(app) if args.chunk_rows is None else (1, None)
-    planned = plan(args, workers, model_arg(args))
+    job = inputs(args)
+    planned = job.plan(remote_capacity(app) if args.chunk_rows is None else (1, None), job.model())
     send(app, planned.job, planned.send)
     report({**planned.summary(), "broker": broker.redact(app.conf.broker_url)}, args.json)
     return 0
 
 
-def embed(app: Celery, job: Job, chunks: list[Chunk], fleet: Fleet | None) -> None:
-    """Send `chunks` and wait for their shards, re-sending lost messages; a local worker that dies
-    is started again (WorkersDied if it keeps dying)."""
-    from producer.plan import send
-    from producer.progress import wait
-    from producer.recovery import Recovery
-
-    send(app, job, chunks)
-    recovery = Recovery(app, job)
-    wait(job, check=lambda: (fleet and fleet.revive(), recovery()))
-
-
-def required_checkpoint(args: argparse.Namespace) -> Path:
-    """The checkpoint flag or env, known to exist; workers check its content as they load it."""
-    from worker import checkpoint
-
-    ckpt = checkpoint_arg(args)
-    if ckpt is None:
-        raise UsageError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
-    checkpoint.checkpoint_files(ckpt)
-    return ckpt
-
-
-def data_roots(spec: Path, out_dir: Path) -> list[Path]:
-    """Folders the local workers may read and write: the spectrograms' and the job's."""
-    return sorted({Path(os.path.realpath(spec.parent)), Path(os.path.realpath(out_dir))})
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from producer.job import check_writable
-    from producer.local import first_ready, local_workers
-    from producer.postprocess import PCA
+    from producer.run import run_local
 
-    check_workers(args.workers)  # usage first, then the files
-    ckpt = required_checkpoint(args)
-    pca = PCA(args.pca_params) if args.pca_params else None
-    out_dir = out_arg(args)
-    check_writable(out_dir)  # it takes the workers' logs
+    job = inputs(args)
     try:
-        with local_workers(ckpt, args.workers, data_roots(args.spec, out_dir), out_dir / "logs") as (app, fleet):
-            # The plan scans the inputs while the workers start. A worker checks the checkpoint as
-            # it loads it, and only then may the plan pin the job to it (pinning another model
-            # drops the job's shards). This process never imports TensorFlow.
-            from producer.finalize import refresh, warm_up  # Arrow loads after the workers are spawned
-
-            warm_up()
-            planned = plan(args, local_capacity(fleet), model_arg(args), before_writing=lambda: first_ready(app, fleet))
-            job = planned.job
-            print(
-                f"job {job.id}: {job.rows} rows, {len(planned.send)} chunks to embed "
-                f"({sum(c.rows for c in planned.reused)} rows reused) on {fleet.summary()}",
-                file=sys.stderr,
-            )
-            embed(app, job, planned.send, fleet)
-            fleet.signal_stop()  # the workers wind down while finalize runs
-            result = refresh(job, pca)
+        summary = run_local(job, args.workers, args.pca_params)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: shards so far are kept in {out_dir}; run the same command to go on", file=sys.stderr)
+        print(f"\ninterrupted: shards so far are kept in {job.out}; run the same command to go on", file=sys.stderr)
         return INTERRUPTED
-    report({**planned.summary(), **result, "workers": [m.describe() for m in fleet.members]}, args.json)
+    report(summary, args.json)
     return 0
-
-
-def check_workers(workers: int | None) -> None:
-    if workers is not None and workers < 1:
-        raise UsageError("--workers must be at least 1")
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -306,7 +197,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 def cmd_add_clips(args: argparse.Namespace) -> int:
     from producer.clips import append_clips, gather, known_names, locked, roll_back
 
-    spec, frame = args.spec, csv_arg(args)
+    spec, frame = args.spec, inputs(args).csv
     if not args.recordings:
         with locked(spec, frame):
             repaired = roll_back(spec, frame)
@@ -337,96 +228,17 @@ def cmd_add_clips(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    import contextlib
-    import signal
-    import time
+    from producer.watcher import Watcher
 
-    from producer.clips import Clip, append_clips, check_label_choice, known_names, locked
-    from producer.audio import warm_up
-    from producer.finalize import refresh
-    from producer.inbox import Inbox
-    from producer.local import first_ready, local_workers
-    from producer.postprocess import PCA
-    from worker import broker
-
-    check_label_choice(args.label, args.label_from_folder)
-    if not args.inbox.is_dir():
-        raise InputError(f"{args.inbox}: no such folder")
-    check_workers(args.workers)
-    spec, frame = args.spec, csv_arg(args)
-    app = broker.optional_app(args.broker)
-    ckpt = checkpoint_arg(args) if app else required_checkpoint(args)
-    model = model_arg(args)
-    pca = PCA(args.pca_params) if args.pca_params else None
-    inbox = Inbox(args.inbox, settle=args.settle)
-    out_dir = out_arg(args)
-
-    def ingest(names: set[str]) -> int:
-        clips = []
-        for path in inbox.ready():
-            label = args.label or inbox.label_folder(path)
-            if label is None:
-                inbox.move(path, "no label: put the file in a LABEL/ folder, or start watch with --label")
-                print(f"{path}: refused, no label folder", file=sys.stderr)
-            else:
-                clips.append(Clip(path, inbox.file_name(path), label))
-        if not clips:
-            return 0
-        results = append_clips(spec, frame, clips, args.valid, args.pad, names, partial=True)
-        for r in results:
-            if r.duplicate:
-                r.error = f"a clip named {r.clip.file_name} is already in {frame}; rename the file to add it"
-            moved = inbox.move(r.clip.path, r.error)
-            names.add(r.clip.file_name)
-            print(f"{r.clip.file_name}: {r.error or f'{r.rows} rows added'} -> {moved}", file=sys.stderr)
-        return sum(r.rows for r in results)
-
+    watcher = Watcher(
+        inputs(args), args.inbox, args.label, args.label_from_folder, args.valid, args.pad, args.broker, args.workers,
+        args.pca_params, args.settle, args.poll,
+    )
     try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(locked(spec, frame))
-            if app is None:
-                roots = data_roots(spec, out_dir)
-                app, fleet = stack.enter_context(local_workers(ckpt, args.workers, roots, out_dir / "logs"))
-                first_ready(app, fleet)  # the checkpoint is good before any job is pinned to it
-                print(f"workers: {fleet.summary()}", file=sys.stderr)
-                workers = local_capacity(fleet)
-            else:
-                fleet = None
-                broker.check_connection(app)
-                workers = remote_capacity(app)
-            warm_up()  # resampy and numba now, not on the first clip
-            names = known_names(frame)
-            print(f"watching {args.inbox} for recordings ({len(names)} clips already in {frame})", file=sys.stderr)
-            embedded_rows, first = 0, True
-            while True:
-                added = ingest(names)
-                if (added or first) and spec.stat().st_size:
-                    began = time.monotonic()
-                    planned = plan(args, workers, model, unchanged_rows=embedded_rows)
-                    try:
-                        embed(app, planned.job, planned.send, fleet)
-                        refresh(planned.job, pca)
-                    except WorkersDied:
-                        raise
-                    except PipelineError as e:
-                        print(f"producer: error: {e} (still watching)", file=sys.stderr)
-                    else:
-                        embedded_rows = planned.job.rows
-                        summary = planned.summary()
-                        print(
-                            f"outputs refreshed: {planned.job.rows} rows ({summary['enqueued_rows']} embedded, "
-                            f"{summary['reused_rows']} reused) in {time.monotonic() - began:.1f} s",
-                            file=sys.stderr,
-                        )
-                first = False
-                if args.once:
-                    return 0
-                time.sleep(args.poll)
-                if fleet:
-                    fleet.revive()  # a service replaces a dead worker even while nothing lands
+        watcher.run(once=args.once)
     except KeyboardInterrupt:
         print("\nstopped watching", file=sys.stderr)
-        return 0
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -92,15 +92,45 @@ def progress_line(status: Status, rate: float, workers: int | None = None) -> st
     return line
 
 
+class Display:
+    """Where progress goes: a tqdm bar (tqdm.auto: a widget in Jupyter, a bar on a terminal), or,
+    for logs and pipes, a plain line every 10 s; or nowhere."""
+
+    def __init__(self, out: TextIO, show: bool, total: int, done: int) -> None:
+        self.out = out
+        self.show = show
+        self.last = 0.0
+        self.bar = None
+        if show and (out.isatty() or "ipykernel" in sys.modules):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="rows", unit_scale=True, file=out, dynamic_ncols=True)
+
+    def update(self, status: Status, rate: float, workers: int, final: bool = False) -> None:
+        if self.bar is not None:
+            self.bar.update(status.rows_done - self.bar.n)
+            postfix = f"chunks {status.chunks_done}/{status.chunks_total}, {workers} worker{'s' * (workers != 1)} active"
+            self.bar.set_postfix_str(postfix + (f", failed {len(status.failed)}" if status.failed else ""), refresh=False)
+        elif self.show and (final or time.monotonic() - self.last >= 10):
+            self.out.write(progress_line(status, rate, workers) + "\n")
+            self.out.flush()
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def wait(
     job: Job,
     out: TextIO = sys.stderr,
     interval: float = 0.1,
     timeout: float | None = None,
     check: Callable[[], None] | None = None,
+    show: bool = True,
 ) -> Status:
     """Block until every chunk has a shard, showing rows done, rows/s, ETA and the workers that
-    wrote a shard in the last minute.
+    wrote a shard in the last minute (unless `show` is off).
 
     Stops with an InputError when the only chunks left have failed, or on `timeout`;
     `check` is called every round and may raise to stop the wait (e.g. a local worker died).
@@ -108,29 +138,22 @@ def wait(
     began = time.monotonic()
     first = job_status(job)
     activity = Activity(job)
-    tty = out.isatty()
-    last_print = 0.0
-    while True:
-        status = job_status(job)
-        elapsed = time.monotonic() - began
-        rate = (status.rows_done - first.rows_done) / elapsed if elapsed > 0 else 0.0
-        now = time.monotonic()
-        if now - last_print >= (1 if tty else 10) or status.done:
-            line = progress_line(status, rate, activity.workers())
-            out.write(("\r" if tty else "") + line + ("" if tty else "\n"))
-            out.flush()
-            last_print = now
-        if status.done:
-            if tty:
-                out.write("\n")
-            return status
-        if status.failed and status.chunks_done + len(status.failed) >= status.chunks_total:
-            if tty:
-                out.write("\n")
-            ranges = ", ".join(f"{f['start']}-{f['stop']} ({f['reason']})" for f in status.failed[:3])
-            raise JobFailed(f"{len(status.failed)} chunks failed: rows {ranges}")
-        if timeout is not None and elapsed > timeout:
-            raise TimedOut(f"timed out after {duration(timeout)} with {status.chunks_total - status.chunks_done} chunks left")
-        if check is not None:
-            check()
-        time.sleep(interval)
+    display = Display(out, show, first.rows_total, first.rows_done)
+    try:
+        while True:
+            status = job_status(job)
+            elapsed = time.monotonic() - began
+            rate = (status.rows_done - first.rows_done) / elapsed if elapsed > 0 else 0.0
+            display.update(status, rate, activity.workers(), final=status.done)
+            if status.done:
+                return status
+            if status.failed and status.chunks_done + len(status.failed) >= status.chunks_total:
+                ranges = ", ".join(f"{f['start']}-{f['stop']} ({f['reason']})" for f in status.failed[:3])
+                raise JobFailed(f"{len(status.failed)} chunks failed: rows {ranges}")
+            if timeout is not None and elapsed > timeout:
+                raise TimedOut(f"timed out after {duration(timeout)} with {status.chunks_total - status.chunks_done} chunks left")
+            if check is not None:
+                check()
+            time.sleep(interval)
+    finally:
+        display.close()
