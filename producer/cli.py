@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from producer.run import CHECKPOINT_ENV, DEFAULT_CSV
-from worker.errors import EXIT_CODES, INTERRUPTED, OS_ERROR, InputError, JobFailed, PipelineError, UsageError, os_error_line
+from worker import package_version
+from worker.errors import EXIT_CODES, INTERRUPTED, OS_ERROR, JobFailed, PipelineError, UsageError, os_error_line
 from worker.message import EMBEDDING_FORMS
-from worker.spectrogram import ROW_BYTES
 
 if TYPE_CHECKING:
     from producer.run import JobInputs
@@ -22,6 +22,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="producer", description=__doc__, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def job_inputs(p: argparse.ArgumentParser) -> None:
@@ -46,19 +47,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     wait = sub.add_parser("wait", help="block with a progress line until every chunk has a shard")
-    wait.add_argument("dir", type=Path)
+    wait.add_argument("dir", type=Path, help="the job folder (holds job.json and shards/)")
     wait.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL); lets wait re-send lost chunks")
     wait.add_argument("--timeout", type=float, help="give up after this many seconds")
 
     status = sub.add_parser("status", help="rows and chunks done, failures, chunks per worker, live workers")
-    status.add_argument("dir", type=Path)
+    status.add_argument("dir", type=Path, help="the job folder")
     status.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL); adds the live workers")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print the status as one JSON object")
 
     finalize = sub.add_parser("finalize", help="merge the shards into wavfile_embed.csv / .dat")
-    finalize.add_argument("dir", type=Path)
+    finalize.add_argument("dir", type=Path, help="the job folder; every chunk must have its shard")
     finalize.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
-    finalize.add_argument("--json", action="store_true")
+    finalize.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     def clip_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--spec", type=Path, required=True, help="the .dat to append to (created with the CSV if neither exists)")
@@ -71,14 +72,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add = sub.add_parser("add-clips", help="append recordings (WAV, FLAC, OGG, MP3, AIFF…) to SPEC and its CSV as VGGish log-mel rows")
     add.add_argument("recordings", type=Path, nargs="*", help="audio files or folders; none: only repair a cut-off append")
     clip_options(add)
-    add.add_argument("--json", action="store_true")
+    add.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     watch = sub.add_parser("watch", help="add recordings landing in INBOX, embed only the new rows, refresh outputs")
-    watch.add_argument("inbox", type=Path)
+    watch.add_argument("inbox", type=Path, help="folder recordings land in (LABEL/clip.flac with --label-from-folder)")
     clip_options(watch)
     watch.add_argument("--out", type=Path, help="job folder (default: SPEC's folder)")
     watch.add_argument("--chunk-rows", type=int, help="rows per chunk (default: from job size and worker count)")
-    watch.add_argument("--embedding", choices=EMBEDDING_FORMS, default="relu")
+    watch.add_argument("--embedding", choices=EMBEDDING_FORMS, default="relu", help="128-d layer form (default relu)")
     watch.add_argument("--checkpoint", type=Path, help=f"checkpoint (env {CHECKPOINT_ENV})")
     watch.add_argument("--broker", help="use this broker's workers (env VGGISH_BROKER_URL); default: start local ones")
     watch.add_argument("--workers", type=int, help="at most this many local workers when there is no broker (default: as for run)")
@@ -88,9 +89,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     watch.add_argument("--once", action="store_true", help="handle what is in INBOX now, refresh the outputs, exit")
 
     sample = sub.add_parser("sample-data", help="write synthetic wavfile_spec.dat and wavfile_df.csv")
-    sample.add_argument("out_dir", type=Path)
-    sample.add_argument("--rows", type=int, default=300)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("out_dir", type=Path, help="folder for wavfile_spec.dat and wavfile_df.csv")
+    sample.add_argument("--rows", type=int, default=300, help="spectrogram rows (default 300)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return parser.parse_args(argv)
 
 
@@ -195,7 +196,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def cmd_add_clips(args: argparse.Namespace) -> int:
-    from producer.clips import append_clips, gather, known_names, locked, roll_back
+    from producer.clips import add_files, locked, roll_back
 
     spec, frame = args.spec, inputs(args).csv
     if not args.recordings:
@@ -203,26 +204,7 @@ def cmd_add_clips(args: argparse.Namespace) -> int:
             repaired = roll_back(spec, frame)
         print(f"rolled back a cut-off append to {spec}" if repaired else f"{spec}: nothing to repair", file=sys.stderr)
         return 0
-    clips = gather(args.recordings, args.label, args.label_from_folder)
-    if not clips:
-        raise InputError("no recordings found in " + ", ".join(map(str, args.recordings)))
-    with locked(spec, frame):
-        results = append_clips(spec, frame, clips, args.valid, args.pad, known_names(frame))
-    refused = [r for r in results if r.error]
-    added = [r for r in results if r.rows]
-    for r in results:
-        what = "already in the CSV, skipped" if r.duplicate else f"{r.rows} row{'s' * (r.rows != 1)}"
-        print(r.error or f"{r.clip.path}: {what}", file=sys.stderr)
-    if refused:
-        raise InputError(f"{len(refused)} of {len(results)} files refused (listed above); nothing was added")
-    summary = {
-        "spec": str(spec),
-        "csv": str(frame),
-        "files_added": len(added),
-        "files_skipped": sum(r.duplicate for r in results),
-        "rows_added": sum(r.rows for r in added),
-        "rows": spec.stat().st_size // ROW_BYTES if spec.exists() else 0,
-    }
+    summary = add_files(spec, frame, args.recordings, args.label, args.label_from_folder, args.valid, args.pad, sys.stderr)
     report(summary, args.json)
     return 0
 

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import pyarrow.compute as pc
@@ -27,7 +28,7 @@ from producer.audio import file_examples, is_recording
 from producer.dataset import csv_header, csv_reader, csv_rows, journal_path, validate
 from worker.errors import InputError, PipelineError, UsageError
 from worker.files import write_json
-from worker.spectrogram import DTYPE
+from worker.spectrogram import DTYPE, ROW_BYTES
 
 NEW_HEADER = ["file_name", "label", "valid"]
 STAGED = ".staged"
@@ -217,3 +218,38 @@ def gather(paths: list[Path], label: str | None, label_from_folder: bool) -> lis
         name = absolute.relative_to(here).as_posix() if absolute.is_relative_to(here) else absolute.as_posix()
         clips.append(Clip(path, name, label if label is not None else absolute.parent.name))
     return clips
+
+
+def add_files(
+    spec: Path,
+    frame: Path,
+    paths: list[Path],
+    label: str | None,
+    label_from_folder: bool,
+    valid: bool = False,
+    pad: bool = False,
+    out: TextIO | None = None,
+) -> dict:
+    """`add-clips`: the recordings in `paths` (files or folders) as rows of SPEC and FRAME, all or
+    nothing; one line per file to `out`. Returns the summary; InputError if any file is refused."""
+    clips = gather(paths, label, label_from_folder)
+    if not clips:
+        raise InputError("no recordings found in " + ", ".join(map(str, paths)))
+    with locked(spec, frame):
+        results = append_clips(spec, frame, clips, valid, pad, known_names(frame))
+    refused = [r for r in results if r.error]
+    added = [r for r in results if r.rows]
+    for r in results if out else []:
+        what = "already in the CSV, skipped" if r.duplicate else f"{r.rows} row{'s' * (r.rows != 1)}"
+        out.write((r.error or f"{r.clip.path}: {what}") + "\n")
+    if refused:
+        reasons = "listed above" if out else "; ".join(r.error for r in refused[:3] if r.error)
+        raise InputError(f"{len(refused)} of {len(results)} files refused ({reasons}); nothing was added")
+    return {
+        "spec": str(spec),
+        "csv": str(frame),
+        "files_added": len(added),
+        "files_skipped": sum(r.duplicate for r in results),
+        "rows_added": sum(r.rows for r in added),
+        "rows": spec.stat().st_size // ROW_BYTES if spec.exists() else 0,
+    }

@@ -13,7 +13,6 @@ to the outputs in place (worker.files.append_set): O(new rows), whatever N is.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import time

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worker import package_version
 from worker.errors import EXIT_CODES, OS_ERROR, PipelineError, UsageError, os_error_line
 from worker.model import DEFAULT_BATCH
 
@@ -30,6 +31,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="worker", description=__doc__, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     start = sub.add_parser("start", help="run one worker process on one device")
@@ -66,7 +68,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="chunks held at a time: one in the model while the next is read and the last written "
         "(default 3 on a GPU, 1 on the CPU, where the model is the bottleneck; a warm stop finishes them all)",
     )
-    start.add_argument("--loglevel", default="info")
+    start.add_argument("--loglevel", default="info", help="Celery log level (default info)")
 
     up = sub.add_parser("up", help="start one worker per GPU (or N CPU workers) in the foreground")
     which = up.add_mutually_exclusive_group(required=True)
@@ -76,7 +78,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--cpus", type=int, metavar="N", help="N CPU workers splitting this machine's cores")
     up.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
     up.add_argument("--checkpoint", type=Path, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
-    up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="as for `worker start`")
     up.add_argument("--tf32", action="store_true", help="as for `worker start`")
     up.add_argument("--data-root", type=Path, action="append", help="as for `worker start`")
 
@@ -89,8 +91,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ping.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
 
     make = sub.add_parser("make-checkpoint", help="write an UNTRAINED checkpoint and PCA params for tests and demos")
-    make.add_argument("out_dir", type=Path)
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("out_dir", type=Path, help="folder for the UNTRAINED checkpoint and PCA params")
+    make.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     make.add_argument("--v2", action="store_true", help="write the V2 format instead of the official V1")
     return parser.parse_args(argv)
 

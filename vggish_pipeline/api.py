@@ -1,0 +1,206 @@
+"""The Python API: the jobs of `producer run`, `add-clips`, `status` and `watch`, as calls that
+return values and raise the project's own exceptions (worker.errors), never SystemExit."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from producer.finalize import OUTPUT_CSV, OUTPUT_DAT, OUTPUT_PCA
+from producer.run import JobInputs, run_local, run_remote
+from worker.errors import PipelineError, os_error_line
+from worker.shard import EMBEDDING_SIZE
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from producer.progress import Status
+    from producer.watcher import Watcher
+
+PathLike = str | os.PathLike
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def own_errors(call: F) -> F:
+    """OS failures and the broker client's errors leave as the project's exceptions, one line each."""
+
+    @functools.wraps(call)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        from worker import broker
+
+        try:
+            return call(*args, **kwargs)
+        except PipelineError:
+            raise
+        except OSError as e:
+            raise PipelineError(os_error_line(e)) from e
+        except Exception as e:
+            refused = broker.failure(e)
+            if refused is None:
+                raise
+            raise refused from e
+
+    return wrapped  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished job's outputs, read lazily from its folder."""
+
+    out_dir: Path
+    rows: int
+    summary: dict
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """N x 128 float64, memory-mapped from wavfile_embed.dat (read-only)."""
+        return np.memmap(self.out_dir / OUTPUT_DAT, dtype="<f8", mode="r", shape=(self.rows, EMBEDDING_SIZE))
+
+    @property
+    def pca(self) -> np.ndarray | None:
+        """N x 128 uint8 from wavfile_embed_pca.dat, if the job wrote one."""
+        path = self.out_dir / OUTPUT_PCA
+        return np.memmap(path, dtype=np.uint8, mode="r", shape=(self.rows, EMBEDDING_SIZE)) if path.exists() else None
+
+    def frame(self) -> pd.DataFrame:
+        """The seed's DataFrame: the input frame's columns, then e0..e127 (its unnamed index column as the index)."""
+        import pandas as pd
+
+        path = self.out_dir / OUTPUT_CSV
+        with open(path) as f:
+            unnamed_index = f.readline().startswith(",")
+        return pd.read_csv(path, index_col=0 if unnamed_index else None)
+
+
+@own_errors
+def embed(
+    spec: PathLike,
+    checkpoint: PathLike | None = None,
+    *,
+    csv: PathLike | None = None,
+    out: PathLike | None = None,
+    workers: int | None = None,
+    broker: str | None = None,
+    embedding: str = "relu",
+    pca_params: PathLike | None = None,
+    chunk_rows: int | None = None,
+    progress: bool = True,
+) -> Result:
+    """`producer run` as a call: embed SPEC's rows (the CSV beside it by default) and write the
+    outputs into its folder (or `out`). Without `broker`, a private Redis and one worker per granted
+    GPU (at most `workers`; with none, CPU workers) run inside this call and end with it, even on
+    KeyboardInterrupt (shards are kept: call again to go on). With `broker` (a Redis URL), that
+    broker's workers do the work. A job folder that has the shards already only does what is new."""
+    inputs = JobInputs.of(spec, csv, out, embedding, chunk_rows, checkpoint)
+    pca = Path(pca_params) if pca_params else None
+    if broker:
+        from worker.broker import broker_url, make_app
+
+        summary = run_remote(inputs, make_app(broker_url(broker)), pca, progress)
+    else:
+        summary = run_local(inputs, workers, pca, progress)
+    return Result(Path(summary["out_dir"]), summary["rows"], summary)
+
+
+@own_errors
+def add_clips(
+    recordings: PathLike | list[PathLike],
+    spec: PathLike,
+    *,
+    csv: PathLike | None = None,
+    label: str | None = None,
+    label_from_folder: bool = False,
+    valid: bool = False,
+    pad: bool = False,
+) -> dict:
+    """`producer add-clips`: append recordings (files or folders; WAV, FLAC, OGG, MP3…) to SPEC and
+    its CSV, all or nothing. Returns the summary (files and rows added)."""
+    from producer.clips import add_files
+
+    paths = [Path(r) for r in (recordings if isinstance(recordings, list) else [recordings])]
+    inputs = JobInputs.of(spec, csv)
+    return add_files(inputs.spec, inputs.csv, paths, label, label_from_folder, valid, pad)
+
+
+@own_errors
+def status(out_dir: PathLike) -> Status:
+    """How far the job in `out_dir` is: rows and chunks done, failures, chunks per worker."""
+    from producer.job import Job
+    from producer.progress import job_status
+
+    return job_status(Job.load(Path(out_dir)), per_worker=True)
+
+
+class Watch:
+    """A `producer watch` running in a background thread, to start and stop from notebook cells."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="vggish-watch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            own_errors(self.watcher.run)()
+        except BaseException as e:  # kept for stop() to raise in the caller's thread
+            self.error = e
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    @property
+    def refreshes(self) -> int:
+        """How many times the outputs were brought up to date so far."""
+        return self.watcher.refreshes
+
+    def stop(self, timeout: float | None = 300) -> None:
+        """Stop after the current step; everything the watch started ends. Raises what stopped it, if anything did."""
+        self.watcher.stop()
+        self.thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@own_errors
+def watch(
+    inbox: PathLike,
+    spec: PathLike,
+    checkpoint: PathLike | None = None,
+    *,
+    csv: PathLike | None = None,
+    out: PathLike | None = None,
+    label: str | None = None,
+    label_from_folder: bool = False,
+    valid: bool = False,
+    pad: bool = False,
+    broker: str | None = None,
+    workers: int | None = None,
+    pca_params: PathLike | None = None,
+    settle: float = 1.0,
+    poll: float = 0.5,
+) -> Watch:
+    """Start `producer watch` on INBOX in the background and return at once; `.stop()` ends it."""
+    from producer.watcher import Watcher
+
+    inputs = JobInputs.of(spec, csv, out, checkpoint=checkpoint)
+    watcher = Watcher(
+        inputs, Path(inbox), label, label_from_folder, valid, pad, broker, workers,
+        Path(pca_params) if pca_params else None, settle, poll, out=sys.stderr,
+    )
+    return Watch(watcher)
