@@ -30,7 +30,7 @@ from worker.errors import InputError, PipelineError, UsageError
 from worker.files import write_json
 from worker.spectrogram import DTYPE, ROW_BYTES
 
-NEW_HEADER = ["file_name", "label", "valid"]
+NEW_HEADER = ["", "file_name", "label", "valid"]  # "": the unnamed index column pandas writes and reads back with index_col=0
 STAGED = ".staged"
 
 
@@ -69,7 +69,7 @@ def roll_back(spec: Path, frame: Path) -> bool:
 
 @contextlib.contextmanager
 def locked(spec: Path, frame: Path) -> Iterator[None]:
-    """Hold the pair for one writer; create an empty pair (with a file_name,label,valid header) if neither exists."""
+    """Hold the pair for one writer; create an empty pair (with a ,file_name,label,valid header) if neither exists."""
     if spec.exists() != frame.exists():
         missing = frame if spec.exists() else spec
         raise InputError(f"{missing}: no such file (the .dat and the CSV are created together or not at all)")
@@ -199,9 +199,10 @@ def check_label_choice(label: str | None, label_from_folder: bool) -> None:
         raise UsageError("give exactly one of --label LABEL or --label-from-folder")
 
 
-def gather(paths: list[Path], label: str | None, label_from_folder: bool) -> list[Clip]:
+def gather(paths: list[Path], label: str | None, label_from_folder: bool, base: Path) -> list[Clip]:
     """Clips for the given files and folders (searched for recordings, see audio.is_recording);
-    file_name is the path as seen from here."""
+    file_name is the path relative to `base` (the CSV's folder), or absolute outside it, so it
+    does not depend on the folder a command runs in."""
     check_label_choice(label, label_from_folder)
     files: list[Path] = []
     for path in paths:
@@ -211,7 +212,7 @@ def gather(paths: list[Path], label: str | None, label_from_folder: bool) -> lis
             files.append(path)
         else:
             raise InputError(f"{path}: no such file")
-    here = Path.cwd()
+    here = Path(os.path.realpath(base))
     clips = []
     for path in files:
         absolute = path.resolve()
@@ -232,7 +233,7 @@ def add_files(
 ) -> dict:
     """`add-clips`: the recordings in `paths` (files or folders) as rows of SPEC and FRAME, all or
     nothing; one line per file to `out`. Returns the summary; InputError if any file is refused."""
-    clips = gather(paths, label, label_from_folder)
+    clips = gather(paths, label, label_from_folder, frame.parent)
     if not clips:
         raise InputError("no recordings found in " + ", ".join(map(str, paths)))
     with locked(spec, frame):

@@ -149,10 +149,10 @@ def merged_env(env: dict | None) -> dict[str, str]:
     return {k: v for k, v in full.items() if v is not None}
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m producer|worker ...` as a user would, capturing its output."""
     full_env = merged_env(env)
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
 
 
 class Workers:

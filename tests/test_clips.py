@@ -77,7 +77,11 @@ def test_a_new_pair_is_created_and_a_failed_first_add_leaves_none(tmp_path):
     write_wav(tmp_path / "ok.wav", tone(1.0))
     ok = cli("producer", "add-clips", str(tmp_path / "ok.wav"), "--label", "a", "--spec", str(spec), "--csv", str(frame))
     assert ok.returncode == 0, ok.stderr
-    assert frame.read_text().splitlines()[0] == "file_name,label,valid" and spec.stat().st_size == ROW_BYTES
+    ok_name = (tmp_path / "ok.wav").resolve().as_posix()  # outside the CSV's folder: absolute
+    assert frame.read_text().splitlines()[:2] == [",file_name,label,valid", f"0,{ok_name},a,False"]
+    assert spec.stat().st_size == ROW_BYTES
+    again = cli("producer", "add-clips", str(tmp_path / "ok.wav"), "--label", "a", "--spec", str(spec), "--csv", str(frame), cwd=tmp_path / "new")
+    assert again.returncode == 0 and spec.stat().st_size == ROW_BYTES  # from another folder: the same name, nothing twice
 
 
 def test_an_append_cut_off_mid_write_is_refused_then_rolled_back(sample, tmp_path, model_files):
