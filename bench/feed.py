@@ -156,7 +156,7 @@ def overhead(work: Path, rows: int, chunk_rows: int, rate: float = GPU_RATE) -> 
     chunks = len(job.chunks)
     calls = sorted(tuple(map(float, line.split())) for line in (work / "times.txt").read_text().splitlines())
     steady = calls[chunks // 4 :]
-    idle = sum(b[0] - a[1] for a, b in zip(steady, steady[1:]))
+    idle = sum(b[0] - a[1] for a, b in zip(steady, steady[1:], strict=False))
     busy = sum(end - start for start, end in steady[1:])
     return {
         "rows": rows, "chunk_rows": chunk_rows, "chunks": chunks, "rate": rate, "in_flight": in_flight(),

@@ -158,10 +158,10 @@ def dispatch(work: Path, py: str, env: dict, ckpt: Path, chunks: int = 300, mess
     """Per-chunk cost outside compute, through a warm worker on 1-row chunks; and one Redis's message rate."""
     from kombu import Connection
 
+    from producer.dataset import write_sample
+    from producer.job import Job
     from producer.local import LocalRedis
     from producer.plan import send
-    from producer.job import Job
-    from producer.dataset import write_sample
     from worker.broker import make_app
     from worker.message import QUEUE
     from worker.shard import read_meta
@@ -352,7 +352,7 @@ def main() -> None:
     for key, values in times.items():
         best = min(values)
         # Also each round's own ratio (seed and this ran back to back), whose median drift cannot bias.
-        paired = [seed / t for seed, t in zip(times["seed_loop"], values)]
+        paired = [seed / t for seed, t in zip(times["seed_loop"], values, strict=True)]
         r[key] |= {"seconds": best, "all_seconds": values, "rows_per_s": args.rows / best, "vs_seed": min(times["seed_loop"]) / best,
                    "vs_seed_per_round": paired, "vs_seed_median_of_rounds": float(np.median(paired))}
 

@@ -240,9 +240,10 @@ def add_files(
         results = append_clips(spec, frame, clips, valid, pad, known_names(frame))
     refused = [r for r in results if r.error]
     added = [r for r in results if r.rows]
-    for r in results if out else []:
+    for r in results:
         what = "already in the CSV, skipped" if r.duplicate else f"{r.rows} row{'s' * (r.rows != 1)}"
-        out.write((r.error or f"{r.clip.path}: {what}") + "\n")
+        if out is not None:
+            out.write((r.error or f"{r.clip.path}: {what}") + "\n")
     if refused:
         reasons = "listed above" if out else "; ".join(r.error for r in refused[:3] if r.error)
         raise InputError(f"{len(refused)} of {len(results)} files refused ({reasons}); nothing was added")

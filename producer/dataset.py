@@ -99,7 +99,8 @@ def scan(
     `known` maps (start, stop) to a digest taken earlier of rows the caller knows are unchanged;
     those chunks are not read again.
     """
-    chunks, bad = [], []
+    chunks: list[Chunk] = []
+    bad: list[int] = []
     reader = RowReader()
     for start, stop in bounds:
         if known and (start, stop) in known:

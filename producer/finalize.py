@@ -143,7 +143,7 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> di
         for batch in csv_reader(frame, block_size=BLOCK_BYTES):
             embeddings = taker.take(batch.num_rows)
             embeddings.tofile(dat)
-            if quantized is not None:
+            if quantized is not None and pca is not None:
                 pca.quantize(embeddings).tofile(quantized)
             pending.append(pool.submit(csv_lines, batch, embeddings))
             while len(pending) > 2 * threads:
@@ -153,7 +153,7 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> di
             table_csv.write(pending.popleft().result())
         if rows != job.rows or not taker.exhausted():
             raise InputError(f"{frame} has {rows} rows but the job has {job.rows}: the CSV changed since enqueue")
-        sizes = {p.name: f.tell() for p, f in zip(paths, files)}
+        sizes = {p.name: f.tell() for p, f in zip(paths, files, strict=False)}  # files[-1]: the manifest
         files[-1].write(manifest(job, pca, sizes))
     return {"rows": rows, "outputs": [str(p) for p in paths], "appended": False, "seconds": round(time.perf_counter() - began, 3)}
 
@@ -233,7 +233,7 @@ def extend(job: Job, pca: PCA | None) -> dict | None:
     appends = [(paths[0], embeddings.tobytes()), (paths[1], csv_lines(batch, embeddings).to_pybytes())]
     if pca:
         appends.append((paths[2], pca.quantize(embeddings).tobytes()))
-    sizes = {p.name: held["sizes"][p.name] + len(data) for p, (_, data) in zip(paths, appends)}
+    sizes = {p.name: held["sizes"][p.name] + len(data) for p, (_, data) in zip(paths, appends, strict=True)}
     append_set(appends, out / MANIFEST, manifest(job, pca, sizes))
     return {**summary, "seconds": round(time.perf_counter() - began, 3)}
 

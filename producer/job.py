@@ -81,7 +81,7 @@ class Job:
         write_json(self.dir.job_file, record)
 
     @classmethod
-    def load(cls, out_dir: Path) -> "Job":
+    def load(cls, out_dir: Path) -> Job:
         path = JobDir(out_dir).job_file
         if not out_dir.is_dir():
             raise InputError(f"{out_dir}: no such job folder")
@@ -96,7 +96,7 @@ class Job:
         record["chunks"] = [Chunk(*c) for c in record["chunks"]]
         return cls(**record).found_at(out_dir)
 
-    def found_at(self, out_dir: Path) -> "Job":
+    def found_at(self, out_dir: Path) -> Job:
         """The job as found in `out_dir`: a folder moved, renamed or copied since job.json was written
         is this job's folder now, and inputs that were inside the old one are inside this one."""
         here, then = Path(os.path.realpath(out_dir)), Path(self.out_dir)
@@ -106,7 +106,7 @@ class Job:
         return replace(self, out_dir=str(here), source=inside(self.source), csv=inside(self.csv))
 
     @classmethod
-    def load_or_new(cls, out_dir: Path) -> "Job | None":
+    def load_or_new(cls, out_dir: Path) -> Job | None:
         return cls.load(out_dir) if JobDir(out_dir).job_file.exists() else None
 
     @classmethod

@@ -50,7 +50,7 @@ class LocalRedis:
         self.proc: subprocess.Popen | None = None
         self.deaths: list[float] = []
 
-    def start(self, timeout: float = 20.0) -> "LocalRedis":
+    def start(self, timeout: float = 20.0) -> LocalRedis:
         args = [redis_server_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.dir)]
         self.proc = subprocess.Popen(

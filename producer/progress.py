@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, TextIO
+from typing import TextIO
 
 from producer.job import Job
 from worker.errors import JobFailed, TimedOut

@@ -45,7 +45,7 @@ class JobInputs:
         embedding: str = "relu",
         chunk_rows: int | None = None,
         checkpoint: str | os.PathLike | None = None,
-    ) -> "JobInputs":
+    ) -> JobInputs:
         """With the defaults: the CSV beside SPEC, the job folder SPEC's, the checkpoint from VGGISH_CHECKPOINT."""
         from worker.message import EMBEDDING_FORMS
 
@@ -130,7 +130,13 @@ def embed(app: Celery, job: Job, chunks: list[Chunk], fleet: Fleet | None, progr
 
     send(app, job, chunks)
     recovery = Recovery(app, job)
-    wait(job, check=lambda: (fleet and fleet.revive(), recovery()), show=progress)
+
+    def check() -> None:
+        if fleet is not None:
+            fleet.revive()
+        recovery()
+
+    wait(job, check=check, show=progress)
 
 
 def run_local(inputs: JobInputs, workers: int | None = None, pca_params: Path | None = None, progress: bool = True) -> dict:

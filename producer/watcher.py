@@ -58,7 +58,8 @@ class Watcher:
         check_workers(self.workers)
         spec, frame = self.inputs.spec, self.inputs.csv
         app = broker.optional_app(self.broker)
-        ckpt = self.inputs.checkpoint if app else self.inputs.required_checkpoint()
+        if app is None:
+            self.inputs.required_checkpoint()  # before anything starts
         model = self.inputs.model()
         pca = PCA(self.pca_params) if self.pca_params else None
         inbox = Inbox(self.inbox, settle=self.settle)
@@ -66,6 +67,7 @@ class Watcher:
             stack.enter_context(locked(spec, frame))
             if app is None:
                 logs = self.inputs.out / "logs"
+                ckpt = self.inputs.required_checkpoint()
                 app, fleet = stack.enter_context(local_workers(ckpt, self.workers, self.inputs.data_roots(), logs))
                 first_ready(app, fleet)  # the checkpoint is good before any job is pinned to it
                 self.say(f"workers: {fleet.summary()}")

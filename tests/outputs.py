@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from reference import assert_close
 
 E_COLUMNS = [f"e{i}" for i in range(128)]

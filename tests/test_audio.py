@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from producer import audio
 from reference import upstream_examples
 from wavs import speech_like, tone, write_audio, write_wav
+
+from producer import audio
 from worker.devices import load_tensorflow
 from worker.errors import InputError
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from conftest import SAMPLE_ROWS, cli
 from outputs import check_outputs
-from producer import audio
 from reference import upstream_examples, vggish
 from wavs import speech_like, tone, wav_bytes, write_audio, write_wav
+
+from producer import audio
 from worker.spectrogram import ROW_BYTES
 
 

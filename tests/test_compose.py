@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import IN_CI, cli, free_port, redis_binary
 from outputs import check_outputs
 

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import cli, merged_env
 from outputs import check_outputs
 from test_faults import wait_for
+
 from worker.devices import Device, granted, parse_list, parse_topology, threads_per_worker
 
 STANDIN = Path(__file__).parent / "standin"
@@ -232,7 +232,7 @@ def test_worker_up_pins_each_process_to_its_device_and_cpus(redis_url, model_fil
     from worker.broker import make_app
 
     near = near_halves()
-    up = start_up(["--gpus", f"all"], gpu_env(), redis_url, model_files["checkpoint"], tmp_path)
+    up = start_up(["--gpus", "all"], gpu_env(), redis_url, model_files["checkpoint"], tmp_path)
     try:
         app = make_app(redis_url)
         wait_for(lambda: len(app.control.ping(timeout=0.5)) == 4, timeout=180, what="four workers ready")

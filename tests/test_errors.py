@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import cli
+
 from worker.errors import ChunkRefused
 from worker.spectrogram import ROW_BYTES
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import IN_CI, cli, merged_env
 from outputs import check_outputs
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from conftest import cli
 from outputs import check_outputs
-from producer.job import Job, default_chunk_rows
 from test_faults import enqueue, finish, shards, status, wait_for
 from test_scaling import grow
+
+from producer.job import Job, default_chunk_rows
 from worker.message import ChunkMessage
 from worker.spectrogram import DIGESTS, digest
 

@@ -6,8 +6,8 @@ import csv
 
 import numpy as np
 import pandas as pd
-
 from outputs import E_COLUMNS
+
 from producer.dataset import Chunk
 from producer.finalize import OUTPUT_CSV, OUTPUT_DAT, finalize
 from producer.job import Job

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from reference import assert_close
+
 from worker import checkpoint
 from worker.errors import CheckpointError
 from worker.model import Embedder

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from reference import assert_close, vggish
+
 from worker import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

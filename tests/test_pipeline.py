@@ -10,10 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import cli
 from outputs import check_outputs
 from reference import assert_close
+
 from worker.devices import load_tensorflow
 
 

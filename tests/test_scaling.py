@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from conftest import cli
 from test_faults import enqueue, finish, shards, wait_for
 

@@ -170,7 +170,7 @@ class Watch:
         if self.error is not None:
             raise self.error
 
-    def __enter__(self) -> "Watch":
+    def __enter__(self) -> Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:

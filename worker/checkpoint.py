@@ -261,5 +261,6 @@ def write_untrained_pca(path: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed + 1)
     q, _ = np.linalg.qr(rng.standard_normal((EMBEDDING_SIZE, EMBEDDING_SIZE)))
     with atomic_write(path) as f:
-        np.savez(f, **{PCA_EIGEN_VECTORS: q * 0.3, PCA_MEANS: rng.standard_normal((EMBEDDING_SIZE, 1))})
+        arrays: dict[str, Any] = {PCA_EIGEN_VECTORS: q * 0.3, PCA_MEANS: rng.standard_normal((EMBEDDING_SIZE, 1))}
+        np.savez(f, **arrays)
     return path

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -46,6 +47,18 @@ OTHER_MODEL_PAUSE = 1.0  # seconds before a worker hands back a chunk of a job p
 GPU_IN_FLIGHT = 3  # chunks a GPU worker holds: one in the model, the others being read or written (BENCHMARKS.md)
 
 
+@dataclass
+class WorkerStats:
+    """What a worker answers `producer status` (remote control `vggish_info`): its device, model, throughput."""
+
+    device: str  # what TensorFlow runs on
+    pinned: str | None  # the GPU or MIG slice the worker was pinned to, if any
+    model: str
+    chunks: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+
 class ChunkRunner:
     """Everything a worker does per chunk, around its warm model.
 
@@ -58,14 +71,7 @@ class ChunkRunner:
         self.model = model
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self.worker = worker
-        self.stats = {
-            "device": model.device,  # what TensorFlow runs on
-            "pinned": pinned,  # the GPU or MIG slice the worker was pinned to, if any
-            "model": model.fingerprint,
-            "chunks": 0,
-            "rows": 0,
-            "seconds": 0.0,
-        }
+        self.stats = WorkerStats(model.device, pinned, model.fingerprint)
         self._model_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._readers = threading.local()
@@ -116,9 +122,9 @@ class ChunkRunner:
         write_shard(jobdir.shards, meta, embeddings)
         jobdir.clear_failure(msg.start, msg.stop)
         with self._stats_lock:
-            self.stats["chunks"] += 1
-            self.stats["rows"] += msg.stop - msg.start
-            self.stats["seconds"] += seconds
+            self.stats.chunks += 1
+            self.stats.rows += msg.stop - msg.start
+            self.stats.seconds += seconds
         log.info("rows %d-%d embedded in %.2fs (%.1f rows/s)", msg.start, msg.stop, seconds, (msg.stop - msg.start) / seconds)
         return {"start": msg.start, "stop": msg.stop, "seconds": seconds}
 
@@ -146,7 +152,8 @@ class ChunkRunner:
 @inspect_command()
 def vggish_info(state) -> dict:
     """Remote-control reply: this worker's device, model and throughput (see `producer status`)."""
-    return state.consumer.app.conf.get("vggish_stats") or {}
+    stats = state.consumer.app.conf.get("vggish_stats")
+    return asdict(stats) if stats else {}
 
 
 def register(app, runner: ChunkRunner, max_retries: int = 2) -> None:

@@ -141,11 +141,10 @@ def start(args: argparse.Namespace) -> int:
         cpu_list(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "all",
     )
 
-    from worker.model import Embedder  # TensorFlow loads only now, after CUDA_VISIBLE_DEVICES is set
-
     # The weights load on a helper thread from here on (~0.8 s without the GIL); meanwhile
     # Celery loads, connects and starts, and is then held at worker_init until they are in.
     from worker.checkpoint import tf32_from_env
+    from worker.model import Embedder  # TensorFlow loads only now, after CUDA_VISIBLE_DEVICES is set
 
     model = Embedder(checkpoint, threads=args.threads, batch_size=args.batch_size, tf32=args.tf32 or tf32_from_env())
     from worker.chunk import GPU_IN_FLIGHT, ChunkRunner, serve
@@ -223,12 +222,12 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: fleet.signal(signal.SIGTERM))
     signal.signal(signal.SIGINT, lambda *_: fleet.signal(signal.SIGTERM))
     fleet.start()
-    log.info("started %s", ", ".join(f"{m.name} (pid {m.proc.pid}, {m.where()})" for m in fleet.members))
+    log.info("started %s", ", ".join(f"{m.name} (pid {m.describe()['pid']}, {m.where()})" for m in fleet.members))
     while len(fleet.dead()) < len(fleet.members):
         fleet.report_deaths()
         time.sleep(0.5)
     fleet.report_deaths()
-    return 1 if any(m.proc.returncode for m in fleet.members) else 0
+    return 1 if any(m.exit_code() for m in fleet.members) else 0
 
 
 def ping(args: argparse.Namespace) -> Celery:

@@ -14,7 +14,6 @@ from typing import IO, NoReturn
 
 from worker.errors import WriteError
 
-
 # Errors that can only come from writing: turned into one line naming the file.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
@@ -74,7 +73,7 @@ def atomic_set(paths: list[Path]) -> Iterator[list[IO]]:
     temps: list[str] = []
     try:
         with contextlib.ExitStack() as stack:
-            files = []
+            files: list[IO] = []
             for path in paths:
                 fd, tmp = temp_beside(path)
                 temps.append(tmp)
@@ -83,7 +82,7 @@ def atomic_set(paths: list[Path]) -> Iterator[list[IO]]:
             for f in files:
                 f.flush()
                 os.fsync(f.fileno())
-        write_json(folder / SET_JOURNAL, [[tmp, str(path)] for tmp, path in zip(temps, paths)])
+        write_json(folder / SET_JOURNAL, [[tmp, str(path)] for tmp, path in zip(temps, paths, strict=True)])
         fsync_folder(folder)
     except BaseException as e:
         failed_write(e, folder, temps)

@@ -39,6 +39,9 @@ class Member:
                 return found[-1]
         return lines[-1] if lines else "(nothing)"
 
+    def exit_code(self) -> int | None:
+        return self.proc.returncode if self.proc else None
+
     def where(self) -> str:
         return self.device.describe() if self.device else "CPU"
 
@@ -98,7 +101,7 @@ class Fleet:
         prefix: str = "",
         log_dir: Path | None = None,
         death_signal: int = signal.SIGTERM,
-    ) -> "Fleet":
+    ) -> Fleet:
         """One member per device in `gpus`, pinned by its UUID; else `cpus` CPU members; each gets
         `common` arguments and `env` (for secrets, which a command line would show to `ps`)."""
         env = env or {}
@@ -120,7 +123,7 @@ class Fleet:
         n = len(self.members)
         return f"{n} local worker{'s' * (n != 1)}: " + ", ".join(f"{m.name.split('@')[0]} on {m.where()}" for m in self.members)
 
-    def start(self) -> "Fleet":
+    def start(self) -> Fleet:
         for m in self.members:
             self._spawn(m)
         return self
@@ -150,7 +153,7 @@ class Fleet:
             said = m.last_words()
             if len(m.deaths) > MAX_RESTARTS:
                 raise WorkersDied(f"worker {m.name} died {len(m.deaths)} times in {RESTART_WINDOW / 60:g} minutes; it said: {said}")
-            out.write(f"\nworker {m.name} exited with code {m.proc.returncode} ({said}); starting it again\n")
+            out.write(f"\nworker {m.name} exited with code {m.exit_code()} ({said}); starting it again\n")
             self._spawn(m, again=True)
 
     def dead(self) -> list[Member]:
@@ -160,7 +163,7 @@ class Fleet:
         for m in self.dead():
             if m.name not in self.reported:
                 self.reported.add(m.name)
-                out.write(f"\nworker {m.name} exited with code {m.proc.returncode}\n")
+                out.write(f"\nworker {m.name} exited with code {m.exit_code()}\n")
 
     def check(self, report: bool = True) -> None:
         """Raise if every member has died; one death is survivable (its chunk is re-sent), and reported

@@ -39,7 +39,7 @@ class ChunkMessage:
         return asdict(self)
 
     @classmethod
-    def decode(cls, payload: dict) -> "ChunkMessage":
+    def decode(cls, payload: dict) -> ChunkMessage:
         if not isinstance(payload, dict):
             raise MessageError("message is not a JSON object")
         names = {f.name for f in fields(cls)}

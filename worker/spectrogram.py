@@ -49,9 +49,9 @@ class RowReader:
         data = self._buffer[:count]
         with open(path, "rb", buffering=0) as f:
             f.seek(start * ROW_BYTES)
-            got = f.readinto(memoryview(data).cast("B"))
+            got = f.readinto(data.data.cast("B"))
             while got and got < data.nbytes:  # a short read is allowed; only the end of the file stops it
-                more = f.readinto(memoryview(data).cast("B")[got:])
+                more = f.readinto(data.data.cast("B")[got:])
                 if not more:
                     break
                 got += more
@@ -77,7 +77,7 @@ NEW_DIGEST = "xxh3-128"
 
 def digest(rows: np.ndarray, scheme: str = NEW_DIGEST) -> str:
     """Fingerprint of a block of rows: changes whenever any byte of them does."""
-    return DIGESTS[scheme](memoryview(np.ascontiguousarray(rows)).cast("B"))
+    return DIGESTS[scheme](np.ascontiguousarray(rows).data.cast("B"))
 
 
 def first_bad_rows(rows: np.ndarray, start: int, limit: int = 5) -> list[int]:
