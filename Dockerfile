@@ -5,5 +5,6 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY producer producer
 COPY worker worker
+COPY vggish_pipeline vggish_pipeline
 RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}"
 ENV TF_CPP_MIN_LOG_LEVEL=2

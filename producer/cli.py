@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from producer.run import CHECKPOINT_ENV, DEFAULT_CSV
-from worker import package_version
-from worker.errors import EXIT_CODES, INTERRUPTED, OS_ERROR, JobFailed, PipelineError, UsageError, os_error_line
-from worker.message import EMBEDDING_FORMS
+from vggish_pipeline import package_version
+from vggish_pipeline.errors import EXIT_CODES, INTERRUPTED, OS_ERROR, JobFailed, PipelineError, UsageError, os_error_line
+from vggish_pipeline.message import EMBEDDING_FORMS
 
 if TYPE_CHECKING:
     from producer.run import JobInputs
@@ -115,7 +115,7 @@ def report(summary: dict, as_json: bool) -> None:
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from producer.plan import send
     from producer.run import remote_capacity
-    from worker import broker
+    from vggish_pipeline import broker
 
     app = broker.make_app(broker.broker_url(args.broker))
     broker.check_connection(app)
@@ -143,7 +143,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
     from producer.job import Job
     from producer.progress import wait
     from producer.recovery import Recovery
-    from worker import broker
+    from vggish_pipeline import broker
 
     job = Job.load(args.dir)
     app = broker.optional_app(args.broker)
@@ -157,7 +157,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from producer.job import Job
     from producer.progress import job_status, progress_line
     from producer.recovery import model_note
-    from worker import broker
+    from vggish_pipeline import broker
 
     job = Job.load(args.dir)
     status = job_status(job, per_worker=True)
@@ -188,7 +188,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_finalize(args: argparse.Namespace) -> int:
     from producer.finalize import finalize
     from producer.job import Job
-    from producer.postprocess import PCA
+    from vggish_pipeline.postprocess import PCA
 
     pca = PCA(args.pca_params) if args.pca_params else None
     report(finalize(Job.load(args.dir), pca), args.json)
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"producer: error: {os_error_line(e)}", file=sys.stderr)
         return OS_ERROR
     except Exception as e:
-        from worker import broker
+        from vggish_pipeline import broker
 
         refused = broker.failure(e)
         if refused is None:

@@ -1,13 +1,13 @@
 """The finalizer: merge a job's shards, in row order, into the seed notebook's output files.
 
 It streams: a few CSV blocks and the shards under them are in memory at a time, whatever N is.
-The outputs are published as one set (worker.files.atomic_set): a crash leaves the old set or the
+The outputs are published as one set (vggish_pipeline.files.atomic_set): a crash leaves the old set or the
 new one, never a torn file or files of both; re-running finalize is always safe.
 
 Beside them, `wavfile_embed.manifest.json` says what they hold: the chunks, model, embedding
 form, PCA params and the input CSV bytes they were made from, and each file's size. When a job
 has only grown since (its earlier chunks and CSV bytes unchanged), `refresh` appends the new rows
-to the outputs in place (worker.files.append_set): O(new rows), whatever N is.
+to the outputs in place (vggish_pipeline.files.append_set): O(new rows), whatever N is.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import pyarrow.csv as pacsv
 
 from producer.dataset import csv_header, csv_reader
 from producer.job import Job
-from producer.postprocess import PCA
+from vggish_pipeline.errors import InputError, JobFailed
+from vggish_pipeline.files import append_set, atomic_set
+from vggish_pipeline.postprocess import PCA
+from vggish_pipeline.shard import EMBEDDING_SIZE, read_shard
 from worker.devices import usable_cores
-from worker.errors import InputError, JobFailed
-from worker.files import append_set, atomic_set
-from worker.shard import EMBEDDING_SIZE, read_shard
 
 OUTPUT_DAT = "wavfile_embed.dat"
 OUTPUT_CSV = "wavfile_embed.csv"

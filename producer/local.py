@@ -17,9 +17,9 @@ from typing import TextIO
 
 from celery import Celery
 
-from worker.broker import make_app
+from vggish_pipeline.broker import make_app
+from vggish_pipeline.errors import BrokerError
 from worker.devices import discover
-from worker.errors import BrokerError
 from worker.fleet import MAX_RESTARTS, RESTART_WINDOW, Fleet, exit_with_parent
 
 CPU_WORKERS = 1  # with no GPU: one worker using every core was fastest (BENCHMARKS.md: 1 vs 2 workers)

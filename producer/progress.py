@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
 from producer.job import Job
-from worker.errors import JobFailed, TimedOut
-from worker.shard import read_meta
+from vggish_pipeline.errors import JobFailed, TimedOut
+from vggish_pipeline.shard import read_meta
 
 
 @dataclass

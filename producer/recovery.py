@@ -21,9 +21,9 @@ from celery.exceptions import DuplicateNodenameWarning
 
 from producer.job import Job
 from producer.plan import send
-from worker.broker import live_workers
-from worker.errors import InputError, JobFailed
-from worker.message import QUEUE
+from vggish_pipeline.broker import live_workers
+from vggish_pipeline.errors import InputError, JobFailed
+from vggish_pipeline.message import QUEUE
 
 
 def queue_length(app: Celery) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.errors import UsageError
+from vggish_pipeline.errors import UsageError
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -47,7 +47,7 @@ class JobInputs:
         checkpoint: str | os.PathLike | None = None,
     ) -> JobInputs:
         """With the defaults: the CSV beside SPEC, the job folder SPEC's, the checkpoint from VGGISH_CHECKPOINT."""
-        from worker.message import EMBEDDING_FORMS
+        from vggish_pipeline.message import EMBEDDING_FORMS
 
         spec = Path(spec)
         if chunk_rows is not None and chunk_rows < 1:
@@ -107,7 +107,7 @@ def check_workers(workers: int | None) -> None:
 def remote_capacity(app: Celery) -> tuple[int, float | None]:
     """The broker's live workers: how many, and the rows/s to size chunks for (measured, or a guess for GPUs)."""
     from producer.job import fleet_speed
-    from worker import broker
+    from vggish_pipeline import broker
 
     live = broker.live_workers(app)
     measured = [w["rows_per_s"] for w in live.values() if w.get("rows_per_s")]
@@ -145,7 +145,7 @@ def run_local(inputs: JobInputs, workers: int | None = None, pca_params: Path | 
     Everything it starts ends with it, however it ends (Ctrl-C included); shards are kept."""
     from producer.job import check_writable
     from producer.local import first_ready, local_workers
-    from producer.postprocess import PCA
+    from vggish_pipeline.postprocess import PCA
 
     check_workers(workers)  # usage first, then the files
     ckpt = inputs.required_checkpoint()
@@ -175,8 +175,8 @@ def run_local(inputs: JobInputs, workers: int | None = None, pca_params: Path | 
 def run_remote(inputs: JobInputs, app: Celery, pca_params: Path | None = None, progress: bool = True) -> dict:
     """The whole job with the broker's workers: enqueue, wait (re-sending what is lost), write the outputs."""
     from producer.finalize import refresh
-    from producer.postprocess import PCA
-    from worker import broker
+    from vggish_pipeline import broker
+    from vggish_pipeline.postprocess import PCA
 
     pca = PCA(pca_params) if pca_params else None
     broker.check_connection(app)

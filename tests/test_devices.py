@@ -229,7 +229,7 @@ def stop_up(up: subprocess.Popen) -> str:
 
 def test_worker_up_pins_each_process_to_its_device_and_cpus(redis_url, model_files, tmp_path):
     """Read from the live processes themselves: their environment and their CPU affinity."""
-    from worker.broker import make_app
+    from vggish_pipeline.broker import make_app
 
     near = near_halves()
     up = start_up(["--gpus", "all"], gpu_env(), redis_url, model_files["checkpoint"], tmp_path)

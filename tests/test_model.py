@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from reference import assert_close
 
+from vggish_pipeline.errors import CheckpointError
 from worker import checkpoint
-from worker.errors import CheckpointError
 from worker.model import Embedder
 
 

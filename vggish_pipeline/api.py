@@ -1,5 +1,5 @@
 """The Python API: the jobs of `producer run`, `add-clips`, `status` and `watch`, as calls that
-return values and raise the project's own exceptions (worker.errors), never SystemExit."""
+return values and raise the project's own exceptions (vggish_pipeline.errors), never SystemExit."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 
 from producer.finalize import OUTPUT_CSV, OUTPUT_DAT, OUTPUT_PCA
 from producer.run import JobInputs, run_local, run_remote
-from worker.errors import PipelineError, os_error_line
-from worker.shard import EMBEDDING_SIZE
+from vggish_pipeline.errors import PipelineError, os_error_line
+from vggish_pipeline.shard import EMBEDDING_SIZE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,7 +34,7 @@ def own_errors(call: F) -> F:
 
     @functools.wraps(call)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        from worker import broker
+        from vggish_pipeline import broker
 
         try:
             return call(*args, **kwargs)
@@ -102,7 +102,7 @@ def embed(
     inputs = JobInputs.of(spec, csv, out, embedding, chunk_rows, checkpoint)
     pca = Path(pca_params) if pca_params else None
     if broker:
-        from worker.broker import broker_url, make_app
+        from vggish_pipeline.broker import broker_url, make_app
 
         summary = run_remote(inputs, make_app(broker_url(broker)), pca, progress)
     else:

@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from vggish_pipeline.errors import CheckpointError
+from vggish_pipeline.files import atomic_write, write_json
+from vggish_pipeline.postprocess import PCA_EIGEN_VECTORS, PCA_MEANS
+from vggish_pipeline.shard import EMBEDDING_SIZE
 from worker.devices import load_tensorflow
-from worker.errors import CheckpointError
-from worker.files import atomic_write, write_json
-from worker.shard import EMBEDDING_SIZE
 
 VARIABLE_SHAPES: dict[str, tuple[int, ...]] = {}
 for _scope, _shape in [
@@ -43,8 +44,6 @@ for _scope, _shape in [
 UNTRAINED_MARKER = "vggish_pipeline/untrained_seed"
 UNTRAINED_CHECKPOINT = "vggish_untrained.ckpt"
 UNTRAINED_PCA = "vggish_untrained_pca_params.npz"
-PCA_EIGEN_VECTORS = "pca_eigen_vectors"
-PCA_MEANS = "pca_means"
 
 
 def checkpoint_files(path: Path) -> list[Path]:

@@ -15,11 +15,11 @@ import numpy as np
 from celery.exceptions import Reject
 from celery.worker.control import inspect_command
 
-from worker.errors import ChunkRefused, InputError, PipelineError
-from worker.jobdir import JobDir
-from worker.message import QUEUE, TASK_NAME, ChunkMessage, MessageError
-from worker.shard import ShardMeta, write_shard
-from worker.spectrogram import RowReader, digest
+from vggish_pipeline.errors import ChunkRefused, InputError, PipelineError
+from vggish_pipeline.jobdir import JobDir
+from vggish_pipeline.message import QUEUE, TASK_NAME, ChunkMessage, MessageError
+from vggish_pipeline.shard import ShardMeta, write_shard
+from vggish_pipeline.spectrogram import RowReader, digest
 
 log = logging.getLogger(__name__)
 

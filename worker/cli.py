@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker import package_version
-from worker.errors import EXIT_CODES, OS_ERROR, PipelineError, UsageError, os_error_line
+from vggish_pipeline import package_version
+from vggish_pipeline.errors import EXIT_CODES, OS_ERROR, PipelineError, UsageError, os_error_line
 from worker.model import DEFAULT_BATCH
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def data_roots(flags: list[Path] | None) -> list[Path]:
 
 
 def start(args: argparse.Namespace) -> int:
-    from worker import broker
+    from vggish_pipeline import broker
 
     url = broker.broker_url(args.broker)
     checkpoint = args.checkpoint or (Path(os.environ[CHECKPOINT_ENV]) if os.environ.get(CHECKPOINT_ENV) else None)
@@ -197,7 +197,7 @@ def up(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from worker import broker
+    from vggish_pipeline import broker
     from worker.devices import discover, select
     from worker.fleet import Fleet
 
@@ -232,7 +232,7 @@ def up(args: argparse.Namespace) -> int:
 
 def ping(args: argparse.Namespace) -> Celery:
     """The broker's app, once the worker `args.name` has answered its ping."""
-    from worker import broker
+    from vggish_pipeline import broker
 
     if not args.name:
         raise UsageError(f"name a worker, or set {NAME_ENV}")
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker: error: {os_error_line(e)}", file=sys.stderr)
         return OS_ERROR
     except Exception as e:
-        from worker import broker
+        from vggish_pipeline import broker
 
         refused = broker.failure(e)
         if refused is None:

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from worker.errors import DeviceError
+from vggish_pipeline.errors import DeviceError
 
 log = logging.getLogger(__name__)
 

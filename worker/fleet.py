@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from vggish_pipeline.errors import PipelineError, WorkersDied
 from worker.devices import Device, threads_per_worker
-from worker.errors import PipelineError, WorkersDied
 
 
 @dataclass

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vggish_pipeline.errors import CheckpointError
+from vggish_pipeline.spectrogram import BANDS, FRAMES
 from worker import checkpoint
 from worker.devices import load_tensorflow
-from worker.errors import CheckpointError
-from worker.spectrogram import BANDS, FRAMES
 
 log = logging.getLogger(__name__)
 

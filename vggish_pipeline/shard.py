@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.files import atomic_write
+from vggish_pipeline.files import atomic_write
 
 EMBEDDING_SIZE = 128
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from worker.files import create_json, write_json
-from worker.shard import shard_name
+from vggish_pipeline.files import create_json, write_json
+from vggish_pipeline.shard import shard_name
 
 JOB_FILE = "job.json"
 MODEL_FILE = "model.json"

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.checkpoint import PCA_EIGEN_VECTORS, PCA_MEANS
-from worker.errors import CheckpointError
-from worker.shard import EMBEDDING_SIZE
+from vggish_pipeline.errors import CheckpointError
+from vggish_pipeline.shard import EMBEDDING_SIZE
 
+PCA_EIGEN_VECTORS = "pca_eigen_vectors"  # the names in the released vggish_pca_params.npz
+PCA_MEANS = "pca_means"
 QUANTIZE_MIN = -2.0
 QUANTIZE_MAX = 2.0
 

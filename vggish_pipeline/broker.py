@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from worker.errors import BrokerError, os_error_line
-from worker.message import QUEUE
+from vggish_pipeline.errors import BrokerError, os_error_line
+from vggish_pipeline.message import QUEUE
 
 if TYPE_CHECKING:
     from celery import Celery
