@@ -44,6 +44,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--workers", type=int, help="at most this many local workers (default: one per granted GPU or MIG slice; with none, 1 CPU worker)"
     )
     run.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
+    run.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the frame plus e0..e127)")
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     wait = sub.add_parser("wait", help="block with a progress line until every chunk has a shard")
@@ -59,6 +60,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     finalize = sub.add_parser("finalize", help="merge the shards into wavfile_embed.csv / .dat")
     finalize.add_argument("dir", type=Path, help="the job folder; every chunk must have its shard")
     finalize.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
+    finalize.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the frame plus e0..e127)")
     finalize.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     def clip_options(p: argparse.ArgumentParser) -> None:
@@ -84,6 +86,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     watch.add_argument("--broker", help="use this broker's workers (env VGGISH_BROKER_URL); default: start local ones")
     watch.add_argument("--workers", type=int, help="at most this many local workers when there is no broker (default: as for run)")
     watch.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
+    watch.add_argument("--parquet", action="store_true", help="also keep wavfile_embed.parquet (rewritten whole on each refresh)")
     watch.add_argument("--settle", type=float, default=1.0, help="seconds a file must be unchanged before it is read")
     watch.add_argument("--poll", type=float, default=0.5, help="seconds between looks at INBOX")
     watch.add_argument("--once", action="store_true", help="handle what is in INBOX now, refresh the outputs, exit")
@@ -131,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     job = inputs(args)
     try:
-        summary = run_local(job, args.workers, args.pca_params)
+        summary = run_local(job, args.workers, args.pca_params, parquet=args.parquet)
     except KeyboardInterrupt:
         print(f"\ninterrupted: shards so far are kept in {job.out}; run the same command to go on", file=sys.stderr)
         return INTERRUPTED
@@ -186,12 +189,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    from producer.finalize import finalize
+    from producer.finalize import finalize, write_parquet
     from producer.job import Job
     from vggish_pipeline.postprocess import PCA
 
     pca = PCA(args.pca_params) if args.pca_params else None
-    report(finalize(Job.load(args.dir), pca), args.json)
+    job = Job.load(args.dir)
+    summary = finalize(job, pca)
+    if args.parquet:
+        summary["outputs"].append(str(write_parquet(job)))
+    report(summary, args.json)
     return 0
 
 
@@ -214,7 +221,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     watcher = Watcher(
         inputs(args), args.inbox, args.label, args.label_from_folder, args.valid, args.pad, args.broker, args.workers,
-        args.pca_params, args.settle, args.poll,
+        args.pca_params, args.parquet, args.settle, args.poll,
     )
     try:
         watcher.run(once=args.once)

@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 from producer.dataset import csv_header, csv_reader
 from producer.job import Job
 from vggish_pipeline.errors import InputError, JobFailed
-from vggish_pipeline.files import append_set, atomic_set
+from vggish_pipeline.files import append_set, atomic_set, atomic_write
 from vggish_pipeline.postprocess import PCA
 from vggish_pipeline.shard import EMBEDDING_SIZE, read_shard
 from worker.devices import usable_cores
@@ -37,6 +37,8 @@ OUTPUT_DAT = "wavfile_embed.dat"
 OUTPUT_CSV = "wavfile_embed.csv"
 OUTPUT_PCA = "wavfile_embed_pca.dat"
 MANIFEST = "wavfile_embed.manifest.json"
+OUTPUT_PARQUET = "wavfile_embed.parquet"
+PARQUET_GROUP_ROWS = 65_536
 EMBEDDING_COLUMNS = [f"e{i}" for i in range(EMBEDDING_SIZE)]
 BLOCK_BYTES = 1 << 16  # of input CSV per block: ~1,900 rows, ~2.5 MB of output text
 
@@ -193,10 +195,41 @@ def manifest(job: Job, pca: PCA | None, sizes: dict[str, int]) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode()
 
 
-def refresh(job: Job, pca: PCA | None = None) -> dict:
+def refresh(job: Job, pca: PCA | None = None, parquet: bool = False) -> dict:
     """The outputs for the job as it is now: new rows appended in place when the job only grew
-    since the outputs were made (see the module's doc), else a full finalize."""
-    return extend(job, pca) or finalize(job, pca)
+    since the outputs were made (see the module's doc), else a full finalize. With `parquet`,
+    also wavfile_embed.parquet, written whole each time (a Parquet file cannot grow in place)."""
+    result = extend(job, pca) or finalize(job, pca)
+    if parquet:
+        write_parquet(job)
+    return result
+
+
+def write_parquet(job: Job) -> Path:
+    """wavfile_embed.parquet: the frame's columns as pandas reads the CSV (its unnamed index column
+    as the index), then e0..e127 from wavfile_embed.dat, in row groups; replaced whole, atomically.
+    `pd.read_parquet` gives the frame that `pd.read_csv(..., index_col=0)` gives of the output CSV."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    out = Path(job.out_dir)
+    with open(job.csv) as f:
+        unnamed_index = f.readline().startswith(",")
+    frame = pd.read_csv(job.csv, index_col=0 if unnamed_index else None)
+    embeddings = np.memmap(out / OUTPUT_DAT, dtype="<f8", mode="r", shape=(job.rows, EMBEDDING_SIZE))
+    path = out / OUTPUT_PARQUET
+    with atomic_write(path) as f:
+        writer = None
+        for start in range(0, max(job.rows, 1), PARQUET_GROUP_ROWS):
+            group = pa.Table.from_pandas(frame.iloc[start : start + PARQUET_GROUP_ROWS], preserve_index=True)
+            block = np.ascontiguousarray(embeddings[start : start + PARQUET_GROUP_ROWS].T)
+            for i, name in enumerate(EMBEDDING_COLUMNS):
+                group = group.append_column(name, pa.array(block[i]))
+            writer = writer or pq.ParquetWriter(f, group.schema)
+            writer.write_table(group)
+        if writer is not None:
+            writer.close()
+    return path
 
 
 def extend(job: Job, pca: PCA | None) -> dict | None:

@@ -139,7 +139,9 @@ def embed(app: Celery, job: Job, chunks: list[Chunk], fleet: Fleet | None, progr
     wait(job, check=check, show=progress)
 
 
-def run_local(inputs: JobInputs, workers: int | None = None, pca_params: Path | None = None, progress: bool = True) -> dict:
+def run_local(
+    inputs: JobInputs, workers: int | None = None, pca_params: Path | None = None, progress: bool = True, parquet: bool = False
+) -> dict:
     """The whole job on this machine: a private Redis, one worker per granted GPU (at most
     `workers`; with none, CPU workers), plan, embed, write the outputs. Returns the summary.
     Everything it starts ends with it, however it ends (Ctrl-C included); shards are kept."""
@@ -168,11 +170,13 @@ def run_local(inputs: JobInputs, workers: int | None = None, pca_params: Path | 
             )
         embed(app, job, planned.send, fleet, progress)
         fleet.signal_stop()  # the workers wind down while finalize runs
-        result = refresh(job, pca)
+        result = refresh(job, pca, parquet)
     return {**planned.summary(), **result, "workers": [m.describe() for m in fleet.members]}
 
 
-def run_remote(inputs: JobInputs, app: Celery, pca_params: Path | None = None, progress: bool = True) -> dict:
+def run_remote(
+    inputs: JobInputs, app: Celery, pca_params: Path | None = None, progress: bool = True, parquet: bool = False
+) -> dict:
     """The whole job with the broker's workers: enqueue, wait (re-sending what is lost), write the outputs."""
     from producer.finalize import refresh
     from vggish_pipeline import broker
@@ -182,4 +186,4 @@ def run_remote(inputs: JobInputs, app: Celery, pca_params: Path | None = None, p
     broker.check_connection(app)
     planned = inputs.plan(remote_capacity(app) if inputs.chunk_rows is None else (1, None), inputs.model())
     embed(app, planned.job, planned.send, None, progress)
-    return {**planned.summary(), **refresh(planned.job, pca), "broker": broker.redact(app.conf.broker_url)}
+    return {**planned.summary(), **refresh(planned.job, pca, parquet), "broker": broker.redact(app.conf.broker_url)}

@@ -29,6 +29,7 @@ class Watcher:
     broker: str | None = None
     workers: int | None = None
     pca_params: Path | None = None
+    parquet: bool = False
     settle: float = 1.0
     poll: float = 0.5
     out: TextIO = sys.stderr
@@ -87,7 +88,7 @@ class Watcher:
                     planned = self.inputs.plan(workers, model, unchanged_rows=embedded_rows)
                     try:
                         embed(app, planned.job, planned.send, fleet, progress=False)
-                        refresh(planned.job, pca)
+                        refresh(planned.job, pca, self.parquet)
                     except WorkersDied:
                         raise
                     except PipelineError as e:

@@ -169,3 +169,16 @@ def test_an_append_cut_short_leaves_the_old_outputs_and_a_rerun_finishes(sample,
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["appended"]
     check_outputs(sample["dir"], sample["csv"], expected["relu"], model_files["pca"])
+
+
+def test_parquet_output_reads_back_equal_to_the_csv_and_follows_a_grown_job(sample, model_files, expected):
+    import pandas as pd
+
+    args, _ = grow_in_two_steps(sample, model_files)
+    grown = cli("producer", *args, "--parquet")
+    assert grown.returncode == 0, grown.stderr
+    table = pd.read_parquet(sample["dir"] / "wavfile_embed.parquet")
+    from_csv = pd.read_csv(sample["dir"] / "wavfile_embed.csv", index_col=0)
+    pd.testing.assert_frame_equal(table, from_csv, check_dtype=False)  # a column of relu zeros reads back from text as int
+    assert len(table) == 200
+    np.testing.assert_array_equal(table[[f"e{i}" for i in range(128)]].to_numpy(), np.fromfile(sample["dir"] / "wavfile_embed.dat").reshape(-1, 128))

@@ -71,13 +71,19 @@ class Result:
         return np.memmap(path, dtype=np.uint8, mode="r", shape=(self.rows, EMBEDDING_SIZE)) if path.exists() else None
 
     def frame(self) -> pd.DataFrame:
-        """The seed's DataFrame: the input frame's columns, then e0..e127 (its unnamed index column as the index)."""
+        """The seed's DataFrame: the input frame's columns (its unnamed index column as the index),
+        then e0..e127, taken from the .dat so they equal it bit for bit."""
         import pandas as pd
+
+        from producer.finalize import EMBEDDING_COLUMNS
 
         path = self.out_dir / OUTPUT_CSV
         with open(path) as f:
-            unnamed_index = f.readline().startswith(",")
-        return pd.read_csv(path, index_col=0 if unnamed_index else None)
+            header = f.readline().rstrip("\n").split(",")
+        inputs = [i for i, name in enumerate(header) if name not in EMBEDDING_COLUMNS]
+        frame = pd.read_csv(path, usecols=inputs, index_col=0 if header[0] == "" else None)
+        embeddings = pd.DataFrame(np.asarray(self.embeddings), columns=EMBEDDING_COLUMNS, index=frame.index)
+        return pd.concat([frame, embeddings], axis=1)
 
 
 @own_errors
@@ -93,6 +99,7 @@ def embed(
     pca_params: PathLike | None = None,
     chunk_rows: int | None = None,
     progress: bool = True,
+    parquet: bool = False,
 ) -> Result:
     """`producer run` as a call: embed SPEC's rows (the CSV beside it by default) and write the
     outputs into its folder (or `out`). Without `broker`, a private Redis and one worker per granted
@@ -104,9 +111,9 @@ def embed(
     if broker:
         from vggish_pipeline.broker import broker_url, make_app
 
-        summary = run_remote(inputs, make_app(broker_url(broker)), pca, progress)
+        summary = run_remote(inputs, make_app(broker_url(broker)), pca, progress, parquet)
     else:
-        summary = run_local(inputs, workers, pca, progress)
+        summary = run_local(inputs, workers, pca, progress, parquet)
     return Result(Path(summary["out_dir"]), summary["rows"], summary)
 
 
@@ -192,6 +199,7 @@ def watch(
     broker: str | None = None,
     workers: int | None = None,
     pca_params: PathLike | None = None,
+    parquet: bool = False,
     settle: float = 1.0,
     poll: float = 0.5,
 ) -> Watch:
@@ -201,6 +209,6 @@ def watch(
     inputs = JobInputs.of(spec, csv, out, checkpoint=checkpoint)
     watcher = Watcher(
         inputs, Path(inbox), label, label_from_folder, valid, pad, broker, workers,
-        Path(pca_params) if pca_params else None, settle, poll, out=sys.stderr,
+        Path(pca_params) if pca_params else None, parquet, settle, poll, out=sys.stderr,
     )
     return Watch(watcher)
