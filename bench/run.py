@@ -240,7 +240,7 @@ def watch_latency(work: Path, py: str, env: dict, ckpt: Path, rows: int = FULL_R
     with open(spec, "wb") as f:
         f.truncate(rows * ROW_BYTES)  # sparse zeros: valid spectrograms, no disk
     frame_file(frame, rows)
-    model = fingerprint(ckpt)
+    model = fingerprint(ckpt, Path(env["VGGISH_CACHE_DIR"]))
     job = plan_job(spec, frame, directory, "relu", 1024, 1, model).job
     rng = np.random.default_rng(0)
     for c in job.chunks:  # as if embedded earlier: only the refresh is timed

@@ -50,7 +50,7 @@ def finished_job(directory: Path, rows: int, ckpt: Path, pca: Path, py: str, env
     with open(frame, "w") as f:
         f.write(",file_name,label,valid\n")
         f.writelines(f"{i},old/c{i}.wav,yes,False\n" for i in range(rows))
-    model = fingerprint(ckpt)
+    model = fingerprint(ckpt, Path(env["VGGISH_CACHE_DIR"]))
     jobdir = JobDir(directory)
     jobdir.ensure()
     jobdir.pin_model(model)

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from producer.run import CHECKPOINT_ENV, DEFAULT_CSV
+from producer.run import DEFAULT_CSV
 from vggish_pipeline import package_version
 from vggish_pipeline.errors import EXIT_CODES, INTERRUPTED, OS_ERROR, JobFailed, PipelineError, UsageError, os_error_line
 from vggish_pipeline.message import EMBEDDING_FORMS
+from vggish_pipeline.settings import CHECKPOINT_ENV, Settings, variables_help
 
 if TYPE_CHECKING:
     from producer.run import JobInputs
@@ -20,7 +21,9 @@ if TYPE_CHECKING:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="producer", description=__doc__, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="producer", description=__doc__,
+        epilog=EXIT_CODES + "\n" + variables_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,12 +101,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def inputs(args: argparse.Namespace) -> JobInputs:
+def inputs(args: argparse.Namespace, settings: Settings) -> JobInputs:
     from producer.run import JobInputs
 
     return JobInputs.of(
         args.spec, args.csv, getattr(args, "out", None), getattr(args, "embedding", "relu"), getattr(args, "chunk_rows", None),
-        getattr(args, "checkpoint", None),
+        getattr(args, "checkpoint", None), settings,
     )
 
 
@@ -115,24 +118,24 @@ def report(summary: dict, as_json: bool) -> None:
             print(f"{key:>16}: {value}")
 
 
-def cmd_enqueue(args: argparse.Namespace) -> int:
+def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     from producer.plan import send
     from producer.run import remote_capacity
     from vggish_pipeline import broker
 
-    app = broker.make_app(broker.broker_url(args.broker))
+    app = broker.make_app(broker.broker_url(args.broker, settings), settings)
     broker.check_connection(app)
-    job = inputs(args)
+    job = inputs(args, settings)
     planned = job.plan(remote_capacity(app) if args.chunk_rows is None else (1, None), job.model())
     send(app, planned.job, planned.send)
     report({**planned.summary(), "broker": broker.redact(app.conf.broker_url)}, args.json)
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from producer.run import run_local
 
-    job = inputs(args)
+    job = inputs(args, settings)
     try:
         summary = run_local(job, args.workers, args.pca_params, parquet=args.parquet)
     except KeyboardInterrupt:
@@ -142,21 +145,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_wait(args: argparse.Namespace) -> int:
+def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     from producer.job import Job
     from producer.progress import wait
     from producer.recovery import Recovery
     from vggish_pipeline import broker
 
     job = Job.load(args.dir)
-    app = broker.optional_app(args.broker)
+    app = broker.optional_app(args.broker, settings)
     if app is None:
         print("no broker configured: watching shards only, lost chunks will not be re-sent", file=sys.stderr)
     wait(job, timeout=args.timeout, check=Recovery(app, job) if app else None)
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from producer.job import Job
     from producer.progress import job_status, progress_line
     from producer.recovery import model_note
@@ -165,7 +168,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     job = Job.load(args.dir)
     status = job_status(job, per_worker=True)
     live, note = None, None
-    app = broker.optional_app(args.broker)
+    app = broker.optional_app(args.broker, settings)
     if app is not None:
         broker.check_connection(app)
         live = broker.live_workers(app)
@@ -188,7 +191,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return JobFailed.exit_code if status.failed else 0  # scripts can tell a failed job
 
 
-def cmd_finalize(args: argparse.Namespace) -> int:
+def cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
     from producer.finalize import finalize, write_parquet
     from producer.job import Job
     from vggish_pipeline.postprocess import PCA
@@ -202,10 +205,10 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_add_clips(args: argparse.Namespace) -> int:
+def cmd_add_clips(args: argparse.Namespace, settings: Settings) -> int:
     from producer.clips import add_files, locked, roll_back
 
-    spec, frame = args.spec, inputs(args).csv
+    spec, frame = args.spec, inputs(args, settings).csv
     if not args.recordings:
         with locked(spec, frame):
             repaired = roll_back(spec, frame)
@@ -216,11 +219,11 @@ def cmd_add_clips(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_watch(args: argparse.Namespace) -> int:
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     from producer.watcher import Watcher
 
     watcher = Watcher(
-        inputs(args), args.inbox, args.label, args.label_from_folder, args.valid, args.pad, args.broker, args.workers,
+        inputs(args, settings), args.inbox, args.label, args.label_from_folder, args.valid, args.pad, args.broker, args.workers,
         args.pca_params, args.parquet, args.settle, args.poll,
     )
     try:
@@ -230,7 +233,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def cmd_sample(args: argparse.Namespace, settings: Settings) -> int:
     from producer.dataset import write_sample
 
     if args.rows < 1:
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does: cleanly
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command](args, Settings.from_env())  # the environment, read and checked once, here
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return INTERRUPTED

@@ -19,6 +19,7 @@ from celery import Celery
 
 from vggish_pipeline.broker import make_app
 from vggish_pipeline.errors import BrokerError
+from vggish_pipeline.settings import Settings
 from worker.devices import discover
 from worker.fleet import MAX_RESTARTS, RESTART_WINDOW, Fleet, exit_with_parent
 
@@ -105,10 +106,10 @@ class LocalRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def local_fleet(workers: int | None, common: list[str], log_dir: Path) -> Fleet:
+def local_fleet(workers: int | None, common: list[str], log_dir: Path, nvidia_smi_timeout: float) -> Fleet:
     """One worker per GPU or MIG slice this process is granted, at most `workers`; with none,
     `workers` CPU workers (default CPU_WORKERS). Says what it chose and why."""
-    discovery = discover()
+    discovery = discover(nvidia_smi_timeout)
     discovery.say()
     gpus = discovery.devices[:workers] if workers else discovery.devices
     if workers and discovery.devices and workers > len(discovery.devices):
@@ -118,14 +119,16 @@ def local_fleet(workers: int | None, common: list[str], log_dir: Path) -> Fleet:
 
 
 @contextlib.contextmanager
-def local_workers(checkpoint: Path, workers: int | None, roots: list[Path], log_dir: Path) -> Iterator[tuple[Celery, Fleet]]:
+def local_workers(
+    checkpoint: Path, workers: int | None, roots: list[Path], log_dir: Path, settings: Settings
+) -> Iterator[tuple[Celery, Fleet]]:
     """A private Redis and warm worker processes (see `local_fleet`) for one command."""
     redis = LocalRedis()
     fleet = None
     try:
         redis.start()
         common = ["--broker", redis.url, "--checkpoint", str(checkpoint), *(f"--data-root={r}" for r in roots)]
-        fleet = local_fleet(workers, common, log_dir)
+        fleet = local_fleet(workers, common, log_dir, settings.nvidia_smi_timeout)
         fleet.needs.append(redis.revive)
         yield make_app(redis.url), fleet.start()
     finally:

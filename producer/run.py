@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vggish_pipeline.errors import UsageError
+from vggish_pipeline.settings import CHECKPOINT_ENV, Settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from producer.plan import Plan
     from worker.fleet import Fleet
 
-CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
 DEFAULT_CSV = "wavfile_df.csv"
 
 
@@ -35,6 +35,7 @@ class JobInputs:
     embedding: str = "relu"
     chunk_rows: int | None = None
     checkpoint: Path | None = None
+    settings: Settings = field(default_factory=Settings)
 
     @classmethod
     def of(
@@ -45,8 +46,10 @@ class JobInputs:
         embedding: str = "relu",
         chunk_rows: int | None = None,
         checkpoint: str | os.PathLike | None = None,
+        settings: Settings | None = None,
     ) -> JobInputs:
         """With the defaults: the CSV beside SPEC, the job folder SPEC's, the checkpoint from VGGISH_CHECKPOINT."""
+        settings = settings or Settings.from_env()
         from vggish_pipeline.message import EMBEDDING_FORMS
 
         spec = Path(spec)
@@ -54,7 +57,7 @@ class JobInputs:
             raise UsageError("--chunk-rows must be at least 1")
         if embedding not in EMBEDDING_FORMS:
             raise UsageError(f"embedding must be one of {', '.join(EMBEDDING_FORMS)}, not {embedding!r}")
-        checkpoint = checkpoint or os.environ.get(CHECKPOINT_ENV) or None
+        checkpoint = checkpoint or settings.checkpoint
         return cls(
             spec,
             Path(csv) if csv else spec.parent / DEFAULT_CSV,
@@ -62,6 +65,7 @@ class JobInputs:
             embedding,
             chunk_rows,
             Path(checkpoint) if checkpoint else None,
+            settings,
         )
 
     def required_checkpoint(self) -> Path:
@@ -75,9 +79,11 @@ class JobInputs:
 
     def model(self) -> str | None:
         """The model id the job is pinned to: the checkpoint's digest (and +tf32), if one is given."""
-        from worker.checkpoint import fingerprint, model_id, tf32_from_env
+        from worker.checkpoint import fingerprint, model_id
 
-        return model_id(fingerprint(self.checkpoint), tf32_from_env()) if self.checkpoint else None
+        if self.checkpoint is None:
+            return None
+        return model_id(fingerprint(self.checkpoint, self.settings.cache_dir), self.settings.tf32)
 
     def data_roots(self) -> list[Path]:
         """Folders local workers may read and write: the spectrograms' and the job's."""
@@ -153,7 +159,7 @@ def run_local(
     ckpt = inputs.required_checkpoint()
     pca = PCA(pca_params) if pca_params else None
     check_writable(inputs.out)  # it takes the workers' logs
-    with local_workers(ckpt, workers, inputs.data_roots(), inputs.out / "logs") as (app, fleet):
+    with local_workers(ckpt, workers, inputs.data_roots(), inputs.out / "logs", inputs.settings) as (app, fleet):
         # The plan scans the inputs while the workers start. A worker checks the checkpoint as
         # it loads it, and only then may the plan pin the job to it (pinning another model
         # drops the job's shards). This process never imports TensorFlow.

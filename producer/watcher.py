@@ -58,7 +58,7 @@ class Watcher:
             raise InputError(f"{self.inbox}: no such folder")
         check_workers(self.workers)
         spec, frame = self.inputs.spec, self.inputs.csv
-        app = broker.optional_app(self.broker)
+        app = broker.optional_app(self.broker, self.inputs.settings)
         if app is None:
             self.inputs.required_checkpoint()  # before anything starts
         model = self.inputs.model()
@@ -69,7 +69,7 @@ class Watcher:
             if app is None:
                 logs = self.inputs.out / "logs"
                 ckpt = self.inputs.required_checkpoint()
-                app, fleet = stack.enter_context(local_workers(ckpt, self.workers, self.inputs.data_roots(), logs))
+                app, fleet = stack.enter_context(local_workers(ckpt, self.workers, self.inputs.data_roots(), logs, self.inputs.settings))
                 first_ready(app, fleet)  # the checkpoint is good before any job is pinned to it
                 self.say(f"workers: {fleet.summary()}")
                 workers = local_capacity(fleet)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vggish_pipeline.settings import CACHE_ENV
 from worker import checkpoint
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -76,7 +77,7 @@ class RedisServer:
 def fingerprint_cache(tmp_path_factory) -> Path:
     """Checkpoint digests are cached per test session, not in the home folder; subprocesses inherit it."""
     directory = tmp_path_factory.mktemp("cache")
-    os.environ[checkpoint.CACHE_ENV] = str(directory)
+    os.environ[CACHE_ENV] = str(directory)
     return directory
 
 

@@ -191,3 +191,16 @@ def test_exit_codes_tell_usage_from_bad_input_and_are_in_the_help(sample):
     assert usage.returncode == 2 and usage.stderr.strip() == "producer: error: --workers must be at least 1"
     assert cli("producer", "run", str(sample["spec"]), env={"VGGISH_CHECKPOINT": None}).returncode == 2  # no checkpoint anywhere
     assert cli("producer", "finalize", str(sample["dir"])).returncode == 3  # not a job folder
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("VGGISH_VISIBILITY_TIMEOUT", "soon"), ("VGGISH_VISIBILITY_TIMEOUT", "-5"), ("VGGISH_NVIDIA_SMI_TIMEOUT", "0"), ("VGGISH_TF32", "maybe")],
+)
+def test_a_bad_environment_value_is_one_line_naming_it(sample, variable, value):
+    for command in (("producer", "status", str(sample["dir"])), ("worker", "ping", "w@x", "--broker", "redis://127.0.0.1:1/0")):
+        refused = cli(*command, env={variable: value})
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.count("\n") == 1 and refused.stderr.startswith(f"{command[0]}: error: {variable}={value!r}")
+    helped = cli("producer", "--help").stdout
+    assert all(name in helped for name in ("VGGISH_VISIBILITY_TIMEOUT", "VGGISH_BROKER_PASSWORD_FILE", "VGGISH_CACHE_DIR"))

@@ -29,8 +29,8 @@ def test_untrained_checkpoint_is_official_v1_layout(model_files):
     assert checkpoint.is_untrained(checkpoint.check_variables(ckpt))
 
 
-def test_v1_checkpoint_restores_and_matches_numpy_reference(model_files, weights, sample_source, expected):
-    model = Embedder(model_files["checkpoint"], batch_size=3)  # odd batch size: sub-batches must stitch
+def test_v1_checkpoint_restores_and_matches_numpy_reference(model_files, weights, sample_source, expected, fingerprint_cache):
+    model = Embedder(model_files["checkpoint"], fingerprint_cache, batch_size=3)  # odd batch size: sub-batches must stitch
     x = rows(sample_source)
     linear = model.embed(x, "linear")
     relu = model.embed(x, "relu")
@@ -42,31 +42,31 @@ def test_v1_checkpoint_restores_and_matches_numpy_reference(model_files, weights
     model.close()
 
 
-def test_v2_checkpoint_loads_to_the_same_model(tmp_path, model_files, sample_source):
+def test_v2_checkpoint_loads_to_the_same_model(tmp_path, model_files, sample_source, fingerprint_cache):
     v2 = checkpoint.write_untrained_checkpoint(tmp_path / "v2.ckpt", seed=0, v1=False)
     assert Path(f"{v2}.index").exists()
     x = rows(sample_source, 4)
-    a = Embedder(model_files["checkpoint"]).embed(x, "linear")
-    b = Embedder(v2).embed(x, "linear")
+    a = Embedder(model_files["checkpoint"], fingerprint_cache).embed(x, "linear")
+    b = Embedder(v2, fingerprint_cache).embed(x, "linear")
     np.testing.assert_array_equal(a, b)
 
 
-def test_fingerprint_tells_checkpoints_apart(tmp_path, model_files):
+def test_fingerprint_tells_checkpoints_apart(tmp_path, model_files, fingerprint_cache):
     other = checkpoint.write_untrained_checkpoint(tmp_path / "seed1.ckpt", seed=1)
-    assert checkpoint.fingerprint(other) != checkpoint.fingerprint(model_files["checkpoint"])
-    assert checkpoint.fingerprint(model_files["checkpoint"]) == checkpoint.fingerprint(model_files["checkpoint"])
+    assert checkpoint.fingerprint(other, fingerprint_cache) != checkpoint.fingerprint(model_files["checkpoint"], fingerprint_cache)
+    assert checkpoint.fingerprint(model_files["checkpoint"], fingerprint_cache) == checkpoint.fingerprint(model_files["checkpoint"], fingerprint_cache)
 
 
 def test_fingerprint_cache_never_outlives_a_change(tmp_path, fingerprint_cache):
     path = checkpoint.write_untrained_checkpoint(tmp_path / "m.ckpt", seed=0)
-    first = checkpoint.fingerprint(path)
-    assert first in checkpoint.fingerprint_cache().read_text()  # remembered, and found again
-    assert checkpoint.fingerprint(path) == first
+    first = checkpoint.fingerprint(path, fingerprint_cache)
+    assert first in (fingerprint_cache / "fingerprints.json").read_text()  # remembered, and found again
+    assert checkpoint.fingerprint(path, fingerprint_cache) == first
     other = checkpoint.write_untrained_checkpoint(tmp_path / "other.ckpt", seed=1)
     path.write_bytes(other.read_bytes())  # rewritten in place: same path and size, other weights
-    assert checkpoint.fingerprint(path) == checkpoint.fingerprint(other) != first
-    checkpoint.fingerprint_cache().write_text("{not json")  # a damaged cache costs a hash, nothing else
-    assert checkpoint.fingerprint(path) == checkpoint.fingerprint(other)
+    assert checkpoint.fingerprint(path, fingerprint_cache) == checkpoint.fingerprint(other, fingerprint_cache) != first
+    (fingerprint_cache / "fingerprints.json").write_text("{not json")  # a damaged cache costs a hash, nothing else
+    assert checkpoint.fingerprint(path, fingerprint_cache) == checkpoint.fingerprint(other, fingerprint_cache)
 
 
 def wait_for_copy(prefix: Path) -> None:
@@ -77,14 +77,14 @@ def wait_for_copy(prefix: Path) -> None:
 
 
 def test_v1_weights_load_from_the_kept_v2_copy_and_never_from_a_damaged_one(tmp_path, monkeypatch, model_files, sample_source):
-    monkeypatch.setenv(checkpoint.CACHE_ENV, str(tmp_path))
+    cache = tmp_path
     ckpt, x = model_files["checkpoint"], rows(sample_source)
-    first = Embedder(ckpt)
+    first = Embedder(ckpt, cache)
     assert first.loaded() == ckpt  # nothing kept yet: the official V1 path
     expected = first.embed(x, "linear")
-    copy = checkpoint.fast_copy(ckpt, first.fingerprint)
+    copy = checkpoint.fast_copy(ckpt, first.fingerprint, cache)
     wait_for_copy(copy)  # written after the restore, beside the chunks
-    again = Embedder(ckpt)
+    again = Embedder(ckpt, cache)
     assert again.loaded() == copy and again.untrained  # the marker is read from the original
     np.testing.assert_array_equal(again.embed(x, "linear"), expected)
 
@@ -94,21 +94,21 @@ def test_v1_weights_load_from_the_kept_v2_copy_and_never_from_a_damaged_one(tmp_
         byte = f.read(1)
         f.seek(150_000_000)
         f.write(bytes([byte[0] ^ 0x55]))
-    damaged = Embedder(ckpt)
+    damaged = Embedder(ckpt, cache)
     assert damaged.loaded() == ckpt  # TensorFlow's CRC caught it; the checkpoint was read instead
     np.testing.assert_array_equal(damaged.embed(x, "linear"), expected)
     wait_for_copy(copy)  # and a good copy was kept again
-    assert Embedder(ckpt).loaded() == copy
-    assert checkpoint.fast_copy(checkpoint.write_untrained_checkpoint(tmp_path / "v2.ckpt", v1=False), "x") is None
+    assert Embedder(ckpt, cache).loaded() == copy
+    assert checkpoint.fast_copy(checkpoint.write_untrained_checkpoint(tmp_path / "v2.ckpt", v1=False), "x", cache) is None
 
 
 def test_an_unusable_cache_costs_only_speed(tmp_path, monkeypatch, caplog, model_files, sample_source):
     (tmp_path / "file").write_text("")
-    monkeypatch.setenv(checkpoint.CACHE_ENV, str(tmp_path / "file" / "cache"))  # cannot be made
+    cache = tmp_path / "file" / "cache"  # cannot be made
     x = rows(sample_source, 4)
-    model = Embedder(model_files["checkpoint"])
+    model = Embedder(model_files["checkpoint"], cache)
     assert model.loaded() == model_files["checkpoint"]
-    np.testing.assert_array_equal(model.embed(x, "linear"), Embedder(model_files["checkpoint"]).embed(x, "linear"))
+    np.testing.assert_array_equal(model.embed(x, "linear"), Embedder(model_files["checkpoint"], cache).embed(x, "linear"))
     deadline = time.monotonic() + 60
     while "could not keep a V2 copy" not in caplog.text:  # said once, in the background
         assert time.monotonic() < deadline
@@ -116,8 +116,7 @@ def test_an_unusable_cache_costs_only_speed(tmp_path, monkeypatch, caplog, model
 
 
 def test_v2_copies_are_few_locked_and_never_half_written(tmp_path, monkeypatch):
-    monkeypatch.setenv(checkpoint.CACHE_ENV, str(tmp_path))
-    home = checkpoint.cache_dir() / "v2"
+    home = tmp_path / "v2"
 
     def keep(name: str, fail: bool = False) -> bool:
         with checkpoint.writing_copy(home / name) as tmp:
@@ -168,7 +167,7 @@ def write_partial_checkpoint(path: Path, shapes: dict[str, tuple]) -> Path:
         ("wrong_shape", "has shape (3, 3, 1, 32), VGGish needs (3, 3, 1, 64)"),
     ],
 )
-def test_bad_checkpoints_fail_with_a_clear_error(tmp_path, case, message):
+def test_bad_checkpoints_fail_with_a_clear_error(tmp_path, case, message, fingerprint_cache):
     path = tmp_path / "bad.ckpt"
     if case == "directory":
         path.mkdir()
@@ -182,16 +181,16 @@ def test_bad_checkpoints_fail_with_a_clear_error(tmp_path, case, message):
         shapes["vggish/fc1/fc1_1/weights"] = (1, 1)  # keep the file small; conv1 is checked first
         write_partial_checkpoint(path, shapes)
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        Embedder(path)
+        Embedder(path, fingerprint_cache)
 
 
-def test_unreadable_weights_fail_with_a_clear_error(tmp_path):
+def test_unreadable_weights_fail_with_a_clear_error(tmp_path, fingerprint_cache):
     """The index passes the checks, the data file is cut short: the error comes when the weights load."""
     v2 = checkpoint.write_untrained_checkpoint(tmp_path / "cut.ckpt", seed=0, v1=False)
     data = next(tmp_path.glob("cut.ckpt.data-*"))
     with open(data, "r+b") as f:
         f.truncate(1000)
-    model = Embedder(v2)  # names and shapes are fine
+    model = Embedder(v2, fingerprint_cache)  # names and shapes are fine
     with pytest.raises(CheckpointError, match="cannot restore VGGish"):
         model.loaded()
     with pytest.raises(CheckpointError, match="cannot restore VGGish"):

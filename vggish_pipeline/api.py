@@ -111,7 +111,7 @@ def embed(
     if broker:
         from vggish_pipeline.broker import broker_url, make_app
 
-        summary = run_remote(inputs, make_app(broker_url(broker)), pca, progress, parquet)
+        summary = run_remote(inputs, make_app(broker_url(broker, inputs.settings), inputs.settings), pca, progress, parquet)
     else:
         summary = run_local(inputs, workers, pca, progress, parquet)
     return Result(Path(summary["out_dir"]), summary["rows"], summary)

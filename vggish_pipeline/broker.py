@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from vggish_pipeline.errors import BrokerError, os_error_line
 from vggish_pipeline.message import QUEUE
+from vggish_pipeline.settings import BROKER_ENV, PASSWORD_FILE_ENV, Settings
 
 if TYPE_CHECKING:
     from celery import Celery
 
-BROKER_ENV = "VGGISH_BROKER_URL"
-PASSWORD_FILE_ENV = "VGGISH_BROKER_PASSWORD_FILE"
-VISIBILITY_ENV = "VGGISH_VISIBILITY_TIMEOUT"
-
-
-def given_url(flag: str | None) -> str | None:
-    """--broker, else the environment's URL; the password from VGGISH_BROKER_PASSWORD_FILE goes in
-    here, so it never has to sit in a command line or an environment that `ps`/`docker inspect` show."""
-    url = flag or os.environ.get(BROKER_ENV)
-    secret = os.environ.get(PASSWORD_FILE_ENV)
-    if not url or not secret:
+def given_url(flag: str | None, settings: Settings) -> str | None:
+    """--broker, else VGGISH_BROKER_URL; the password from VGGISH_BROKER_PASSWORD_FILE goes in here,
+    so it never has to sit in a command line or an environment that `ps`/`docker inspect` show."""
+    url = flag or settings.broker_url
+    if not url or settings.password_file is None:
         return url
     try:
-        password = Path(secret).read_text().rstrip("\r\n")
+        password = settings.password_file.read_text().rstrip("\r\n")
     except OSError as e:
         raise BrokerError(f"cannot read the broker password ({PASSWORD_FILE_ENV}): {os_error_line(e)}") from e
     parts = urlsplit(url)
@@ -37,17 +30,17 @@ def given_url(flag: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"))
 
 
-def broker_url(flag: str | None) -> str:
-    url = given_url(flag)
+def broker_url(flag: str | None, settings: Settings) -> str:
+    url = given_url(flag, settings)
     if not url:
         raise BrokerError(f"no broker: pass --broker URL or set {BROKER_ENV} (e.g. redis://:PASSWORD@host:6379/0)")
     return url
 
 
-def optional_app(flag: str | None) -> Celery | None:
+def optional_app(flag: str | None, settings: Settings) -> Celery | None:
     """The app for --broker or the environment's broker, or None where neither names one."""
-    url = given_url(flag)
-    return make_app(url) if url else None
+    url = given_url(flag, settings)
+    return make_app(url, settings) if url else None
 
 
 def redact(url: str) -> str:
@@ -63,7 +56,7 @@ def failure(e: Exception) -> BrokerError | None:
     return BrokerError(f"broker: {type(e).__name__}: {redact(str(e))}")
 
 
-def make_app(url: str) -> Celery:
+def make_app(url: str, settings: Settings | None = None) -> Celery:
     from celery import Celery  # here, so a worker can read its URL before Celery loads (see worker.cli)
 
     app = Celery("vggish", broker=url, set_as_current=False)
@@ -80,7 +73,7 @@ def make_app(url: str) -> Celery:
         # tracebacks trying), and its shard is written once under its name whoever finishes it.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": int(os.environ.get(VISIBILITY_ENV, "3600"))},
+        broker_transport_options={"visibility_timeout": (settings or Settings()).visibility_timeout},
         worker_hijack_root_logger=True,
     )
     return app

@@ -66,14 +66,7 @@ def checkpoint_prefix(path: Path) -> Path:
     return first.with_suffix("") if first.suffix == ".index" else first
 
 
-CACHE_ENV = "VGGISH_CACHE_DIR"
 FINGERPRINTS_KEPT = 64
-TF32_ENV = "VGGISH_TF32"
-
-
-def tf32_from_env() -> bool:
-    return os.environ.get(TF32_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
 
 def model_id(digest: str, tf32: bool) -> str:
     """What a job is pinned to: the checkpoint's digest, marked when TF32 (not float32) computes
@@ -81,7 +74,7 @@ def model_id(digest: str, tf32: bool) -> str:
     return f"{digest}+tf32" if tf32 else digest
 
 
-def fingerprint(path: Path) -> str:
+def fingerprint(path: Path, cache_dir: Path) -> str:
     """A digest of the checkpoint's bytes: two jobs share shards only when this matches.
 
     Hashing 288 MB costs 0.3-0.9 s on every producer and worker start, so digests are remembered
@@ -91,7 +84,7 @@ def fingerprint(path: Path) -> str:
     files = checkpoint_files(path)
     key = ";".join(f"{os.path.realpath(f)}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
                    for f, st in ((f, f.stat()) for f in files))
-    cache = fingerprint_cache()
+    cache = cache_dir / "fingerprints.json"
     known = read_cache(cache)
     if key in known:
         return known[key]
@@ -108,27 +101,17 @@ def fingerprint(path: Path) -> str:
     return digest
 
 
-def cache_dir() -> Path:
-    """What this machine keeps between starts: $VGGISH_CACHE_DIR, else ~/.cache/vggish-pipeline."""
-    base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vggish-pipeline"
-    return Path(base)
-
-
-def fingerprint_cache() -> Path:
-    return cache_dir() / "fingerprints.json"
-
-
 COPIES_KEPT = 2  # 288 MB each
 
 
-def fast_copy(path: Path, digest: str) -> Path | None:
+def fast_copy(path: Path, digest: str, cache_dir: Path) -> Path | None:
     """Where this machine keeps a V2 copy of the V1 checkpoint `path`, whose fingerprint is `digest`;
     None for a V2 checkpoint. TensorFlow reads the V1 file in 0.65-2.2 s, most of it page faults in memory it
     takes and frees while parsing, and the same weights from V2 in 0.13-0.31 s. Named by content, the copy
     cannot outlive a change of the original, and V2 stores a CRC of every tensor that restore checks."""
     if checkpoint_files(path)[0].suffix == ".index":
         return None
-    return cache_dir() / "v2" / digest
+    return cache_dir / "v2" / digest
 
 
 def copy_files(prefix: Path) -> tuple[Path, Path]:

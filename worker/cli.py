@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from vggish_pipeline import package_version
 from vggish_pipeline.errors import EXIT_CODES, OS_ERROR, PipelineError, UsageError, os_error_line
+from vggish_pipeline.settings import BROKER_ENV, CHECKPOINT_ENV, DATA_ROOTS_ENV, NAME_ENV, Settings, variables_help
 from worker.model import DEFAULT_BATCH
 
 if TYPE_CHECKING:
@@ -20,16 +21,15 @@ if TYPE_CHECKING:
     from worker.devices import Device
     from worker.model import Embedder
 
-CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
-DATA_ROOTS_ENV = "VGGISH_DATA_ROOTS"
-NAME_ENV = "VGGISH_WORKER_NAME"
 
 log = logging.getLogger("worker")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="worker", description=__doc__, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="worker", description=__doc__,
+        epilog=EXIT_CODES + "\n" + variables_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,7 +45,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     device.add_argument("--cpu", action="store_true", help="hide every GPU (CUDA_VISIBLE_DEVICES=-1)")
     start.add_argument(
-        "--name", default=os.environ.get(NAME_ENV), help=f"worker name, e.g. gpu0@host (env {NAME_ENV}; default: from the device and host)"
+        "--name", help=f"worker name, e.g. gpu0@host (env {NAME_ENV}; default: from the device and host)"
     )
     start.add_argument("--threads", type=int, default=0, help="TensorFlow threads per pool (0: all cores)")
     start.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"rows per session.run (default {DEFAULT_BATCH})")
@@ -87,7 +87,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     down.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
 
     ping = sub.add_parser("ping", help="exit 0 if the worker answers through the broker (a container healthcheck)")
-    ping.add_argument("name", nargs="?", default=os.environ.get(NAME_ENV), help=f"worker name (env {NAME_ENV})")
+    ping.add_argument("name", nargs="?", help=f"worker name (env {NAME_ENV})")
     ping.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
 
     make = sub.add_parser("make-checkpoint", help="write an UNTRAINED checkpoint and PCA params for tests and demos")
@@ -104,35 +104,30 @@ def default_name(args: argparse.Namespace, device: Device | None) -> str:
     return f"cpu{os.getpid()}@{host}" if args.cpu else f"worker{os.getpid()}@{host}"
 
 
-def data_roots(flags: list[Path] | None) -> list[Path]:
-    if flags:
-        roots = flags
-    elif os.environ.get(DATA_ROOTS_ENV):
-        roots = [Path(p) for p in os.environ[DATA_ROOTS_ENV].split(os.pathsep) if p]
-    else:
-        roots = [Path.cwd()]
+def data_roots(flags: list[Path] | None, settings: Settings) -> list[Path]:
+    roots = flags or list(settings.data_roots) or [Path.cwd()]
     for root in roots:
         if not root.is_dir():
             raise PipelineError(f"data root {root} is not a folder this worker can see (shared storage mounted?)")
     return roots
 
 
-def start(args: argparse.Namespace) -> int:
+def start(args: argparse.Namespace, settings: Settings) -> int:
     from vggish_pipeline import broker
 
-    url = broker.broker_url(args.broker)
-    checkpoint = args.checkpoint or (Path(os.environ[CHECKPOINT_ENV]) if os.environ.get(CHECKPOINT_ENV) else None)
+    url = broker.broker_url(args.broker, settings)
+    checkpoint = args.checkpoint or settings.checkpoint
     if checkpoint is None:
         raise UsageError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
     if args.chunks_in_flight is not None and args.chunks_in_flight < 1:
         raise UsageError("--chunks-in-flight must be at least 1")
     from worker.devices import cpu_list, pin_process
 
-    roots = data_roots(args.data_root)
-    device = pin_process(args.gpu) if args.gpu is not None else None
+    roots = data_roots(args.data_root, settings)
+    device = pin_process(args.gpu, settings.nvidia_smi_timeout) if args.gpu is not None else None
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
-    name = args.name or default_name(args, device)
+    name = args.name or settings.worker_name or default_name(args, device)
     log.info(
         "%s: pinned to %s, CUDA_VISIBLE_DEVICES=%s, CPUs %s",
         name,
@@ -143,13 +138,12 @@ def start(args: argparse.Namespace) -> int:
 
     # The weights load on a helper thread from here on (~0.8 s without the GIL); meanwhile
     # Celery loads, connects and starts, and is then held at worker_init until they are in.
-    from worker.checkpoint import tf32_from_env
     from worker.model import Embedder  # TensorFlow loads only now, after CUDA_VISIBLE_DEVICES is set
 
-    model = Embedder(checkpoint, threads=args.threads, batch_size=args.batch_size, tf32=args.tf32 or tf32_from_env())
+    model = Embedder(checkpoint, settings.cache_dir, args.threads, args.batch_size, tf32=args.tf32 or settings.tf32)
     from worker.chunk import GPU_IN_FLIGHT, ChunkRunner, serve
 
-    app = broker.make_app(url)
+    app = broker.make_app(url, settings)
     broker.check_connection(app)
     broker.poll_briefly(app)
     if device is not None and not model.device.startswith("GPU"):
@@ -193,7 +187,7 @@ def error_line(e: PipelineError) -> str:
     return f"worker: error: {e}"
 
 
-def up(args: argparse.Namespace) -> int:
+def up(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import time
 
@@ -202,7 +196,7 @@ def up(args: argparse.Namespace) -> int:
     from worker.fleet import Fleet
 
     if args.gpus is not None:
-        discovery = discover()
+        discovery = discover(settings.nvidia_smi_timeout)
         gpus = select(args.gpus, discovery)
         for note in discovery.notes:
             log.warning("%s", note)
@@ -210,9 +204,9 @@ def up(args: argparse.Namespace) -> int:
         raise UsageError("--cpus must be at least 1")
     else:
         gpus = []
-    broker.broker_url(args.broker)  # fails now, in one line, if none is given
+    broker.broker_url(args.broker, settings)  # fails now, in one line, if none is given
     # The URL reaches the workers by environment, as given (a password file stays a file): a command line shows it to `ps`.
-    env = {broker.BROKER_ENV: args.broker or os.environ[broker.BROKER_ENV]}
+    env = {BROKER_ENV: args.broker or str(settings.broker_url)}
     common = ["--batch-size", str(args.batch_size), *(["--tf32"] if args.tf32 else [])]
     if args.checkpoint:
         common += ["--checkpoint", str(args.checkpoint)]
@@ -230,26 +224,27 @@ def up(args: argparse.Namespace) -> int:
     return 1 if any(m.exit_code() for m in fleet.members) else 0
 
 
-def ping(args: argparse.Namespace) -> Celery:
-    """The broker's app, once the worker `args.name` has answered its ping."""
+def ping(args: argparse.Namespace, settings: Settings) -> Celery:
+    """The broker's app, once the worker named (or VGGISH_WORKER_NAME) has answered its ping."""
     from vggish_pipeline import broker
 
+    args.name = args.name or settings.worker_name
     if not args.name:
         raise UsageError(f"name a worker, or set {NAME_ENV}")
-    app = broker.make_app(broker.broker_url(args.broker))
+    app = broker.make_app(broker.broker_url(args.broker, settings), settings)
     broker.check_connection(app)
     if not app.control.ping(destination=[args.name], timeout=2.0):
         raise PipelineError(f"no live worker named {args.name}")
     return app
 
 
-def down(args: argparse.Namespace) -> int:
-    ping(args).control.shutdown(destination=[args.name])
+def down(args: argparse.Namespace, settings: Settings) -> int:
+    ping(args, settings).control.shutdown(destination=[args.name])
     print(f"asked {args.name} to finish its current chunk and stop")
     return 0
 
 
-def make_checkpoint(args: argparse.Namespace) -> int:
+def make_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
     from worker import checkpoint
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -268,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse(argv)
     try:
-        commands = {"start": start, "up": up, "down": down, "ping": lambda a: ping(a) and 0, "make-checkpoint": make_checkpoint}
-        return commands[args.command](args)
+        settings = Settings.from_env()  # the environment, read and checked once, here
+        commands = {"start": start, "up": up, "down": down, "ping": lambda a, s: ping(a, s) and 0, "make-checkpoint": make_checkpoint}
+        return commands[args.command](args, settings)
     except PipelineError as e:
         print(error_line(e), file=sys.stderr)
         return e.exit_code

@@ -22,7 +22,6 @@ from vggish_pipeline.errors import DeviceError
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_ENV = "VGGISH_NVIDIA_SMI_TIMEOUT"
 DEFAULT_TIMEOUT = 15.0  # nvidia-smi without persistence mode can take seconds on a large machine
 
 GPU_LINE = re.compile(r"^GPU (\d+): (.*?) \(UUID: ([^)]+)\)")
@@ -66,14 +65,12 @@ class Discovery:
             print(note, file=out or sys.stderr)
 
 
-def nvidia_smi(*args: str, timeout: float | None = None) -> str:
+def nvidia_smi(*args: str, timeout: float = DEFAULT_TIMEOUT) -> str:
     """Run nvidia-smi and return its output; OSError/TimeoutError/RuntimeError say why not.
 
     A wedged driver can leave nvidia-smi hanging, even unkillable: on timeout its whole process
     group is killed and nothing more is waited for, so this never blocks longer than `timeout`.
     """
-    if timeout is None:
-        timeout = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT)
     proc = subprocess.Popen(
         ["nvidia-smi", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -175,14 +172,14 @@ def match(spec: str, devices: list[Device]) -> list[Device]:
     return [d for d in devices if uuid in (d.uuid, d.parent)]
 
 
-def discover(env: Mapping[str, str] | None = None) -> Discovery:
+def discover(timeout: float = DEFAULT_TIMEOUT, env: Mapping[str, str] | None = None) -> Discovery:
     """Every device this process may use, with the CPUs near each. No nvidia-smi, a failing or
-    a hanging one all mean no GPUs, with a note saying which."""
+    a hanging one (past `timeout` seconds) all mean no GPUs, with a note saying which."""
     env = os.environ if env is None else env
     if env.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
         return Discovery([], [])  # none granted: nvidia-smi need not be asked
     try:
-        listed = parse_list(nvidia_smi("-L"))
+        listed = parse_list(nvidia_smi("-L", timeout=timeout))
     except FileNotFoundError:
         return Discovery([], [])  # no NVIDIA driver here: a CPU machine, nothing to say
     except (OSError, TimeoutError, RuntimeError) as e:
@@ -197,7 +194,7 @@ def discover(env: Mapping[str, str] | None = None) -> Discovery:
             "nvidia-smi's (PCI bus order), which CUDA uses only with CUDA_DEVICE_ORDER=PCI_BUS_ID; UUIDs are unambiguous"
         )
     try:
-        near = parse_topology(nvidia_smi("topo", "-m"))
+        near = parse_topology(nvidia_smi("topo", "-m", timeout=timeout))
     except (OSError, TimeoutError, RuntimeError) as e:
         near = {}
         notes.append(f"CPU affinity not set: {e}")
@@ -221,10 +218,10 @@ def select(specs: str, discovery: Discovery) -> list[Device]:
     return chosen
 
 
-def pin_process(spec: str) -> Device:
+def pin_process(spec: str, timeout: float = DEFAULT_TIMEOUT) -> Device:
     """Pin this process to the one GPU or MIG slice `spec` names, and to the CPUs near it, before
     TensorFlow loads. If nvidia-smi cannot be asked now, pin by `spec` as given, unchecked."""
-    discovery = discover()
+    discovery = discover(timeout)
     for note in discovery.notes:
         log.warning("%s", note)
     if discovery.unanswered:

@@ -79,18 +79,21 @@ class Embedder:
     start-up meanwhile. `loaded()` waits for them, and so does `embed`.
     """
 
-    def __init__(self, checkpoint_path: Path, threads: int = 0, batch_size: int = DEFAULT_BATCH, tf32: bool = False) -> None:
+    def __init__(
+        self, checkpoint_path: Path, cache_dir: Path, threads: int = 0, batch_size: int = DEFAULT_BATCH, tf32: bool = False
+    ) -> None:
+        """`cache_dir` keeps the checkpoint's digest and its fast V2 copy between starts (Settings.cache_dir)."""
         helper = ThreadPoolExecutor(1, thread_name_prefix="vggish-load")
         try:
             # Hash the checkpoint on another core while TensorFlow imports: a worker starts 0.3 s sooner.
-            digest = helper.submit(checkpoint.fingerprint, checkpoint_path)
+            digest = helper.submit(checkpoint.fingerprint, checkpoint_path, cache_dir)
             tf = load_tensorflow()
             # TensorFlow would use TF32 on Ampere and newer GPUs; float32 gives every device the same embeddings.
             tf.config.experimental.enable_tensor_float_32_execution(tf32)
             reader = checkpoint.check_variables(checkpoint_path)  # names and shapes, with a clear error
             self.fingerprint = checkpoint.model_id(digest.result(), tf32)
             saver = self._build(tf, threads)
-            copy = checkpoint.fast_copy(checkpoint_path, digest.result())
+            copy = checkpoint.fast_copy(checkpoint_path, digest.result(), cache_dir)
             self._weights = helper.submit(self._restore, saver, checkpoint_path, copy)
             if copy is not None:
                 helper.submit(self._keep_copy, saver, copy)  # after the restore, while chunks run
