@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,7 +129,7 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     job = inputs(args, settings)
     planned = job.plan(remote_capacity(app) if args.chunk_rows is None else (1, None), job.model())
     send(app, planned.job, planned.send)
-    report({**planned.summary(), "broker": broker.redact(app.conf.broker_url)}, args.json)
+    report(replace(planned.summary(), broker=broker.redact(app.conf.broker_url)).to_dict(), args.json)
     return 0
 
 
@@ -137,7 +138,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     job = inputs(args, settings)
     try:
-        summary = run_local(job, args.workers, args.pca_params, parquet=args.parquet)
+        summary = run_local(job, args.workers, args.pca_params, parquet=args.parquet).to_dict()
     except KeyboardInterrupt:
         print(f"\ninterrupted: shards so far are kept in {job.out}; run the same command to go on", file=sys.stderr)
         return INTERRUPTED
@@ -179,7 +180,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"job {status.job}: " + progress_line(status, 0.0).split("  ETA")[0])
     print(f"chunks {status.chunks_done}/{status.chunks_total} done, {len(status.failed)} failed")
     for f in status.failed:
-        print(f"  failed rows {f['start']}-{f['stop']} on {f['worker']}: {f['reason']}")
+        print(f"  failed rows {f.start}-{f.stop} on {f.worker}: {f.reason}")
     for name, w in sorted(status.workers.items()):
         print(f"  {name}: {w['chunks']} chunks, {w['rows']} rows, {w['rows_per_s']} rows/s")
     if live is not None:

@@ -52,7 +52,7 @@ def check_complete(job: Job) -> None:
     """Refuse, naming row ranges, unless every chunk has exactly the shard the plan asks for."""
     failures = job.failures()
     if failures:
-        reasons = "; ".join(f"{f['start']}-{f['stop']}: {f['reason']}" for f in failures[:3])
+        reasons = "; ".join(f"{f.start}-{f.stop}: {f.reason}" for f in failures[:3])
         raise JobFailed(f"{len(failures)} chunks failed (rows {reasons}); fix the cause and re-run `producer enqueue`")
     missing = job.missing()
     if missing:

@@ -13,7 +13,7 @@ from pathlib import Path
 from producer.dataset import Chunk
 from vggish_pipeline.errors import InputError
 from vggish_pipeline.files import finish_append, finish_set, write_json
-from vggish_pipeline.jobdir import JobDir
+from vggish_pipeline.jobdir import Failure, JobDir
 from vggish_pipeline.message import ChunkMessage
 from vggish_pipeline.spectrogram import OLD_DIGEST
 
@@ -69,11 +69,11 @@ class Job:
         """Chunks that have no shard yet."""
         return [c for c in self.chunks if not self.shard_path(c).exists()]
 
-    def failures(self) -> list[dict]:
+    def failures(self) -> list[Failure]:
         """Failure records of chunks this plan has and that have no shard: a chunk with its shard is
         done, whatever was recorded before, and a record of rows the plan does not cut is stale."""
         missing = {(c.start, c.stop) for c in self.missing()}
-        return [f for f in self.dir.failures() if (f.get("start"), f.get("stop")) in missing]
+        return [f for f in self.dir.failures() if (f.start, f.stop) in missing]
 
     def save(self) -> None:
         record = asdict(self)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from celery import Celery
@@ -16,6 +16,38 @@ from vggish_pipeline.spectrogram import NEW_DIGEST
 
 
 @dataclass
+class RunSummary:
+    """What a run (or enqueue) did: the job, what it reused and sent, and, once written, the outputs."""
+
+    job: str
+    out_dir: str
+    source: str
+    csv: str
+    rows: int
+    chunks: int
+    chunk_rows: int
+    embedding: str
+    model: str | None
+    reused_rows: int
+    reused_chunks: int
+    enqueued_rows: int
+    enqueued_chunks: int
+    dropped_shards_of_other_model: bool
+    outputs: list[str] = field(default_factory=list)
+    appended: bool | None = None  # the outputs grew in place (True) or were written whole (False)
+    seconds: float | None = None  # writing the outputs
+    workers: list[dict] = field(default_factory=list)  # the local workers started (Member.describe)
+    broker: str | None = None  # the broker used, password hidden
+
+    def with_outputs(self, written: dict) -> RunSummary:
+        """This summary with finalize's or refresh's result."""
+        return replace(self, outputs=written.get("outputs", []), appended=written.get("appended"), seconds=written.get("seconds"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class Plan:
     job: Job
     send: list[Chunk]
@@ -23,23 +55,23 @@ class Plan:
     dropped_shards: bool
     model: str | None
 
-    def summary(self) -> dict:
-        return {
-            "job": self.job.id,
-            "out_dir": self.job.out_dir,
-            "source": self.job.source,
-            "csv": self.job.csv,
-            "rows": self.job.rows,
-            "chunks": len(self.job.chunks),
-            "chunk_rows": self.job.chunk_rows,
-            "embedding": self.job.embedding,
-            "model": self.model,
-            "reused_rows": sum(c.rows for c in self.reused),
-            "reused_chunks": len(self.reused),
-            "enqueued_rows": sum(c.rows for c in self.send),
-            "enqueued_chunks": len(self.send),
-            "dropped_shards_of_other_model": self.dropped_shards,
-        }
+    def summary(self) -> RunSummary:
+        return RunSummary(
+            job=self.job.id,
+            out_dir=self.job.out_dir,
+            source=self.job.source,
+            csv=self.job.csv,
+            rows=self.job.rows,
+            chunks=len(self.job.chunks),
+            chunk_rows=self.job.chunk_rows,
+            embedding=self.job.embedding,
+            model=self.model,
+            reused_rows=sum(c.rows for c in self.reused),
+            reused_chunks=len(self.reused),
+            enqueued_rows=sum(c.rows for c in self.send),
+            enqueued_chunks=len(self.send),
+            dropped_shards_of_other_model=self.dropped_shards,
+        )
 
 
 def plan_job(
@@ -92,7 +124,7 @@ def plan_job(
             stale.unlink()
     send = job.missing()
     for failure in jobdir.failures():  # every chunk without a shard gets a fresh try
-        jobdir.clear_failure(failure["start"], failure["stop"])
+        jobdir.clear_failure(failure.start, failure.stop)
     job.save()
     reused = [c for c in job.chunks if c not in send]
     return Plan(job, send, reused, dropped, jobdir.pinned_model())

@@ -11,6 +11,7 @@ from typing import TextIO
 
 from producer.job import Job
 from vggish_pipeline.errors import JobFailed, TimedOut
+from vggish_pipeline.jobdir import Failure
 from vggish_pipeline.shard import read_meta
 
 
@@ -21,7 +22,7 @@ class Status:
     rows_done: int
     chunks_total: int
     chunks_done: int
-    failed: list[dict] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
     workers: dict[str, dict] = field(default_factory=dict)
 
     @property
@@ -149,7 +150,7 @@ def wait(
             if status.done:
                 return status
             if status.failed and status.chunks_done + len(status.failed) >= status.chunks_total:
-                ranges = ", ".join(f"{f['start']}-{f['stop']} ({f['reason']})" for f in status.failed[:3])
+                ranges = ", ".join(f"{f.start}-{f.stop} ({f.reason})" for f in status.failed[:3])
                 raise JobFailed(f"{len(status.failed)} chunks failed: rows {ranges}")
             if timeout is not None and elapsed > timeout:
                 raise TimedOut(f"timed out after {duration(timeout)} with {status.chunks_total - status.chunks_done} chunks left")

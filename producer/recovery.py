@@ -86,7 +86,7 @@ class Recovery:
                 "run `producer wait` on it there, or `producer run`/`enqueue` where it is now"
             )
         self.gone_since = 0.0
-        failed = {f["start"] for f in self.job.failures()}
+        failed = {f.start for f in self.job.failures()}
         missing = {c.start: c for c in self.job.missing() if c.start not in failed}
         progressed, self.missing_before = len(missing) != self.missing_before, len(missing)
         try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from producer.dataset import Chunk
     from producer.job import Job
-    from producer.plan import Plan
+    from producer.plan import Plan, RunSummary
     from worker.fleet import Fleet
 
 DEFAULT_CSV = "wavfile_df.csv"
@@ -147,7 +147,7 @@ def embed(app: Celery, job: Job, chunks: list[Chunk], fleet: Fleet | None, progr
 
 def run_local(
     inputs: JobInputs, workers: int | None = None, pca_params: Path | None = None, progress: bool = True, parquet: bool = False
-) -> dict:
+) -> RunSummary:
     """The whole job on this machine: a private Redis, one worker per granted GPU (at most
     `workers`; with none, CPU workers), plan, embed, write the outputs. Returns the summary.
     Everything it starts ends with it, however it ends (Ctrl-C included); shards are kept."""
@@ -177,12 +177,12 @@ def run_local(
         embed(app, job, planned.send, fleet, progress)
         fleet.signal_stop()  # the workers wind down while finalize runs
         result = refresh(job, pca, parquet)
-    return {**planned.summary(), **result, "workers": [m.describe() for m in fleet.members]}
+    return replace(planned.summary().with_outputs(result), workers=[m.describe() for m in fleet.members])
 
 
 def run_remote(
     inputs: JobInputs, app: Celery, pca_params: Path | None = None, progress: bool = True, parquet: bool = False
-) -> dict:
+) -> RunSummary:
     """The whole job with the broker's workers: enqueue, wait (re-sending what is lost), write the outputs."""
     from producer.finalize import refresh
     from vggish_pipeline import broker
@@ -192,4 +192,4 @@ def run_remote(
     broker.check_connection(app)
     planned = inputs.plan(remote_capacity(app) if inputs.chunk_rows is None else (1, None), inputs.model())
     embed(app, planned.job, planned.send, None, progress)
-    return {**planned.summary(), **refresh(planned.job, pca, parquet), "broker": broker.redact(app.conf.broker_url)}
+    return replace(planned.summary().with_outputs(refresh(planned.job, pca, parquet)), broker=broker.redact(app.conf.broker_url))

@@ -98,8 +98,8 @@ class Watcher:
                         self.refreshes += 1
                         summary = planned.summary()
                         self.say(
-                            f"outputs refreshed: {planned.job.rows} rows ({summary['enqueued_rows']} embedded, "
-                            f"{summary['reused_rows']} reused) in {time.monotonic() - began:.1f} s"
+                            f"outputs refreshed: {planned.job.rows} rows ({summary.enqueued_rows} embedded, "
+                            f"{summary.reused_rows} reused) in {time.monotonic() - began:.1f} s"
                         )
                 first = False
                 if once:

@@ -22,6 +22,7 @@ from vggish_pipeline.shard import EMBEDDING_SIZE
 if TYPE_CHECKING:
     import pandas as pd
 
+    from producer.plan import RunSummary
     from producer.progress import Status
     from producer.watcher import Watcher
 
@@ -57,7 +58,7 @@ class Result:
 
     out_dir: Path
     rows: int
-    summary: dict
+    summary: RunSummary
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -114,7 +115,7 @@ def embed(
         summary = run_remote(inputs, make_app(broker_url(broker, inputs.settings), inputs.settings), pca, progress, parquet)
     else:
         summary = run_local(inputs, workers, pca, progress, parquet)
-    return Result(Path(summary["out_dir"]), summary["rows"], summary)
+    return Result(Path(summary.out_dir), summary.rows, summary)
 
 
 @own_errors

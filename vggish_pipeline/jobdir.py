@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vggish_pipeline.files import create_json, write_json
@@ -10,6 +11,25 @@ from vggish_pipeline.shard import shard_name
 
 JOB_FILE = "job.json"
 MODEL_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A chunk a worker gave up on: its rows, why, and which worker (failed/START-STOP.json)."""
+
+    start: int
+    stop: int
+    reason: str
+    worker: str
+
+    @classmethod
+    def read(cls, path: Path) -> Failure | None:
+        """The record at `path`; None for one that is unreadable or not a failure record."""
+        try:
+            record = json.loads(path.read_text())
+            return cls(int(record["start"]), int(record["stop"]), str(record["reason"]), str(record["worker"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
 
 class JobDir:
@@ -56,8 +76,8 @@ class JobDir:
     def _failure_path(self, start: int, stop: int) -> Path:
         return self.failed / f"{start:012d}-{stop:012d}.json"
 
-    def record_failure(self, start: int, stop: int, reason: str, worker: str) -> None:
-        write_json(self._failure_path(start, stop), {"start": start, "stop": stop, "reason": reason, "worker": worker})
+    def record_failure(self, failure: Failure) -> None:
+        write_json(self._failure_path(failure.start, failure.stop), asdict(failure))
 
     def clear_failure(self, start: int, stop: int) -> None:
         self._failure_path(start, stop).unlink(missing_ok=True)
@@ -76,7 +96,7 @@ class JobDir:
             and [start, stop, digest] in record.get("chunks", [])
         )
 
-    def failures(self) -> list[dict]:
+    def failures(self) -> list[Failure]:
         if not self.failed.is_dir():
             return []
-        return [json.loads(p.read_text()) for p in sorted(self.failed.glob("*.json"))]
+        return [f for f in map(Failure.read, sorted(self.failed.glob("*.json"))) if f is not None]

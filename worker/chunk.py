@@ -16,7 +16,7 @@ from celery.exceptions import Reject
 from celery.worker.control import inspect_command
 
 from vggish_pipeline.errors import ChunkRefused, InputError, PipelineError
-from vggish_pipeline.jobdir import JobDir
+from vggish_pipeline.jobdir import Failure, JobDir
 from vggish_pipeline.message import QUEUE, TASK_NAME, ChunkMessage, MessageError
 from vggish_pipeline.shard import ShardMeta, write_shard
 from vggish_pipeline.spectrogram import RowReader, digest
@@ -144,7 +144,7 @@ class ChunkRunner:
             log.warning("the refused message is not a chunk job %s planned: nothing recorded", msg.job)
             return
         try:
-            jobdir.record_failure(msg.start, msg.stop, reason, self.worker)
+            jobdir.record_failure(Failure(msg.start, msg.stop, reason, self.worker))
         except (OSError, PipelineError) as e:
             log.error("could not record the failure of rows %d-%d in %s: %s", msg.start, msg.stop, jobdir.failed, e)
 
