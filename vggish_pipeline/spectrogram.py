@@ -60,11 +60,6 @@ class RowReader:
         return data.reshape(stop - start, FRAMES, BANDS)
 
 
-def read_rows(path: Path, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) in an array of their own (see RowReader to reuse one)."""
-    return RowReader().read(path, start, stop)
-
-
 # How a chunk's rows are fingerprinted. A job keeps the scheme it was planned with (job.json), so
 # its chunks keep their shards; new jobs take the fastest. Both give 128 bits as 32 hex digits.
 DIGESTS: dict[str, Callable[[memoryview], str]] = {

@@ -16,9 +16,6 @@ from worker.devices import load_tensorflow
 
 log = logging.getLogger(__name__)
 
-INPUT_TENSOR = "vggish/input_features:0"
-EMBEDDING_TENSOR = "vggish/embedding:0"
-
 
 def define_vggish(input_dtype=None):
     """Build VGGish in the default graph; return (input placeholder, linear 128-d embedding).
