@@ -14,7 +14,7 @@ from producer.run import DEFAULT_CSV
 from vggish_pipeline import package_version
 from vggish_pipeline.errors import EXIT_CODES, INTERRUPTED, OS_ERROR, JobFailed, PipelineError, UsageError, os_error_line
 from vggish_pipeline.message import EMBEDDING_FORMS
-from vggish_pipeline.settings import CHECKPOINT_ENV, Settings, variables_help
+from vggish_pipeline.settings import CHECKPOINT_ENV, Settings, add_tls_flags, variables_help
 
 if TYPE_CHECKING:
     from producer.run import JobInputs
@@ -40,6 +40,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     enqueue = sub.add_parser("enqueue", help="plan chunks and send one message per chunk that has no shard")
     job_inputs(enqueue)
     enqueue.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
+    add_tls_flags(enqueue)
     enqueue.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     run = sub.add_parser("run", help="all on this machine: private Redis, N workers, enqueue, wait, finalize")
@@ -54,11 +55,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     wait = sub.add_parser("wait", help="block with a progress line until every chunk has a shard")
     wait.add_argument("dir", type=Path, help="the job folder (holds job.json and shards/)")
     wait.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL); lets wait re-send lost chunks")
+    add_tls_flags(wait)
     wait.add_argument("--timeout", type=float, help="give up after this many seconds")
 
     status = sub.add_parser("status", help="rows and chunks done, failures, chunks per worker, live workers")
     status.add_argument("dir", type=Path, help="the job folder")
     status.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL); adds the live workers")
+    add_tls_flags(status)
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
 
     finalize = sub.add_parser("finalize", help="merge the shards into wavfile_embed.csv / .dat")
@@ -88,6 +91,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     watch.add_argument("--embedding", choices=EMBEDDING_FORMS, default="relu", help="128-d layer form (default relu)")
     watch.add_argument("--checkpoint", type=Path, help=f"checkpoint (env {CHECKPOINT_ENV})")
     watch.add_argument("--broker", help="use this broker's workers (env VGGISH_BROKER_URL); default: start local ones")
+    add_tls_flags(watch)
     watch.add_argument("--workers", type=int, help="at most this many local workers when there is no broker (default: as for run)")
     watch.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
     watch.add_argument("--parquet", action="store_true", help="also keep wavfile_embed.parquet (rewritten whole on each refresh)")
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does: cleanly
     try:
-        return COMMANDS[args.command](args, Settings.from_env())  # the environment, read and checked once, here
+        return COMMANDS[args.command](args, Settings.from_env().with_flags(args))  # the environment, read and checked once, here
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return INTERRUPTED

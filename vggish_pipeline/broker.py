@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import ssl
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from vggish_pipeline.errors import BrokerError, os_error_line
+from vggish_pipeline.errors import BrokerError, UsageError, os_error_line
 from vggish_pipeline.message import QUEUE
-from vggish_pipeline.settings import BROKER_ENV, PASSWORD_FILE_ENV, Settings
+from vggish_pipeline.settings import BROKER_ENV, CERT_ENV, KEY_ENV, PASSWORD_FILE_ENV, Settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -43,6 +44,27 @@ def optional_app(flag: str | None, settings: Settings) -> Celery | None:
     return make_app(url, settings) if url else None
 
 
+def tls_options(url: str, settings: Settings) -> dict | None:
+    """Celery's broker_use_ssl for a rediss:// URL: the server's certificate is always checked
+    (against --broker-ca, else the system's CAs), and a client certificate given is presented."""
+    files = (settings.broker_ca, settings.broker_cert, settings.broker_key)
+    if not url.startswith("rediss://"):
+        if any(files) and url.startswith("redis://"):
+            raise UsageError(f"TLS files are given but {redact(url)} is not a rediss:// URL")
+        return None
+    if (settings.broker_cert is None) != (settings.broker_key is None):
+        raise UsageError(f"a client certificate needs both {CERT_ENV} (--broker-cert) and {KEY_ENV} (--broker-key)")
+    for path in files:
+        if path is not None and not path.is_file():
+            raise UsageError(f"{path}: no such TLS file")
+    return {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ca_certs": str(settings.broker_ca) if settings.broker_ca else None,
+        "ssl_certfile": str(settings.broker_cert) if settings.broker_cert else None,
+        "ssl_keyfile": str(settings.broker_key) if settings.broker_key else None,
+    }
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced, for logs and status output."""
     return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
@@ -74,6 +96,7 @@ def make_app(url: str, settings: Settings | None = None) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": (settings or Settings()).visibility_timeout},
+        broker_use_ssl=tls_options(url, settings or Settings()),
         worker_hijack_root_logger=True,
     )
     return app

