@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from producer.run import DEFAULT_CSV
 from vggish_pipeline import package_version
-from vggish_pipeline.errors import EXIT_CODES, INTERRUPTED, OS_ERROR, JobFailed, PipelineError, UsageError, os_error_line
+from vggish_pipeline.errors import EXIT_CODES, INTERRUPTED, JobFailed, UsageError, as_pipeline_error
 from vggish_pipeline.message import EMBEDDING_FORMS
 from vggish_pipeline.settings import CHECKPOINT_ENV, Settings, add_tls_flags, variables_help
 
@@ -271,20 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return INTERRUPTED
-    except PipelineError as e:
-        print(f"producer: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # the machine's, not the code's: one line, no traceback
-        print(f"producer: error: {os_error_line(e)}", file=sys.stderr)
-        return OS_ERROR
-    except Exception as e:
-        from vggish_pipeline import broker
-
-        refused = broker.failure(e)
-        if refused is None:
+    except Exception as e:  # the project's, the machine's or the broker's: one line, no traceback
+        error = as_pipeline_error(e)
+        if error is None:
             raise
-        print(f"producer: error: {refused}", file=sys.stderr)
-        return refused.exit_code
+        print(f"producer: error: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":

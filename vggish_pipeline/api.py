@@ -16,7 +16,7 @@ import numpy as np
 
 from producer.finalize import OUTPUT_CSV, OUTPUT_DAT, OUTPUT_PCA
 from producer.run import JobInputs, run_local, run_remote
-from vggish_pipeline.errors import PipelineError, os_error_line
+from vggish_pipeline.errors import as_pipeline_error
 from vggish_pipeline.shard import EMBEDDING_SIZE
 
 if TYPE_CHECKING:
@@ -35,19 +35,13 @@ def own_errors(call: F) -> F:
 
     @functools.wraps(call)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        from vggish_pipeline import broker
-
         try:
             return call(*args, **kwargs)
-        except PipelineError:
-            raise
-        except OSError as e:
-            raise PipelineError(os_error_line(e)) from e
         except Exception as e:
-            refused = broker.failure(e)
-            if refused is None:
+            error = as_pipeline_error(e)
+            if error is None or error is e:
                 raise
-            raise refused from e
+            raise error from e
 
     return wrapped  # type: ignore[return-value]
 

@@ -69,7 +69,18 @@ class ChunkRefused(PipelineError):
 
 
 INTERRUPTED = 130
-OS_ERROR = PipelineError.exit_code
+
+
+def as_pipeline_error(e: Exception) -> PipelineError | None:
+    """`e` as the project's error, one line: itself, an OS failure (no space, no permission…), or a
+    broker client's error (an ACL refusal, a link lost for good); None for anything else (a bug)."""
+    if isinstance(e, PipelineError):
+        return e
+    if isinstance(e, OSError):
+        return PipelineError(os_error_line(e))
+    from vggish_pipeline import broker  # here: broker imports this module
+
+    return broker.failure(e)
 
 
 def os_error_line(e: OSError) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vggish_pipeline import package_version
-from vggish_pipeline.errors import EXIT_CODES, OS_ERROR, PipelineError, UsageError, os_error_line
+from vggish_pipeline.errors import EXIT_CODES, PipelineError, UsageError, as_pipeline_error
 from vggish_pipeline.settings import BROKER_ENV, CHECKPOINT_ENV, DATA_ROOTS_ENV, NAME_ENV, Settings, add_tls_flags, variables_help
 from worker.model import DEFAULT_BATCH
 
@@ -270,20 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env().with_flags(args)  # the environment, read and checked once, here
         commands = {"start": start, "up": up, "down": down, "ping": lambda a, s: ping(a, s) and 0, "make-checkpoint": make_checkpoint}
         return commands[args.command](args, settings)
-    except PipelineError as e:
-        print(error_line(e), file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # the machine's, not the code's: one line, no traceback
-        print(f"worker: error: {os_error_line(e)}", file=sys.stderr)
-        return OS_ERROR
-    except Exception as e:
-        from vggish_pipeline import broker
-
-        refused = broker.failure(e)
-        if refused is None:
+    except Exception as e:  # the project's, the machine's or the broker's: one line, no traceback
+        error = as_pipeline_error(e)
+        if error is None:
             raise
-        print(f"worker: error: {refused}", file=sys.stderr)
-        return refused.exit_code
+        print(error_line(error), file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":
