@@ -41,6 +41,11 @@ def csv_header(path: Path) -> list[str]:
     return header
 
 
+def index_column(path: Path) -> int | None:
+    """0 when the CSV's first column is unnamed (an index pandas wrote, read back with index_col=0), else None."""
+    return 0 if csv_header(path)[0] == "" else None
+
+
 def csv_reader(
     source: Path | IO[bytes], block_size: int = 1 << 22, header: list[str] | None = None, skip_header: bool = True
 ) -> pacsv.CSVStreamingReader:

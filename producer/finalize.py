@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import xxhash
 
-from producer.dataset import csv_header, csv_reader
+from producer.dataset import csv_header, csv_reader, index_column
 from producer.job import Job
 from vggish_pipeline.errors import InputError, JobFailed
 from vggish_pipeline.files import append_set, atomic_set, atomic_write
@@ -156,7 +157,8 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> di
         if rows != job.rows or not taker.exhausted():
             raise InputError(f"{frame} has {rows} rows but the job has {job.rows}: the CSV changed since enqueue")
         sizes = {p.name: f.tell() for p, f in zip(paths, files, strict=False)}  # files[-1]: the manifest
-        files[-1].write(manifest(job, pca, sizes))
+        csv_bytes, csv_hash = input_csv(job)
+        files[-1].write(manifest(job, pca, sizes, csv_bytes, csv_hash.hexdigest()))
     return {"rows": rows, "outputs": [str(p) for p in paths], "appended": False, "seconds": round(time.perf_counter() - began, 3)}
 
 
@@ -164,10 +166,9 @@ def output_paths(out: Path, pca: PCA | None) -> list[Path]:
     return [out / OUTPUT_DAT, out / OUTPUT_CSV] + ([out / OUTPUT_PCA] if pca else [])
 
 
-def input_csv(job: Job, size: int | None = None) -> tuple[int, str]:
-    """The input CSV's first `size` bytes (default: all): their count and xxh3-128 digest."""
-    import xxhash
-
+def input_csv(job: Job, size: int | None = None) -> tuple[int, xxhash.xxh3_128]:
+    """The input CSV's first `size` bytes (default: all): their count, and their xxh3-128 hash,
+    which can go on to take more bytes."""
     h = xxhash.xxh3_128()
     done = 0
     with open(job.csv, "rb") as f:
@@ -177,11 +178,10 @@ def input_csv(job: Job, size: int | None = None) -> tuple[int, str]:
                 break
             h.update(block)
             done += len(block)
-    return done, h.hexdigest()
+    return done, h
 
 
-def manifest(job: Job, pca: PCA | None, sizes: dict[str, int]) -> bytes:
-    csv_bytes, csv_digest = input_csv(job)
+def manifest(job: Job, pca: PCA | None, sizes: dict[str, int], csv_bytes: int, csv_digest: str) -> bytes:
     record = {
         "rows": job.rows,
         "chunks": [[c.start, c.stop, c.digest] for c in job.chunks],
@@ -213,9 +213,7 @@ def write_parquet(job: Job) -> Path:
     import pyarrow.parquet as pq
 
     out = Path(job.out_dir)
-    with open(job.csv) as f:
-        unnamed_index = f.readline().startswith(",")
-    frame = pd.read_csv(job.csv, index_col=0 if unnamed_index else None)
+    frame = pd.read_csv(job.csv, index_col=index_column(Path(job.csv)))
     embeddings = np.memmap(out / OUTPUT_DAT, dtype="<f8", mode="r", shape=(job.rows, EMBEDDING_SIZE))
     path = out / OUTPUT_PARQUET
     with atomic_write(path) as f:
@@ -249,15 +247,19 @@ def extend(job: Job, pca: PCA | None) -> dict | None:
         and held.get("pca") == (pca.digest if pca else None)
         and held.get("sizes") == {p.name: p.stat().st_size if p.exists() else -1 for p in paths}
     )
-    if not same or input_csv(job, held["csv_bytes"]) != (held["csv_bytes"], held["csv_digest"]):
+    if not same:
+        return None
+    csv_bytes, csv_hash = input_csv(job, held["csv_bytes"])
+    if (csv_bytes, csv_hash.hexdigest()) != (held["csv_bytes"], held["csv_digest"]):
         return None
     check_complete(job)
     summary = {"rows": job.rows, "outputs": [str(p) for p in paths], "appended": True}
     if len(held["chunks"]) == len(chunks):
         return {**summary, "seconds": round(time.perf_counter() - began, 3)}  # nothing new: they are up to date
     with open(job.csv, "rb") as f:
-        f.seek(held["csv_bytes"])
+        f.seek(csv_bytes)
         tail = f.read()
+    csv_hash.update(tail)  # the whole CSV's digest, reading only the tail again
     new_rows = job.rows - held["rows"]
     batch = read_tail(job, tail)
     if batch.num_rows != new_rows:
@@ -267,7 +269,7 @@ def extend(job: Job, pca: PCA | None) -> dict | None:
     if pca:
         appends.append((paths[2], pca.quantize(embeddings).tobytes()))
     sizes = {p.name: held["sizes"][p.name] + len(data) for p, (_, data) in zip(paths, appends, strict=True)}
-    append_set(appends, out / MANIFEST, manifest(job, pca, sizes))
+    append_set(appends, out / MANIFEST, manifest(job, pca, sizes, csv_bytes + len(tail), csv_hash.hexdigest()))
     return {**summary, "seconds": round(time.perf_counter() - began, 3)}
 
 

@@ -70,13 +70,12 @@ class Result:
         then e0..e127, taken from the .dat so they equal it bit for bit."""
         import pandas as pd
 
+        from producer.dataset import csv_header, index_column
         from producer.finalize import EMBEDDING_COLUMNS
 
         path = self.out_dir / OUTPUT_CSV
-        with open(path) as f:
-            header = f.readline().rstrip("\n").split(",")
-        inputs = [i for i, name in enumerate(header) if name not in EMBEDDING_COLUMNS]
-        frame = pd.read_csv(path, usecols=inputs, index_col=0 if header[0] == "" else None)
+        inputs = [i for i, name in enumerate(csv_header(path)) if name not in EMBEDDING_COLUMNS]
+        frame = pd.read_csv(path, usecols=inputs, index_col=index_column(path))
         embeddings = pd.DataFrame(np.asarray(self.embeddings), columns=EMBEDDING_COLUMNS, index=frame.index)
         return pd.concat([frame, embeddings], axis=1)
 
