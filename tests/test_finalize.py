@@ -46,3 +46,18 @@ def test_threaded_finalize_keeps_row_order_quoting_and_every_bit(tmp_path):
     first = (tmp_path / OUTPUT_CSV).read_bytes()
     finalize(job, threads=1)
     assert (tmp_path / OUTPUT_CSV).read_bytes() == first  # the same bytes however many threads format
+
+
+def test_a_shard_is_written_once_and_the_first_is_kept(tmp_path):
+    """A worker cut off while another re-ran its chunk finishes late: its copy is dropped, so a
+    shard that a finalize may already have read is never replaced (tests/test_hosts.py: the real case)."""
+    from vggish_pipeline.shard import read_shard
+
+    meta = ShardMeta(0, 2, "0" * 32, "relu", "m", "first", 1.0)
+    assert write_shard(tmp_path, meta, np.ones((2, 128)))
+    inode = (tmp_path / meta.name).stat().st_ino
+    late = ShardMeta(0, 2, "0" * 32, "relu", "m", "late", 1.0)
+    assert not write_shard(tmp_path, late, np.zeros((2, 128)))
+    kept, embeddings = read_shard(tmp_path / meta.name)
+    assert kept.worker == "first" and (embeddings == 1).all() and (tmp_path / meta.name).stat().st_ino == inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == [meta.name]  # no temp file left

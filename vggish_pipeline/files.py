@@ -45,16 +45,29 @@ def failed_write(e: BaseException, path: Path, temps: list[str]) -> NoReturn:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: Path, mode: str = "wb", exclusive: bool = False) -> Iterator[IO]:
     """Yield a temp file beside `path`; on success fsync it and rename it over `path`, else remove
-    it. A full disk, a read-only or vanished folder or a refused permission raise WriteError."""
+    it. A full disk, a read-only or vanished folder or a refused permission raise WriteError.
+    `exclusive`: never replace a `path` that exists (FileExistsError), not even one that appears
+    while the temp file is written; a file system without hard links falls back to a rename."""
     fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if not exclusive:
+            os.replace(tmp, path)
+        elif path.exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(path))
+        else:
+            try:
+                os.link(tmp, path)  # fails if `path` exists by now: the first one stays
+                os.unlink(tmp)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                os.replace(tmp, path)
     except BaseException as e:
         failed_write(e, path, [tmp])
 

@@ -37,14 +37,18 @@ def shard_name(start: int, stop: int, digest: str, embedding: str) -> str:
     return f"{start:012d}-{stop:012d}-{digest}-{embedding}.npz"
 
 
-def write_shard(directory: Path, meta: ShardMeta, embeddings: np.ndarray) -> Path:
-    """Write atomically: a redelivered chunk replaces a shard whole, never tears or doubles it."""
+def write_shard(directory: Path, meta: ShardMeta, embeddings: np.ndarray) -> bool:
+    """Write atomically and once: False, and nothing written, if the chunk's shard exists by the
+    time this one is complete (a worker cut off while others re-ran its chunk): the first one is
+    kept, so a shard that a finalize may have read is never replaced."""
     if embeddings.shape != (meta.stop - meta.start, EMBEDDING_SIZE):
         raise ValueError(f"embeddings of shape {embeddings.shape} do not fit rows {meta.start}-{meta.stop}")
-    path = directory / meta.name
-    with atomic_write(path) as f:
-        np.savez(f, embeddings=embeddings.astype(np.float32, copy=False), meta=np.array(json.dumps(asdict(meta))))
-    return path
+    try:
+        with atomic_write(directory / meta.name, exclusive=True) as f:
+            np.savez(f, embeddings=embeddings.astype(np.float32, copy=False), meta=np.array(json.dumps(asdict(meta))))
+    except FileExistsError:
+        return False
+    return True
 
 
 def read_shard(path: Path) -> tuple[ShardMeta, np.ndarray]:
