@@ -78,8 +78,26 @@ def failure(e: Exception) -> BrokerError | None:
     return BrokerError(f"broker: {type(e).__name__}: {redact(str(e))}")
 
 
+def transport_options(settings: Settings) -> dict:
+    """How long a silent broker is waited for. A link that drops packets without a word (a cable
+    pulled, a switch port down) leaves TCP waiting for many minutes: any command (an ack, a publish,
+    the producer's checks) gives up after `broker_timeout` instead, a connection attempt too, and a
+    worker whose idle BRPOP stays unanswered that long past its own timeout drops it (kombu's health
+    check); each then reconnects (Celery retries after 2, 4, 6… s, at most 30 s apart)."""
+    timeout = settings.broker_timeout
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": max(1, round(timeout)),
+        "socket_keepalive": True,
+    }
+
+
 def make_app(url: str, settings: Settings | None = None) -> Celery:
     from celery import Celery  # here, so a worker can read its URL before Celery loads (see worker.cli)
+
+    settings = settings or Settings()
 
     app = Celery("vggish", broker=url, set_as_current=False)
     app.conf.update(
@@ -95,8 +113,8 @@ def make_app(url: str, settings: Settings | None = None) -> Celery:
         # tracebacks trying), and its shard is written once under its name whoever finishes it.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": (settings or Settings()).visibility_timeout},
-        broker_use_ssl=tls_options(url, settings or Settings()),
+        broker_transport_options=transport_options(settings),
+        broker_use_ssl=tls_options(url, settings),
         worker_hijack_root_logger=True,
     )
     return app

@@ -15,6 +15,7 @@ from vggish_pipeline.errors import UsageError
 BROKER_ENV = "VGGISH_BROKER_URL"
 PASSWORD_FILE_ENV = "VGGISH_BROKER_PASSWORD_FILE"
 VISIBILITY_ENV = "VGGISH_VISIBILITY_TIMEOUT"
+BROKER_TIMEOUT_ENV = "VGGISH_BROKER_TIMEOUT"
 CA_ENV = "VGGISH_BROKER_CA"
 CERT_ENV = "VGGISH_BROKER_CERT"
 KEY_ENV = "VGGISH_BROKER_KEY"
@@ -30,6 +31,7 @@ VARIABLES = {
     BROKER_ENV: "broker URL, redis://[user[:password]@]host:port/db or redis+socket://PATH (flag --broker)",
     PASSWORD_FILE_ENV: "a file holding the broker password (one line), put into a URL given without one",
     VISIBILITY_ENV: "seconds before Redis hands an unacknowledged chunk to another worker (default 3600)",
+    BROKER_TIMEOUT_ENV: "seconds the broker may stay silent before a connection counts as lost and is made again (default 10)",
     CA_ENV: "CA file that signed a rediss:// broker's certificate (flag --broker-ca; default: the system's CAs)",
     CERT_ENV: "client certificate, for a TLS broker that asks for one (flag --broker-cert)",
     KEY_ENV: "the client certificate's key (flag --broker-key)",
@@ -62,6 +64,7 @@ class Settings:
     broker_url: str | None = None
     password_file: Path | None = None
     visibility_timeout: int = 3600
+    broker_timeout: float = 10.0
     broker_ca: Path | None = None
     broker_cert: Path | None = None
     broker_key: Path | None = None
@@ -83,6 +86,7 @@ class Settings:
             broker_url=env.get(BROKER_ENV) or None,
             password_file=Path(env[PASSWORD_FILE_ENV]) if env.get(PASSWORD_FILE_ENV) else None,
             visibility_timeout=round(positive(env, VISIBILITY_ENV, 3600)),
+            broker_timeout=positive(env, BROKER_TIMEOUT_ENV, 10.0),
             broker_ca=Path(env[CA_ENV]) if env.get(CA_ENV) else None,
             broker_cert=Path(env[CERT_ENV]) if env.get(CERT_ENV) else None,
             broker_key=Path(env[KEY_ENV]) if env.get(KEY_ENV) else None,

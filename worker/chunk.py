@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 from celery.exceptions import Reject
 from celery.worker.control import inspect_command
+from celery.worker.request import Request
 
 from vggish_pipeline.errors import ChunkRefused, InputError, PipelineError
 from vggish_pipeline.jobdir import Failure, JobDir
@@ -119,7 +120,9 @@ class ChunkRunner:
             seconds = read + time.perf_counter() - began  # the wait for the model is not this chunk's work
         time.sleep(0)  # hand the GIL to the chunk waiting for the model now, not at the next switch (5 ms)
         meta = ShardMeta(msg.start, msg.stop, msg.digest, msg.embedding, self.model.fingerprint, self.worker, seconds)
-        write_shard(jobdir.shards, meta, embeddings)
+        if not write_shard(jobdir.shards, meta, embeddings):
+            log.warning("rows %d-%d: another worker wrote this chunk's shard meanwhile; this copy is dropped", msg.start, msg.stop)
+            return {"start": msg.start, "stop": msg.stop, "dropped": True}
         jobdir.clear_failure(msg.start, msg.stop)
         with self._stats_lock:
             self.stats.chunks += 1
@@ -160,7 +163,7 @@ def register(app, runner: ChunkRunner, max_retries: int = 2) -> None:
     """Bind the runner to the Celery task TASK_NAME on `app`: refusals fail at once, other errors retry."""
     app.conf.vggish_stats = runner.stats
 
-    @app.task(name=TASK_NAME, bind=True, max_retries=max_retries)
+    @app.task(name=TASK_NAME, bind=True, max_retries=max_retries, Request=PatientRequest)
     def embed_chunk(task, *args, **payload):
         try:
             if args:
@@ -183,6 +186,36 @@ def register(app, runner: ChunkRunner, max_retries: int = 2) -> None:
                 raise
             log.warning("chunk failed (%s: %s), retrying", type(e).__name__, e)
             raise task.retry(exc=e, countdown=2) from e
+
+
+class PatientRequest(Request):
+    """A chunk's request that acknowledges until the broker takes it.
+
+    Celery gives up on an ack the broker does not answer (its link cut): kombu logs it, and the
+    worker then counts the chunk as held for good, so with one chunk in flight it never takes
+    another, even once the link is back. This one tries again, 1, 2, 4… 10 s apart, while the
+    message stays Redis' (the visibility timeout); the chunk's shard is written meanwhile.
+    """
+
+    acknowledged: bool
+
+    def acknowledge(self) -> None:
+        if self.acknowledged:
+            return
+        patience = self.app.conf.broker_transport_options.get("visibility_timeout", 3600)
+        began, pause = time.monotonic(), 1.0
+        while True:
+            try:
+                self.message.ack()
+                break
+            except self._connection_errors as e:
+                if time.monotonic() - began > patience:  # handed to another worker by now: its ack is moot
+                    log.warning("gave up acknowledging a chunk after %.0f s: %s", patience, e)
+                    break
+                log.warning("the broker is out of reach (%s: %s): acknowledging the chunk again in %.0f s", type(e).__name__, e, pause)
+                time.sleep(pause)
+                pause = min(2 * pause, 10.0)
+        self.acknowledged = True
 
 
 def serve(
