@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, acl_redis_server, cli, free_port, redis_binary, unavailable
+from conftest import ROOT, acl_redis_server, cli, free_port, merged_env, redis_binary, unavailable
 from outputs import check_outputs
 
 
-def compose_config() -> dict:
+def compose_config(*files: str, env: dict | None = None) -> dict:
+    """What docker-compose makes of FILES (default docker-compose.yml), without a Docker engine."""
     if not shutil.which("docker-compose"):
         unavailable("docker-compose is not installed")
-    result = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True)
+    args = [a for f in files or ("docker-compose.yml",) for a in ("-f", str(ROOT / f))]
+    result = subprocess.run(["docker-compose", *args, "config"], capture_output=True, text=True, env=merged_env(env))
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -52,6 +54,32 @@ def test_compose_pins_one_gpu_per_worker_and_waits_for_a_healthy_redis_whose_pas
         assert env["VGGISH_BROKER_PASSWORD_FILE"] == "/run/secrets/redis_password", name
         assert [s["source"] for s in service["secrets"]] == ["redis_password"], name
     assert "+@all" not in (ROOT / "scripts" / "redis-with-acl").read_text()
+
+
+def test_a_worker_only_host_joins_a_remote_tls_broker_under_its_own_names():
+    """docker-compose.worker.yml (README "Several machines"): no Redis of its own, the broker's URL,
+    CA and password from outside, the data folder at /data, worker names that say the host; and
+    docker-compose.tls.yml, which opens Redis' TLS port on the broker host."""
+    env = {"VGGISH_BROKER_URL": "rediss://vggish@broker-host:6380/0", "VGGISH_HOST": "node7", "VGGISH_DATA": "/mnt/nfs/vggish"}
+    services = compose_config("docker-compose.worker.yml", env=env)["services"]
+    assert sorted(services) == ["worker-gpu0", "worker-gpu1"]
+    for name, service in services.items():
+        assert "depends_on" not in service, name
+        assert {k: service["environment"][k] for k in ("VGGISH_BROKER_URL", "VGGISH_BROKER_CA", "VGGISH_BROKER_PASSWORD_FILE", "VGGISH_DATA_ROOTS")} == {
+            "VGGISH_BROKER_URL": env["VGGISH_BROKER_URL"], "VGGISH_BROKER_CA": "/run/secrets/broker_ca",
+            "VGGISH_BROKER_PASSWORD_FILE": "/run/secrets/redis_password", "VGGISH_DATA_ROOTS": "/data"}, name
+        assert service["environment"]["VGGISH_WORKER_NAME"] == f"{name.removeprefix('worker-')}@node7"
+        assert "/mnt/nfs/vggish:/data:rw" in service["volumes"], name
+    for missing in ("VGGISH_BROKER_URL", "VGGISH_HOST"):  # no default broker, and no name shared by two hosts
+        refused = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.worker.yml"), "config"], capture_output=True, text=True,
+                                 env=merged_env({**env, missing: None}))
+        assert refused.returncode != 0 and f"set {missing}" in refused.stderr, missing
+
+    redis = compose_config("docker-compose.yml", "docker-compose.tls.yml")["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--tls-port") + 1] == "6380" and command[command.index("--tls-auth-clients") + 1] == "no"
+    assert "--appendonly" in command and "noeviction" in command  # the override keeps what the base file promised
+    assert any(isinstance(p, dict) and p["target"] == 6380 for p in redis["ports"])
 
 
 @pytest.fixture

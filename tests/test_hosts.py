@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import acl_redis_server, merged_env, unavailable
+import yaml
+from conftest import ROOT, acl_redis_server, merged_env, unavailable
 from network import BROKER_ADDRESS, lan
 from outputs import check_outputs
 from pki import make_ca, make_server_cert, tls_redis_binary
 
-PORT = 6380
+PORT = 6380  # docker-compose.tls.yml's
 TILES = 30  # the 200-row sample, 30 times over: a job long enough to cut links in
 CHUNK_ROWS = 100
 CUT = 30  # seconds a worker host is cut off: longer than the broker's health checks (VGGISH_BROKER_TIMEOUT, 10 s)
@@ -45,8 +46,9 @@ def cluster(tmp_path, sample_source, model_files):
     with lan(nfs, data) as net:
         for host in ("gpu1", "gpu2", "desk"):
             net.add(host)
-        args = ["--port", "0", "--tls-port", str(PORT), "--bind", BROKER_ADDRESS, "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-                "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(pki)]
+        # Redis as docker-compose.tls.yml runs it on a broker host, here with TLS only, its files in pki/
+        args = [a.replace("/tls/", f"{pki}/") for a in yaml.safe_load((ROOT / "docker-compose.tls.yml").read_text())["services"]["redis"]["command"]]
+        args += ["--port", "0", "--bind", BROKER_ADDRESS, "--dir", str(pki)]
         on_broker = lambda *command: net.command("broker", *command)  # noqa: E731
         with acl_redis_server(binary, pki, PORT, *args, on=on_broker, address=BROKER_ADDRESS) as server:
             env = {"VGGISH_BROKER_URL": f"rediss://vggish@{BROKER_ADDRESS}:{PORT}/0", "VGGISH_BROKER_CA": str(ca),
