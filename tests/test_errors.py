@@ -12,6 +12,7 @@ import pytest
 from conftest import cli
 
 from vggish_pipeline.errors import ChunkRefused
+from vggish_pipeline.settings import VARIABLES
 from vggish_pipeline.spectrogram import ROW_BYTES
 
 
@@ -195,7 +196,7 @@ def test_exit_codes_tell_usage_from_bad_input_and_are_in_the_help(sample):
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("VGGISH_VISIBILITY_TIMEOUT", "soon"), ("VGGISH_VISIBILITY_TIMEOUT", "-5"), ("VGGISH_NVIDIA_SMI_TIMEOUT", "0"), ("VGGISH_TF32", "maybe")],
+    [("VGGISH_VISIBILITY_TIMEOUT", "soon"), ("VGGISH_BROKER_TIMEOUT", "-5"), ("VGGISH_NVIDIA_SMI_TIMEOUT", "0"), ("VGGISH_TF32", "maybe")],
 )
 def test_a_bad_environment_value_is_one_line_naming_it(sample, variable, value):
     for command in (("producer", "status", str(sample["dir"])), ("worker", "ping", "w@x", "--broker", "redis://127.0.0.1:1/0")):
@@ -203,4 +204,9 @@ def test_a_bad_environment_value_is_one_line_naming_it(sample, variable, value):
         assert refused.returncode == 2, refused.stderr
         assert refused.stderr.count("\n") == 1 and refused.stderr.startswith(f"{command[0]}: error: {variable}={value!r}")
     helped = cli("producer", "--help").stdout
-    assert all(name in helped for name in ("VGGISH_VISIBILITY_TIMEOUT", "VGGISH_BROKER_PASSWORD_FILE", "VGGISH_CACHE_DIR"))
+    assert all(name in helped for name in VARIABLES)
+
+
+def test_the_readme_lists_every_variable_as_settings_describes_it():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert all(f"| `{name}` | {what} |" in readme for name, what in VARIABLES.items())
