@@ -11,7 +11,7 @@ from outputs import E_COLUMNS
 from producer.dataset import Chunk
 from producer.finalize import OUTPUT_CSV, OUTPUT_DAT, finalize
 from producer.job import Job
-from vggish_pipeline.shard import ShardMeta, write_shard
+from vggish_pipeline.shard import ShardMeta, read_shard, write_shard
 
 
 def finished_job(directory, rows: int, chunk_rows: int = 700) -> tuple[Job, np.ndarray]:
@@ -51,8 +51,6 @@ def test_threaded_finalize_keeps_row_order_quoting_and_every_bit(tmp_path):
 def test_a_shard_is_written_once_and_the_first_is_kept(tmp_path):
     """A worker cut off while another re-ran its chunk finishes late: its copy is dropped, so a
     shard that a finalize may already have read is never replaced (tests/test_hosts.py: the real case)."""
-    from vggish_pipeline.shard import read_shard
-
     meta = ShardMeta(0, 2, "0" * 32, "relu", "m", "first", 1.0)
     assert write_shard(tmp_path, meta, np.ones((2, 128)))
     inode = (tmp_path / meta.name).stat().st_ino

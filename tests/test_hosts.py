@@ -41,7 +41,7 @@ def cluster(tmp_path, sample_source, model_files):
     body = [f"{i}{line[line.index(','):]}" for i, line in enumerate(lines[1:] * TILES)]
     (nfs / "wavfile_df.csv").write_text(lines[0] + "".join(body))
     shutil.copytree(model_files["dir"], nfs / "model")
-    ca = make_ca(pki, "ca")
+    ca, other_ca = make_ca(pki, "ca"), make_ca(pki, "other-ca")
     cert, key = make_server_cert(pki, "ca", BROKER_ADDRESS)
     with lan(nfs, data) as net:
         for host in ("gpu1", "gpu2", "desk"):
@@ -53,7 +53,7 @@ def cluster(tmp_path, sample_source, model_files):
         with acl_redis_server(binary, pki, PORT, *args, on=on_broker, address=BROKER_ADDRESS) as server:
             env = {"VGGISH_BROKER_URL": f"rediss://vggish@{BROKER_ADDRESS}:{PORT}/0", "VGGISH_BROKER_CA": str(ca),
                    "VGGISH_BROKER_PASSWORD_FILE": str(server["secret"]), "VGGISH_CHECKPOINT": str(data / "model" / model_files["checkpoint"].name)}
-            yield {"net": net, "env": env, "data": data, "nfs": nfs, "logs": tmp_path}
+            yield {"net": net, "env": env, "data": data, "nfs": nfs, "logs": tmp_path, "other_ca": other_ca, "password": server["password"]}
 
 
 def run_on(cluster: dict, host: str, *args: str, log: str | None = None, env: dict | None = None) -> subprocess.Popen:
@@ -110,7 +110,8 @@ def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
     """gpu1 is cut off (and frozen) holding a chunk; the producer's link is cut while `wait`
     needs the broker to find that chunk; once back, `wait` re-sends it and gpu2 runs it; gpu1,
     back last, drops its own copy. Then gpu2's link is cut mid-job, longer than the broker's
-    health checks: it reconnects once the link is back. Both jobs end with the reference outputs."""
+    health checks (gpu1 paused meanwhile): it embeds again within a minute of the link coming
+    back. Both jobs end with the reference outputs, one shard per chunk."""
     net, data, nfs = cluster["net"], cluster["data"], cluster["nfs"]
     reference = np.tile(expected["relu"], (TILES, 1))
     chunks = len(reference) // CHUNK_ROWS
@@ -120,6 +121,20 @@ def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
                        "--cpu", "--threads", "1", "--name", "w@gpu1", "--data-root", str(data), env=tls_flags),
         "gpu2": run_on(cluster, "gpu2", "worker", "start", "--cpu", "--threads", "1", "--name", "w@gpu2", "--data-root", str(data)),
     }
+    wrong = cluster["logs"] / "wrong_password"
+    wrong.write_text("not-the-password\n")
+    bad = {  # each stops a worker at start, on the worker's host, in one line
+        "untrusted": {"VGGISH_BROKER_CA": str(cluster["other_ca"])},
+        "password": {"VGGISH_BROKER_PASSWORD_FILE": str(wrong)},
+        "closed": {"VGGISH_BROKER_URL": f"rediss://vggish@{BROKER_ADDRESS}:{PORT + 1}/0"},
+    }
+    refused = {case: run_on(cluster, "gpu2", "worker", "start", "--cpu", "--name", f"{case}@gpu2", "--data-root", str(data), log=case, env=env)
+               for case, env in bad.items()}
+    for case, says in (("untrusted", "certificate verify failed"), ("password", "invalid username-password"), ("closed", "refused")):
+        assert refused[case].wait(120) == 3, log_of(cluster, case)
+        said = log_of(cluster, case)  # the worker's own log lines, then its error
+        errors = [line for line in said.splitlines() if line.startswith("worker: error:")]
+        assert len(errors) == 1 and says in errors[0].lower() and "Traceback" not in said and cluster["password"] not in said, (case, said)
     try:
         until(lambda: all(" ready." in log_of(cluster, h) for h in procs), 180, "workers ready")
         assert run_on(cluster, "desk", "producer", "enqueue", str(data / "wavfile_spec.dat"), "--chunk-rows", str(CHUNK_ROWS), log="enqueue").wait(120) == 0, \
@@ -149,11 +164,13 @@ def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
         taken = log_of(cluster, "gpu2").count("] received")
         until(lambda: log_of(cluster, "gpu2").count("] received") > taken, 120, "gpu2 takes a chunk")
         net.cut("gpu2")
+        procs["gpu1"].send_signal(signal.SIGSTOP)  # so that the rest of the job waits for gpu2, however fast this machine is
         time.sleep(CUT)
         net.restore("gpu2")
         embedded = log_of(cluster, "gpu2").count(" embedded in ")
         rejoined = until(lambda: log_of(cluster, "gpu2").count(" embedded in ") > embedded, 60, "gpu2 embeds again once its link is back")
         print(f"gpu2 embedded again {rejoined:.1f} s after its link was back")
+        procs["gpu1"].send_signal(signal.SIGCONT)
         assert waiting.wait(300) == 0, log_of(cluster, "wait2")
         assert run_on(cluster, "desk", "producer", "finalize", str(second), log="finalize").wait(120) == 0, log_of(cluster, "finalize")
         check_outputs(nfs / "again", nfs / "wavfile_df.csv", reference)
