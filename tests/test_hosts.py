@@ -170,6 +170,13 @@ def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
         embedded = log_of(cluster, "gpu2").count(" embedded in ")
         rejoined = until(lambda: log_of(cluster, "gpu2").count(" embedded in ") > embedded, 60, "gpu2 embeds again once its link is back")
         print(f"gpu2 embedded again {rejoined:.1f} s after its link was back")
+        taken = log_of(cluster, "gpu2").count("] received")
+        until(lambda: log_of(cluster, "gpu2").count("] received") > taken, 60, "gpu2 takes another chunk")
+        net.cut("gpu2")  # and stopped while cut off: it leaves, its chunk's shard written, its ack left to the broker
+        procs["gpu2"].terminate()
+        began = time.monotonic()
+        assert procs["gpu2"].wait(90) == 0, log_of(cluster, "gpu2")
+        print(f"gpu2, stopped while cut off, left in {time.monotonic() - began:.1f} s")
         procs["gpu1"].send_signal(signal.SIGCONT)
         assert waiting.wait(300) == 0, log_of(cluster, "wait2")
         assert run_on(cluster, "desk", "producer", "finalize", str(second), log="finalize").wait(120) == 0, log_of(cluster, "finalize")

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 from celery.exceptions import Reject
+from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 from celery.worker.request import Request
 
@@ -194,7 +195,8 @@ class PatientRequest(Request):
     Celery gives up on an ack the broker does not answer (its link cut): kombu logs it, and the
     worker then counts the chunk as held for good, so with one chunk in flight it never takes
     another, even once the link is back. This one tries again, 1, 2, 4… 10 s apart, while the
-    message stays Redis' (the visibility timeout); the chunk's shard is written meanwhile.
+    message stays Redis' (the visibility timeout) and the worker is not stopping; the chunk's
+    shard is written meanwhile.
     """
 
     acknowledged: bool
@@ -209,8 +211,11 @@ class PatientRequest(Request):
                 self.message.ack()
                 break
             except self._connection_errors as e:
-                if time.monotonic() - began > patience:  # handed to another worker by now: its ack is moot
-                    log.warning("gave up acknowledging a chunk after %.0f s: %s", patience, e)
+                flags = (worker_state.should_stop, worker_state.should_terminate)  # an exit code once set, 0 included
+                stopping = any(flag is not None and flag is not False for flag in flags)
+                if stopping or time.monotonic() - began > patience:  # its message comes back, and is skipped
+                    log.warning("left a chunk unacknowledged (%s: %s): its shard is written; its message, back after "
+                                "the visibility timeout, will be skipped", type(e).__name__, e)
                     break
                 log.warning("the broker is out of reach (%s: %s): acknowledging the chunk again in %.0f s", type(e).__name__, e, pause)
                 time.sleep(pause)
