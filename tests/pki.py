@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,16 @@ def make_server_cert(directory: Path, ca: str, address: str) -> tuple[Path, Path
     openssl("x509", "-req", "-in", "server.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
             "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=directory)
     return directory / "server.pem", directory / "server.key"
+
+
+def tls_redis() -> str:
+    """The TLS-capable redis-server to use, with openssl there to make certificates; else the test
+    cannot run (it fails under CI=true, which installs both)."""
+    from conftest import unavailable
+
+    if shutil.which("openssl") is None or (binary := tls_redis_binary()) is None:
+        unavailable("no redis-server with TLS (apt-get install redis-server) or no openssl")
+    return binary
 
 
 def tls_redis_binary() -> str | None:

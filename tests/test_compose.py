@@ -19,12 +19,17 @@ from conftest import ROOT, acl_redis_server, cli, free_port, merged_env, redis_b
 from outputs import check_outputs
 
 
-def compose_config(*files: str, env: dict | None = None) -> dict:
-    """What docker-compose makes of FILES (default docker-compose.yml), without a Docker engine."""
+def compose(*files: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`docker-compose config` on FILES (default docker-compose.yml), without a Docker engine."""
     if not shutil.which("docker-compose"):
         unavailable("docker-compose is not installed")
     args = [a for f in files or ("docker-compose.yml",) for a in ("-f", str(ROOT / f))]
-    result = subprocess.run(["docker-compose", *args, "config"], capture_output=True, text=True, env=merged_env(env))
+    return subprocess.run(["docker-compose", *args, "config"], capture_output=True, text=True, env=merged_env(env))
+
+
+def compose_config(*files: str, env: dict | None = None) -> dict:
+    """What docker-compose makes of FILES."""
+    result = compose(*files, env=env)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -71,8 +76,7 @@ def test_a_worker_only_host_joins_a_remote_tls_broker_under_its_own_names():
         assert service["environment"]["VGGISH_WORKER_NAME"] == f"{name.removeprefix('worker-')}@node7"
         assert "/mnt/nfs/vggish:/data:rw" in service["volumes"], name
     for missing in ("VGGISH_BROKER_URL", "VGGISH_HOST"):  # no default broker, and no name shared by two hosts
-        refused = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.worker.yml"), "config"], capture_output=True, text=True,
-                                 env=merged_env({**env, missing: None}))
+        refused = compose("docker-compose.worker.yml", env={**env, missing: None})
         assert refused.returncode != 0 and f"set {missing}" in refused.stderr, missing
 
     redis = compose_config("docker-compose.yml", "docker-compose.tls.yml")["services"]["redis"]

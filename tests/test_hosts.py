@@ -18,7 +18,7 @@ import yaml
 from conftest import ROOT, acl_redis_server, merged_env, unavailable
 from network import BROKER_ADDRESS, lan
 from outputs import check_outputs
-from pki import make_ca, make_server_cert, tls_redis_binary
+from pki import make_ca, make_server_cert, tls_redis
 
 PORT = 6380  # docker-compose.tls.yml's
 TILES = 30  # the 200-row sample, 30 times over: a job long enough to cut links in
@@ -30,8 +30,7 @@ CUT = 30  # seconds a worker host is cut off: longer than the broker's health ch
 def cluster(tmp_path, sample_source, model_files):
     if os.geteuid() != 0 or shutil.which("ip") is None:
         unavailable("network namespaces need root and iproute2 (CI runs as root)")
-    if shutil.which("openssl") is None or (binary := tls_redis_binary()) is None:
-        unavailable("no redis-server with TLS (apt-get install redis-server) or no openssl")
+    binary = tls_redis()
     nfs, data, pki = tmp_path / "nfs", tmp_path / "data", tmp_path / "pki"
     for folder in (nfs, data, pki):
         folder.mkdir()
@@ -89,13 +88,23 @@ def holding(log: str) -> bool:
     return log.count("] received") > log.count("] succeeded") + log.count("] raised")
 
 
+def next_chunk(cluster: dict, host: str, timeout: float = 120) -> None:
+    """Wait until HOST's worker takes a chunk it had not taken when this was called."""
+    taken = log_of(cluster, host).count("] received")
+    until(lambda: log_of(cluster, host).count("] received") > taken, timeout, f"{host} takes a chunk")
+
+
+def finish(cluster: dict, host: str, *args: str, log: str) -> None:
+    """`python -m ARGS` on HOST, which must end with exit 0 within two minutes."""
+    assert run_on(cluster, host, *args, log=log).wait(120) == 0, log_of(cluster, log)
+
+
 def freeze_holding_a_chunk(cluster: dict, host: str, proc: subprocess.Popen) -> None:
     """Cut HOST's link and freeze its worker in the middle of a chunk: a host gone with its work
     (here the shared folder does not go through the cut link, so a worker only cut off would still
     write its shard; frozen, it stands for one whose storage went with its link)."""
     for _ in range(20):
-        taken = log_of(cluster, host).count("] received")
-        until(lambda taken=taken: log_of(cluster, host).count("] received") > taken, 120, f"{host} takes a chunk")
+        next_chunk(cluster, host)
         proc.send_signal(signal.SIGSTOP)
         cluster["net"].cut(host)
         time.sleep(0.5)  # a line written just before the stop is on disk by now
@@ -137,8 +146,7 @@ def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
         assert len(errors) == 1 and says in errors[0].lower() and "Traceback" not in said and cluster["password"] not in said, (case, said)
     try:
         until(lambda: all(" ready." in log_of(cluster, h) for h in procs), 180, "workers ready")
-        assert run_on(cluster, "desk", "producer", "enqueue", str(data / "wavfile_spec.dat"), "--chunk-rows", str(CHUNK_ROWS), log="enqueue").wait(120) == 0, \
-            log_of(cluster, "enqueue")
+        finish(cluster, "desk", "producer", "enqueue", str(data / "wavfile_spec.dat"), "--chunk-rows", str(CHUNK_ROWS), log="enqueue")
         waiting = run_on(cluster, "desk", "producer", "wait", str(data), "--timeout", "600", log="wait")
 
         freeze_holding_a_chunk(cluster, "gpu1", procs["gpu1"])
@@ -153,16 +161,14 @@ def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
         procs["gpu1"].send_signal(signal.SIGCONT)
         back = until(lambda: "this copy is dropped" in log_of(cluster, "gpu1"), 60, "gpu1 drops its copy of the re-run chunk")
         print(f"gpu1 dropped its copy {back:.1f} s after its link was back")
-        assert run_on(cluster, "desk", "producer", "finalize", str(data), log="finalize").wait(120) == 0, log_of(cluster, "finalize")
+        finish(cluster, "desk", "producer", "finalize", str(data), log="finalize")
         check_outputs(nfs, nfs / "wavfile_df.csv", reference)
         assert len(shards(nfs)) == chunks
 
         second = data / "again"
-        assert run_on(cluster, "desk", "producer", "enqueue", str(data / "wavfile_spec.dat"), "--out", str(second), "--chunk-rows", str(CHUNK_ROWS),
-                      log="enqueue").wait(120) == 0, log_of(cluster, "enqueue")
+        finish(cluster, "desk", "producer", "enqueue", str(data / "wavfile_spec.dat"), "--out", str(second), "--chunk-rows", str(CHUNK_ROWS), log="enqueue")
         waiting = run_on(cluster, "desk", "producer", "wait", str(second), "--timeout", "600", log="wait2")
-        taken = log_of(cluster, "gpu2").count("] received")
-        until(lambda: log_of(cluster, "gpu2").count("] received") > taken, 120, "gpu2 takes a chunk")
+        next_chunk(cluster, "gpu2")
         net.cut("gpu2")
         procs["gpu1"].send_signal(signal.SIGSTOP)  # so that the rest of the job waits for gpu2, however fast this machine is
         time.sleep(CUT)
@@ -170,8 +176,7 @@ def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
         embedded = log_of(cluster, "gpu2").count(" embedded in ")
         rejoined = until(lambda: log_of(cluster, "gpu2").count(" embedded in ") > embedded, 60, "gpu2 embeds again once its link is back")
         print(f"gpu2 embedded again {rejoined:.1f} s after its link was back")
-        taken = log_of(cluster, "gpu2").count("] received")
-        until(lambda: log_of(cluster, "gpu2").count("] received") > taken, 60, "gpu2 takes another chunk")
+        next_chunk(cluster, "gpu2", 60)
         net.cut("gpu2")  # and stopped while cut off: it leaves, its chunk's shard written, its ack left to the broker
         procs["gpu2"].terminate()
         began = time.monotonic()
@@ -179,7 +184,7 @@ def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
         print(f"gpu2, stopped while cut off, left in {time.monotonic() - began:.1f} s")
         procs["gpu1"].send_signal(signal.SIGCONT)
         assert waiting.wait(300) == 0, log_of(cluster, "wait2")
-        assert run_on(cluster, "desk", "producer", "finalize", str(second), log="finalize").wait(120) == 0, log_of(cluster, "finalize")
+        finish(cluster, "desk", "producer", "finalize", str(second), log="finalize")
         check_outputs(nfs / "again", nfs / "wavfile_df.csv", reference)
         assert len(shards(nfs / "again")) == chunks
         for host in procs:

@@ -4,21 +4,19 @@ makes, Redis with TLS only (scripts/redis-with-acl), a worker and a producer on 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import acl_redis_server, cli, free_port, merged_env, unavailable
+from conftest import acl_redis_server, cli, free_port, merged_env
 from outputs import check_outputs
-from pki import make_ca, make_server_cert, tls_redis_binary
+from pki import make_ca, make_server_cert, tls_redis
 
 
 @pytest.fixture
 def tls_broker(tmp_path):
-    if shutil.which("openssl") is None or (binary := tls_redis_binary()) is None:
-        unavailable("no redis-server with TLS (apt-get install redis-server) or no openssl")
+    binary = tls_redis()
     pki = tmp_path / "pki"
     pki.mkdir()
     ca = make_ca(pki, "ca")
