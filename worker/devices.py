@@ -15,8 +15,10 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from vggish_pipeline.errors import DeviceError
 
@@ -65,14 +67,34 @@ class Discovery:
             print(note, file=out or sys.stderr)
 
 
-def nvidia_smi(*args: str, timeout: float = DEFAULT_TIMEOUT) -> str:
-    """Run nvidia-smi and return its output; OSError/TimeoutError/RuntimeError say why not.
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # colour and underline codes, as in `topo -m`'s header
+QUERY = ("--query-gpu=index,uuid,name,mig.mode.current", "--format=csv,noheader")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What nvidia-smi printed, ANSI codes stripped, and its exit code."""
+
+    args: tuple[str, ...]
+    out: str
+    err: str
+    code: int
+
+    def failure(self) -> str:
+        first = (self.err or self.out).strip().splitlines()
+        return f"nvidia-smi {' '.join(self.args)} failed (exit {self.code}): {first[0] if first else ''}"
+
+
+def nvidia_smi(*args: str, timeout: float = DEFAULT_TIMEOUT) -> Answer:
+    """Run nvidia-smi; OSError (FileNotFoundError: none here) or TimeoutError say why it gave no answer.
 
     A wedged driver can leave nvidia-smi hanging, even unkillable: on timeout its whole process
     group is killed and nothing more is waited for, so this never blocks longer than `timeout`.
+    A non-zero exit is an answer too: one GPU fallen off the bus still leaves the others listed.
     """
     proc = subprocess.Popen(
-        ["nvidia-smi", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        ["nvidia-smi", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -89,22 +111,68 @@ def nvidia_smi(*args: str, timeout: float = DEFAULT_TIMEOUT) -> str:
         except subprocess.TimeoutExpired:
             pass  # left to the kernel; it is reaped if it ever leaves
         raise TimeoutError(f"nvidia-smi {' '.join(args)} did not answer in {timeout:g} s") from None
-    if proc.returncode:
-        first = (err or out).strip().splitlines()
-        raise RuntimeError(f"nvidia-smi {' '.join(args)} failed (exit {proc.returncode}): {first[0] if first else ''}")
-    return out
+    return Answer(args, ANSI.sub("", out), ANSI.sub("", err), proc.returncode)
 
 
-def parse_list(listing: str) -> list[Device]:
-    """Devices from `nvidia-smi -L`: each GPU, or instead of a GPU in MIG mode, each of its slices."""
-    gpus: list[tuple[Device, list[Device]]] = []
-    for line in listing.splitlines():
+class NvidiaSmiError(ValueError):
+    """nvidia-smi failed, or printed what this project cannot read (its text output may change between drivers)."""
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One row of `nvidia-smi --query-gpu=index,uuid,name,mig.mode.current`."""
+
+    index: str
+    uuid: str
+    name: str
+    mig: bool
+
+
+QUERY_ROW = re.compile(r"^\s*(\d+)\s*,\s*(GPU-[^,\s]+)\s*,\s*(.*?)\s*,\s*([^,]*?)\s*$")
+
+
+def parse_query(text: str, strict: bool = True) -> tuple[list[Gpu], list[str]]:
+    """GPUs from the query's CSV rows, and the other lines. `strict` (a zero exit): any other line
+    is unreadable output; otherwise (a failing GPU) those lines are nvidia-smi's own errors."""
+    gpus, other = [], []
+    for line in (raw.strip() for raw in text.splitlines()):
+        if not line:
+            continue
+        if m := QUERY_ROW.match(line):
+            gpus.append(Gpu(m[1], m[2], m[3], m[4].lower() == "enabled"))
+        elif strict:
+            raise NvidiaSmiError(f"unexpected line in nvidia-smi {' '.join(QUERY)}: {line[:120]!r}")
+        else:
+            other.append(line)
+    return gpus, other
+
+
+def parse_list(listing: str) -> dict[str, list[Device]]:
+    """The MIG slices `nvidia-smi -L` lists under each GPU, by the GPU's UUID."""
+    slices: dict[str, list[Device]] = {}
+    gpu: tuple[str, str, str] | None = None
+    for line in ANSI.sub("", listing).splitlines():
         if m := GPU_LINE.match(line):
-            gpus.append((Device(m[1], m[3].strip(), m[2].strip()), []))
-        elif (m := MIG_LINE.match(line)) and gpus:
-            gpu, slices = gpus[-1]
-            slices.append(Device(f"{gpu.index}:{m[2]}", m[3].strip(), f"MIG {m[1]} of {gpu.name}", parent=gpu.uuid))
-    return [d for gpu, slices in gpus for d in (slices or [gpu])]
+            gpu = (m[1], m[3].strip(), m[2].strip())
+            slices.setdefault(gpu[1], [])
+        elif (m := MIG_LINE.match(line)) and gpu:
+            index, uuid, name = gpu
+            slices[uuid].append(Device(f"{index}:{m[2]}", m[3].strip(), f"MIG {m[1]} of {name}", parent=uuid))
+    return slices
+
+
+def usable(gpus: list[Gpu], slices: dict[str, list[Device]]) -> tuple[list[Device], list[str]]:
+    """Each GPU, or instead of a GPU in MIG mode each of its slices; a MIG GPU with no slice is no device."""
+    devices, notes = [], []
+    for gpu in gpus:
+        if not gpu.mig:
+            devices.append(Device(gpu.index, gpu.uuid, gpu.name))
+        elif slices.get(gpu.uuid):
+            devices.extend(slices[gpu.uuid])
+        else:
+            notes.append(f"GPU {gpu.index} {gpu.name} ({gpu.uuid}) is in MIG mode with no MIG devices: not used "
+                         "(create them with `nvidia-smi mig -cgi PROFILES -C`)")
+    return devices, notes
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -120,11 +188,13 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
 
 def parse_topology(matrix: str) -> dict[str, tuple[int, ...]]:
     """nvidia-smi index -> the CPUs of its 'CPU Affinity' column in `nvidia-smi topo -m`."""
-    lines = [line for line in matrix.splitlines() if line.strip()]
-    header = next((line.split("\t") for line in lines if "CPU Affinity" in line), None)
+    lines = [line for line in ANSI.sub("", matrix).splitlines() if line.strip()]
+    header = next(([cell.strip() for cell in line.split("\t")] for line in lines if "CPU Affinity" in line), None)
     if header is None:
         return {}
-    column = [cell.strip() for cell in header].index("CPU Affinity")
+    if "CPU Affinity" not in header:
+        raise NvidiaSmiError("the 'CPU Affinity' column of nvidia-smi topo -m is not a tab-separated cell")
+    column = header.index("CPU Affinity")
     near = {}
     for line in lines:
         cells = line.split("\t")
@@ -174,17 +244,21 @@ def match(spec: str, devices: list[Device]) -> list[Device]:
 
 def discover(timeout: float = DEFAULT_TIMEOUT, env: Mapping[str, str] | None = None) -> Discovery:
     """Every device this process may use, with the CPUs near each. No nvidia-smi, a failing or
-    a hanging one (past `timeout` seconds) all mean no GPUs, with a note saying which."""
+    a hanging one (past `timeout` seconds), or output it cannot read all mean no GPUs, with a note
+    saying which (never a traceback); a non-zero exit keeps the GPUs it still listed, and says so."""
     env = os.environ if env is None else env
     if env.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
         return Discovery([], [])  # none granted: nvidia-smi need not be asked
     try:
-        listed = parse_list(nvidia_smi("-L", timeout=timeout))
+        listed, notes = listed_devices(timeout)
     except FileNotFoundError:
         return Discovery([], [])  # no NVIDIA driver here: a CPU machine, nothing to say
-    except (OSError, TimeoutError, RuntimeError) as e:
+    except (OSError, TimeoutError, NvidiaSmiError) as e:
         return Discovery([], [f"no GPUs used: {e}"], unanswered=True)
-    devices, notes = granted(listed, env.get("CUDA_VISIBLE_DEVICES"))
+    if not listed:
+        return Discovery([], notes)
+    devices, granting = granted(listed, env.get("CUDA_VISIBLE_DEVICES"))
+    notes += granting
     if not devices:
         return Discovery([], notes)
     mixed = len({d.name for d in listed if d.parent is None}) > 1
@@ -194,12 +268,33 @@ def discover(timeout: float = DEFAULT_TIMEOUT, env: Mapping[str, str] | None = N
             "nvidia-smi's (PCI bus order), which CUDA uses only with CUDA_DEVICE_ORDER=PCI_BUS_ID; UUIDs are unambiguous"
         )
     try:
-        near = parse_topology(nvidia_smi("topo", "-m", timeout=timeout))
-    except (OSError, TimeoutError, RuntimeError) as e:
+        answer = nvidia_smi("topo", "-m", timeout=timeout)
+        if answer.code:
+            raise NvidiaSmiError(answer.failure())
+        near = parse_topology(answer.out)
+    except (OSError, TimeoutError, NvidiaSmiError) as e:
         near = {}
         notes.append(f"CPU affinity not set: {e}")
     with_cpus = [Device(d.index, d.uuid, d.name, d.parent, near.get(d.index.split(":")[0], ())) for d in devices]
     return Discovery(with_cpus, notes)
+
+
+def listed_devices(timeout: float) -> tuple[list[Device], list[str]]:
+    """The devices nvidia-smi lists (`--query-gpu`, and `-L` for the slices of GPUs in MIG mode), with notes."""
+    answer = nvidia_smi(*QUERY, timeout=timeout)
+    gpus, errors = parse_query(answer.out, strict=not answer.code)
+    notes = []
+    if answer.code:
+        said = "; ".join(errors) or answer.failure()
+        if not gpus:
+            raise NvidiaSmiError(answer.failure())
+        notes.append(f"nvidia-smi exited {answer.code} but listed {len(gpus)} GPUs; those are used ({said[:300]})")
+    slices: dict[str, list[Device]] = {}
+    if any(gpu.mig for gpu in gpus):
+        listing = nvidia_smi("-L", timeout=timeout)
+        slices = parse_list(listing.out)
+    devices, unusable = usable(gpus, slices)
+    return devices, notes + unusable
 
 
 def select(specs: str, discovery: Discovery) -> list[Device]:
@@ -278,20 +373,66 @@ def threads_per_worker(workers: int) -> int:
 def load_tensorflow():
     """Import TensorFlow without the C++ start-up chatter it writes straight to fd 2.
 
-    Import after CUDA_VISIBLE_DEVICES is final: TensorFlow reads it once, here.
+    Import after CUDA_VISIBLE_DEVICES and the runtime environment (runtime_env) are final:
+    TensorFlow and CUDA read them once. Nothing here creates a device: the first session does,
+    with its own options (memory growth and limit, threads), which later callers could not change.
     """
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
+    return tensorflow_gpus()[0]
+
+
+def tensorflow_gpus():
+    """(tensorflow, the GPUs it sees, what it wrote to fd 2 while importing and looking).
+
+    Listing physical devices loads CUDA and the driver (cuInit, the dlopen of each library) but
+    creates no device and no allocator. What TensorFlow said is kept: it is the only place that
+    says why it sees no GPU (a missing library, an old driver), and it goes in the worker's error.
+    """
     sys.stderr.flush()
     saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow
+    with tempfile.TemporaryFile() as said:
+        try:
+            os.dup2(said.fileno(), 2)
+            import tensorflow
 
-        tensorflow.constant(0)  # device discovery logs at first use: keep it quiet too
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    return tensorflow
+            gpus = tensorflow.config.list_physical_devices("GPU")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        text = said.read().decode(errors="replace")
+    return tensorflow, gpus, text
+
+
+TF_LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ [^\]]+\] (.*)$")
+ABOUT_GPUS = re.compile(r"cuda|cudnn|gpu|driver|dlopen|lib\w+\.so|ptx|compute capability", re.IGNORECASE)
+
+
+def no_gpu_reason(tf, said: str) -> str:
+    """Why TensorFlow sees no GPU, in its own words: its errors, and what it said about CUDA and GPUs."""
+    if not tf.test.is_built_with_cuda():
+        return f"this TensorFlow {tf.__version__} is built without CUDA (install the gpu extra: pip install 'vggish-pipeline[gpu]')"
+    reasons: list[str] = []
+    for line in said.splitlines():
+        m = TF_LOG_LINE.match(line.strip())
+        text = (m[1] if m else line).strip()
+        if text and (m and line[0] in "EF" or ABOUT_GPUS.search(text)) and text not in reasons:
+            reasons.append(text)
+    return "TensorFlow said: " + " | ".join(reasons) if reasons else "TensorFlow said nothing about it"
+
+
+MEMORY_GROWTH_ENV = "TF_FORCE_GPU_ALLOW_GROWTH"
+CUDA_CACHE_BYTES = 4 << 30  # CUDA_CACHE_MAXSIZE's upper bound (4 GiB): room for every PTX kernel a first start on Hopper compiles
+
+
+def runtime_env(cache_dir: Path, env: Mapping[str, str]) -> dict[str, str]:
+    """What TensorFlow and CUDA must find in a worker's environment before they load, where the
+    user has not set it: memory growth (TensorFlow would map nearly all of the GPU's memory, which
+    breaks MIG instances sharing one GPU instance and a second worker on a device), and CUDA's JIT
+    cache in this project's cache folder, large enough that a first start on a GPU newer than the
+    wheel's kernels (Hopper) compiles them once per machine, not once per container."""
+    wanted = {
+        MEMORY_GROWTH_ENV: "true",
+        "CUDA_CACHE_PATH": str(cache_dir / "cuda"),
+        "CUDA_CACHE_MAXSIZE": str(CUDA_CACHE_BYTES),
+    }
+    return {name: value for name, value in wanted.items() if name not in env}
