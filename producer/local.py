@@ -137,12 +137,23 @@ def local_workers(
         redis.stop()
 
 
-def first_ready(app: Celery, fleet: Fleet, timeout: float = 600.0) -> None:
-    """Block until one local worker answers (it has loaded and checked the checkpoint), or all have died."""
-    deadline = time.monotonic() + timeout
+FIRST_READY_TIMEOUT = 3600.0  # a first start on a GPU newer than TensorFlow's kernels (Hopper) JIT-compiles them: TF warns of 30 min
+WAITING_NOTE = 60.0  # seconds between the lines that say the workers are still starting
+
+
+def first_ready(app: Celery, fleet: Fleet, timeout: float = FIRST_READY_TIMEOUT, out: TextIO | None = None) -> None:
+    """Block until one local worker answers (it has loaded and checked the checkpoint), or all have died;
+    say every minute that they are still starting, and why that may take long the first time."""
+    began = time.monotonic()
+    said = began
     # A worker hears only pings sent after it connected: ask often, and stop at the first reply.
     while not app.control.ping(timeout=0.05, limit=1):
         fleet.check(report=False)  # every worker exited: raises with the first one's own error line
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now - began > timeout:
             raise BrokerError(f"no local worker was ready after {timeout:.0f} s; see {fleet.log_dir}")
+        if now - said >= WAITING_NOTE:
+            said = now
+            print(f"workers still starting after {now - began:.0f} s (a first start on a GPU newer than TensorFlow's "
+                  f"kernels compiles them, up to {timeout / 60:.0f} min; see {fleet.log_dir})", file=out or sys.stderr, flush=True)
 

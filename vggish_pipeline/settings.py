@@ -25,6 +25,8 @@ NAME_ENV = "VGGISH_WORKER_NAME"
 TF32_ENV = "VGGISH_TF32"
 CACHE_ENV = "VGGISH_CACHE_DIR"
 NVIDIA_SMI_TIMEOUT_ENV = "VGGISH_NVIDIA_SMI_TIMEOUT"
+CPU_FALLBACK_ENV = "VGGISH_ALLOW_CPU_FALLBACK"
+GPU_MEMORY_ENV = "VGGISH_GPU_MEMORY_LIMIT"
 
 # For `--help` and the README: every variable, what it sets, its default.
 VARIABLES = {
@@ -41,12 +43,22 @@ VARIABLES = {
     TF32_ENV: "1 lets workers compute in TF32 on Ampere and newer GPUs (flag --tf32; default 0)",
     CACHE_ENV: "what a machine keeps between starts: checkpoint digests and the fast V2 copy (default ~/.cache/vggish-pipeline)",
     NVIDIA_SMI_TIMEOUT_ENV: "seconds nvidia-smi may take before it counts as hung (default 15)",
+    CPU_FALLBACK_ENV: "1 lets a worker pinned to a GPU that TensorFlow cannot see compute on the CPU, ~100x slower (flag "
+    "--allow-cpu-fallback; default 0: it stops at start with TensorFlow's reason)",
+    GPU_MEMORY_ENV: "MiB of GPU memory each worker may take (flag --gpu-memory-limit; default: what it needs, grown on demand)",
 }
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
-def positive(env: Mapping[str, str], name: str, default: float) -> float:
+def flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw not in TRUE + FALSE:
+        raise UsageError(f"{name}={env[name]!r}: expected 1 or 0")
+    return raw in TRUE
+
+
+def positive(env: Mapping[str, str], name: str, default: float, unit: str = "seconds") -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -55,7 +67,7 @@ def positive(env: Mapping[str, str], name: str, default: float) -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise UsageError(f"{name}={raw!r}: expected a number of seconds above 0")
+        raise UsageError(f"{name}={raw!r}: expected a number of {unit} above 0")
     return value
 
 
@@ -74,13 +86,12 @@ class Settings:
     tf32: bool = False
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "vggish-pipeline")
     nvidia_smi_timeout: float = 15.0
+    allow_cpu_fallback: bool = False
+    gpu_memory_limit: int | None = None  # MiB
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        tf32 = env.get(TF32_ENV, "").strip().lower()
-        if tf32 not in TRUE + FALSE:
-            raise UsageError(f"{TF32_ENV}={env[TF32_ENV]!r}: expected 1 or 0")
         cache = env.get(CACHE_ENV) or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vggish-pipeline"
         return cls(
             broker_url=env.get(BROKER_ENV) or None,
@@ -93,16 +104,21 @@ class Settings:
             checkpoint=Path(env[CHECKPOINT_ENV]) if env.get(CHECKPOINT_ENV) else None,
             data_roots=tuple(Path(p) for p in env.get(DATA_ROOTS_ENV, "").split(os.pathsep) if p),
             worker_name=env.get(NAME_ENV) or None,
-            tf32=tf32 in TRUE,
+            tf32=flag(env, TF32_ENV),
             cache_dir=Path(cache),
             nvidia_smi_timeout=positive(env, NVIDIA_SMI_TIMEOUT_ENV, 15.0),
+            allow_cpu_fallback=flag(env, CPU_FALLBACK_ENV),
+            gpu_memory_limit=round(positive(env, GPU_MEMORY_ENV, 0, unit="MiB")) or None,
         )
 
 
     def with_flags(self, args: argparse.Namespace) -> Settings:
-        """These settings with the TLS flags a command was given (see add_tls_flags) laid over them."""
+        """These settings with the flags a command was given (the TLS flags, see add_tls_flags, and the
+        GPU ones of `worker start`/`up`) laid over them."""
         return replace(
             self,
+            allow_cpu_fallback=getattr(args, "allow_cpu_fallback", False) or self.allow_cpu_fallback,
+            gpu_memory_limit=getattr(args, "gpu_memory_limit", None) or self.gpu_memory_limit,
             broker_ca=getattr(args, "broker_ca", None) or self.broker_ca,
             broker_cert=getattr(args, "broker_cert", None) or self.broker_cert,
             broker_key=getattr(args, "broker_key", None) or self.broker_key,

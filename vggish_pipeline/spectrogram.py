@@ -34,19 +34,29 @@ def row_count(path: Path) -> int:
     return size // ROW_BYTES
 
 
+def aligned_empty(rows: int) -> np.ndarray:
+    """An uninitialised rows x 96 x 64 float64 array whose data starts on a 64-byte boundary:
+    TensorFlow feeds such an array as it is, and copies any other first."""
+    raw = np.empty(rows * ROW_BYTES + 64, np.uint8)
+    offset = -raw.ctypes.data % 64
+    return raw[offset : offset + rows * ROW_BYTES].view(DTYPE).reshape(rows, FRAMES, BANDS)
+
+
 class RowReader:
     """Reads rows into one buffer it keeps and reuses, so a worker or a scan does not fault in
     fresh memory for every chunk (50 MB per 1,024 rows). A result is valid until the next read."""
 
     def __init__(self) -> None:
-        self._buffer = np.empty(0, dtype=DTYPE)
+        self._buffer = aligned_empty(0)
 
-    def read(self, path: Path, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as float64, shape (stop-start, 96, 64), reading only those bytes."""
-        count = (stop - start) * ROW_VALUES
-        if self._buffer.size < count:
-            self._buffer = np.empty(count, dtype=DTYPE)
-        data = self._buffer[:count]
+    def read(self, path: Path, start: int, stop: int, padded: int = 0) -> np.ndarray:
+        """Rows [start, stop) as float64, shape (stop-start, 96, 64), reading only those bytes; with
+        `padded`, that many rows, zeros after the file's: a model's batch, 64-byte aligned."""
+        count = stop - start
+        total = max(count, padded)
+        if len(self._buffer) < total:
+            self._buffer = aligned_empty(total)
+        data = self._buffer[:count].reshape(-1)
         with open(path, "rb", buffering=0) as f:
             f.seek(start * ROW_BYTES)
             got = f.readinto(data.data.cast("B"))
@@ -57,7 +67,8 @@ class RowReader:
                 got += more
         if got != data.nbytes:
             raise InputError(f"{path}: rows {start}-{stop} lie past the end of the file (was it truncated?)")
-        return data.reshape(stop - start, FRAMES, BANDS)
+        self._buffer[count:total] = 0
+        return self._buffer[:total]
 
 
 # How a chunk's rows are fingerprinted. A job keeps the scheme it was planned with (job.json), so

@@ -30,11 +30,17 @@ class Model(Protocol):
     fingerprint: str
     device: str
 
-    def embed(self, rows: np.ndarray, form: str) -> np.ndarray: ...
+    def padded_rows(self, count: int) -> int: ...
+
+    def embed(self, rows: np.ndarray, form: str, count: int | None = None) -> np.ndarray: ...
 
 
 class OtherModel(ChunkRefused):
     """The chunk's job is pinned to a model this worker has not loaded: another worker's chunk."""
+
+
+class HandedBack(Exception):
+    """The worker is stopping and this chunk has not reached the model: it goes back to the queue."""
 
 
 def inside(path: str, roots: list[Path]) -> Path:
@@ -46,7 +52,9 @@ def inside(path: str, roots: list[Path]) -> Path:
 
 
 OTHER_MODEL_PAUSE = 1.0  # seconds before a worker hands back a chunk of a job pinned to another model
-GPU_IN_FLIGHT = 3  # chunks a GPU worker holds: one in the model, the others being read or written (BENCHMARKS.md)
+GPU_IN_FLIGHT = 3  # chunks a GPU worker works on: one in the model, the others being read or written (BENCHMARKS.md)
+# Beyond those, a worker holds one more chunk, read and waiting for the model, so the model never
+# waits for a message, a read or a write (BENCHMARKS.md: idle between chunks); a warm stop hands it back.
 
 
 @dataclass
@@ -69,12 +77,17 @@ class ChunkRunner:
     read, write or message. Only the model itself is taken one chunk at a time.
     """
 
-    def __init__(self, model: Model, roots: list[Path], worker: str, pinned: str | None = None) -> None:
+    def __init__(
+        self, model: Model, roots: list[Path], worker: str, pinned: str | None = None, stopping: Callable[[], bool] = lambda: False
+    ) -> None:
+        """`stopping` says whether the worker is on its way out: a chunk not yet in the model is then handed back."""
         self.model = model
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self.worker = worker
+        self.stopping = stopping
         self.stats = WorkerStats(model.device, pinned, model.fingerprint)
         self._model_lock = threading.Lock()
+        self._model_free_since: float | None = None  # when the model last finished a chunk
         self._stats_lock = threading.Lock()
         self._readers = threading.local()
 
@@ -89,10 +102,10 @@ class ChunkRunner:
         reader = getattr(self._readers, "reader", None) or RowReader()
         self._readers.reader = reader
         try:
-            rows = reader.read(source, msg.start, msg.stop)
+            rows = reader.read(source, msg.start, msg.stop, self.model.padded_rows(msg.stop - msg.start))
         except (InputError, OSError) as e:
             raise ChunkRefused(str(e)) from e
-        if digest(rows, msg.digest_scheme) != msg.digest:
+        if digest(rows[: msg.stop - msg.start], msg.digest_scheme) != msg.digest:
             raise ChunkRefused(
                 f"{source}: rows {msg.start}-{msg.stop} changed since they were enqueued; re-run `producer enqueue`"
             )
@@ -116,9 +129,13 @@ class ChunkRunner:
         rows = self.read(source, msg)
         read = time.perf_counter() - began
         with self._model_lock:
+            if self.stopping():
+                raise HandedBack(f"rows {msg.start}-{msg.stop}: the worker is stopping; handed back before the model")
             began = time.perf_counter()
-            embeddings = self.model.embed(rows, msg.embedding)
-            seconds = read + time.perf_counter() - began  # the wait for the model is not this chunk's work
+            idle = began - self._model_free_since if self._model_free_since is not None else 0.0
+            embeddings = self.model.embed(rows, msg.embedding, msg.stop - msg.start)
+            self._model_free_since = time.perf_counter()
+            seconds = read + self._model_free_since - began  # the wait for the model is not this chunk's work
         time.sleep(0)  # hand the GIL to the chunk waiting for the model now, not at the next switch (5 ms)
         meta = ShardMeta(msg.start, msg.stop, msg.digest, msg.embedding, self.model.fingerprint, self.worker, seconds)
         if not write_shard(jobdir.shards, meta, embeddings):
@@ -129,7 +146,8 @@ class ChunkRunner:
             self.stats.chunks += 1
             self.stats.rows += msg.stop - msg.start
             self.stats.seconds += seconds
-        log.info("rows %d-%d embedded in %.2fs (%.1f rows/s)", msg.start, msg.stop, seconds, (msg.stop - msg.start) / seconds)
+        log.info("rows %d-%d embedded in %.2fs (%.1f rows/s); the model was idle %.4f s before it",
+                 msg.start, msg.stop, seconds, (msg.stop - msg.start) / seconds, idle)
         return {"start": msg.start, "stop": msg.stop, "seconds": seconds}
 
     def record_failure(self, payload: dict, reason: str) -> None:
@@ -170,6 +188,9 @@ def register(app, runner: ChunkRunner, max_retries: int = 2) -> None:
             if args:
                 raise ChunkRefused("message has positional arguments; the schema is keyword-only")
             return runner.run(payload)
+        except HandedBack as e:
+            log.info("%s", e)
+            raise Reject(str(e), requeue=True) from e
         except OtherModel as e:
             # Not this chunk's fault: hand it back for a worker with the job's model (a mixed fleet).
             # The pause keeps a lone wrong worker from spinning on it; `status` names the mismatch.
@@ -209,11 +230,10 @@ class PatientRequest(Request):
         while True:
             try:
                 self.message.ack()
+                wake_consumer()
                 break
             except self._connection_errors as e:
-                flags = (worker_state.should_stop, worker_state.should_terminate)  # an exit code once set, 0 included
-                stopping = any(flag is not None and flag is not False for flag in flags)
-                if stopping or time.monotonic() - began > patience:  # its message comes back, and is skipped
+                if told_to_stop() or time.monotonic() - began > patience:  # its message comes back, and is skipped
                     log.warning("left a chunk unacknowledged (%s: %s): its shard is written; its message, back after "
                                 "the visibility timeout, will be skipped", type(e).__name__, e)
                     break
@@ -221,6 +241,32 @@ class PatientRequest(Request):
                 time.sleep(pause)
                 pause = min(2 * pause, 10.0)
         self.acknowledged = True
+
+
+def wake_consumer() -> None:
+    """Let the worker's event loop ask for the next chunk now that an ack freed a place.
+
+    kombu asks Redis for a message (BRPOP) only while the worker holds fewer than it may; once
+    it holds that many, nothing is asked, and the loop sleeps in poll until its next timer (up to
+    2 s): an ack from a task thread does not wake it. A callback handed to the loop does (kombu's
+    waker), and the loop's next turn sends the BRPOP.
+    """
+    from kombu.asynchronous import get_event_loop
+
+    hub = get_event_loop()
+    if hub is not None:
+        hub.call_soon(lambda: None)
+
+
+def told_to_stop(worker=None) -> bool:
+    """Whether this worker is on its way out: a signal's warm or cold stop (an exit code once set,
+    0 included), or `worker down`, which stops the worker's blueprint without setting either."""
+    from celery.bootsteps import CLOSE, TERMINATE
+
+    flags = (worker_state.should_stop, worker_state.should_terminate)
+    if any(flag is not None and flag is not False for flag in flags):
+        return True
+    return worker is not None and getattr(worker.blueprint, "state", None) in (CLOSE, TERMINATE)
 
 
 def serve(
@@ -231,14 +277,16 @@ def serve(
     in_flight: int = 1,
     before_start: Callable[[], None] | None = None,
 ) -> int:
-    """Run the Celery worker on QUEUE until a warm stop, holding `in_flight` chunks at a time;
-    `before_start` runs in worker_init, before it connects (so no ping is answered and no chunk
-    taken until it returns). A warm stop finishes the chunks held, and no other. Returns the
-    worker's exit code: non-zero after an unrecoverable error (Celery's own CLI would lose it)."""
+    """Run the Celery worker on QUEUE until a warm stop, working on `in_flight` chunks at a time and
+    holding one more; `before_start` runs in worker_init, before it connects (so no ping is answered
+    and no chunk taken until it returns). A warm stop finishes the chunks in the model or past it,
+    hands back those not yet in it, and takes no other. Returns the worker's exit code: non-zero
+    after an unrecoverable error (Celery's own CLI would lose it)."""
     from celery.signals import worker_init
 
     register(app, runner)
     started: list = []
+    runner.stopping = lambda: told_to_stop(started[0] if started else None)
 
     def init(sender, **_) -> None:
         started.append(sender)
@@ -250,7 +298,7 @@ def serve(
         [
             "worker",
             "--pool=threads",  # task threads; the main thread keeps answering ping/inspect meanwhile
-            f"--concurrency={in_flight}",  # with prefetch multiplier 1: the chunks held, run or waiting
+            f"--concurrency={in_flight + 1}",  # with prefetch multiplier 1: the chunks held, one waiting for the model
             f"--hostname={name}",
             f"--queues={QUEUE}",
             f"--loglevel={loglevel}",

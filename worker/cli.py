@@ -12,7 +12,17 @@ from typing import TYPE_CHECKING
 
 from vggish_pipeline import package_version
 from vggish_pipeline.errors import EXIT_CODES, PipelineError, UsageError, as_pipeline_error
-from vggish_pipeline.settings import BROKER_ENV, CHECKPOINT_ENV, DATA_ROOTS_ENV, NAME_ENV, Settings, add_tls_flags, variables_help
+from vggish_pipeline.settings import (
+    BROKER_ENV,
+    CHECKPOINT_ENV,
+    CPU_FALLBACK_ENV,
+    DATA_ROOTS_ENV,
+    GPU_MEMORY_ENV,
+    NAME_ENV,
+    Settings,
+    add_tls_flags,
+    variables_help,
+)
 from worker.model import DEFAULT_BATCH
 
 if TYPE_CHECKING:
@@ -48,7 +58,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     start.add_argument(
         "--name", help=f"worker name, e.g. gpu0@host (env {NAME_ENV}; default: from the device and host)"
     )
-    start.add_argument("--threads", type=int, default=0, help="TensorFlow threads per pool (0: all cores)")
+    start.add_argument("--threads", type=int, default=0, help="TensorFlow threads per pool (0: every core on the CPU, 2 on a GPU)")
     start.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"rows per session.run (default {DEFAULT_BATCH})")
     start.add_argument(
         "--data-root",
@@ -69,6 +79,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="chunks held at a time: one in the model while the next is read and the last written "
         "(default 3 on a GPU, 1 on the CPU, where the model is the bottleneck; a warm stop finishes them all)",
     )
+    add_gpu_flags(start)
     start.add_argument("--loglevel", default="info", help="Celery log level (default info)")
 
     up = sub.add_parser("up", help="start one worker per GPU (or N CPU workers) in the foreground")
@@ -83,6 +94,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="as for `worker start`")
     up.add_argument("--tf32", action="store_true", help="as for `worker start`")
     up.add_argument("--data-root", type=Path, action="append", help="as for `worker start`")
+    add_gpu_flags(up)
 
     down = sub.add_parser("down", help="ask a worker to finish its current chunk and leave")
     down.add_argument("name", help="worker name, e.g. gpu3@host")
@@ -94,11 +106,30 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ping.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
     add_tls_flags(ping)
 
+    doctor = sub.add_parser(
+        "doctor", help="check this machine's GPUs before a job: what nvidia-smi lists, what TensorFlow sees, one embedding each"
+    )
+    doctor.add_argument(
+        "--checkpoint", type=Path, help=f"VGGish checkpoint to probe with (env {CHECKPOINT_ENV}; default: an UNTRAINED one)"
+    )
+    add_gpu_flags(doctor)
+
     make = sub.add_parser("make-checkpoint", help="write an UNTRAINED checkpoint and PCA params for tests and demos")
     make.add_argument("out_dir", type=Path, help="folder for the UNTRAINED checkpoint and PCA params")
     make.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     make.add_argument("--v2", action="store_true", help="write the V2 format instead of the official V1")
     return parser.parse_args(argv)
+
+
+def add_gpu_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gpu-memory-limit", type=int, metavar="MIB",
+        help=f"GPU memory a worker may take, in MiB (env {GPU_MEMORY_ENV}; default: grown as needed)",
+    )
+    parser.add_argument(
+        "--allow-cpu-fallback", action="store_true",
+        help=f"compute on the CPU (~100x slower) when TensorFlow cannot see the GPU a worker is pinned to (env {CPU_FALLBACK_ENV}=1)",
+    )
 
 
 def default_name(args: argparse.Namespace, device: Device | None) -> str:
@@ -125,12 +156,15 @@ def start(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
     if args.chunks_in_flight is not None and args.chunks_in_flight < 1:
         raise UsageError("--chunks-in-flight must be at least 1")
-    from worker.devices import cpu_list, pin_process
+    if args.gpu_memory_limit is not None and args.gpu_memory_limit < 1:
+        raise UsageError("--gpu-memory-limit must be at least 1 MiB")
+    from worker.devices import cpu_list, pin_process, runtime_env
 
     roots = data_roots(args.data_root, settings)
     device = pin_process(args.gpu, settings.nvidia_smi_timeout) if args.gpu is not None else None
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    os.environ.update(runtime_env(settings.cache_dir, os.environ))  # before TensorFlow and CUDA read them
     name = args.name or settings.worker_name or default_name(args, device)
     log.info(
         "%s: pinned to %s, CUDA_VISIBLE_DEVICES=%s, CPUs %s",
@@ -144,26 +178,30 @@ def start(args: argparse.Namespace, settings: Settings) -> int:
     # Celery loads, connects and starts, and is then held at worker_init until they are in.
     from worker.model import Embedder  # TensorFlow loads only now, after CUDA_VISIBLE_DEVICES is set
 
-    model = Embedder(checkpoint, settings.cache_dir, args.threads, args.batch_size, tf32=args.tf32 or settings.tf32)
+    model = Embedder(
+        checkpoint, settings.cache_dir, args.threads, args.batch_size, tf32=args.tf32 or settings.tf32,
+        gpu_memory_limit=settings.gpu_memory_limit,
+        require_gpu=device.describe() if device is not None and not settings.allow_cpu_fallback else None,
+    )
+    if device is not None and not model.on_gpu:
+        log.warning("pinned to %s, but TensorFlow sees no GPU there (%s): computing on the CPU, as %s=1 allows",
+                    device.describe(), model.no_gpu_reason, CPU_FALLBACK_ENV)
     from worker.chunk import GPU_IN_FLIGHT, ChunkRunner, serve
 
     app = broker.make_app(url, settings)
     broker.check_connection(app)
     broker.poll_briefly(app)
-    if device is not None and not model.device.startswith("GPU"):
-        log.warning(
-            "pinned to %s, but TensorFlow sees no GPU there (a CPU-only TensorFlow, or a CUDA/driver problem): "
-            "running on the CPU",
-            device.describe(),
-        )
     log.info(
-        "%s: TensorFlow device %s, checkpoint %s (model %s), data roots %s",
+        "%s: TensorFlow device %s, %s threads, batches of %d rows, checkpoint %s (model %s), data roots %s",
         name,
         model.device,
+        model.threads or "all cores'",
+        model.batch_size,
         checkpoint,
         model.fingerprint,
         ", ".join(map(str, roots)),
     )
+    log.info("%s: %s", name, memory_policy(model))
     if model.untrained:
         log.warning("checkpoint %s holds UNTRAINED seeded random weights: its embeddings mean nothing", checkpoint)
     runner = ChunkRunner(model, roots, name, device.describe() if device else None)
@@ -175,6 +213,18 @@ def start(args: argparse.Namespace, settings: Settings) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def memory_policy(model: Embedder) -> str:
+    """The start line's words on GPU memory and the CUDA cache (set before TensorFlow loaded)."""
+    from worker.devices import MEMORY_GROWTH_ENV
+
+    growth = os.environ.get(MEMORY_GROWTH_ENV, "")
+    limit = f"limit {model.memory_limit} MiB" if model.memory_limit else "no limit"
+    return (f"GPU memory: growth {'on' if growth.lower() == 'true' else 'off'} ({MEMORY_GROWTH_ENV}={growth or '<unset>'}), "
+            f"{limit}; CUDA JIT cache {os.environ.get('CUDA_CACHE_PATH', '~/.nv/ComputeCache')} "
+            f"(up to {int(os.environ.get('CUDA_CACHE_MAXSIZE', 0) or 256 << 20) >> 20} MiB)"
+            + ("" if model.on_gpu else "; computing on the CPU"))
 
 
 def await_weights(model: Embedder) -> None:
@@ -212,6 +262,8 @@ def up(args: argparse.Namespace, settings: Settings) -> int:
     # The URL reaches the workers by environment, as given (a password file stays a file): a command line shows it to `ps`.
     env = {BROKER_ENV: args.broker or str(settings.broker_url), **settings.tls_env()}
     common = ["--batch-size", str(args.batch_size), *(["--tf32"] if args.tf32 else [])]
+    common += ["--allow-cpu-fallback"] if args.allow_cpu_fallback else []
+    common += ["--gpu-memory-limit", str(args.gpu_memory_limit)] if args.gpu_memory_limit else []
     if args.checkpoint:
         common += ["--checkpoint", str(args.checkpoint)]
     for root in args.data_root or []:
@@ -248,6 +300,12 @@ def down(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.doctor import examine
+
+    return examine(settings, args.checkpoint or settings.checkpoint, lambda line: print(line, flush=True))
+
+
 def make_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
     from worker import checkpoint
 
@@ -268,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         settings = Settings.from_env().with_flags(args)  # the environment, read and checked once, here
-        commands = {"start": start, "up": up, "down": down, "ping": lambda a, s: ping(a, s) and 0, "make-checkpoint": make_checkpoint}
+        commands = {"start": start, "up": up, "down": down, "ping": lambda a, s: ping(a, s) and 0, "doctor": doctor,
+                    "make-checkpoint": make_checkpoint}
         return commands[args.command](args, settings)
     except Exception as e:  # the project's, the machine's or the broker's: one line, no traceback
         error = as_pipeline_error(e)

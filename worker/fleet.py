@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vggish_pipeline.errors import PipelineError, WorkersDied
-from worker.devices import Device, threads_per_worker
+from worker.devices import MEMORY_GROWTH_ENV, Device, threads_per_worker
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Fleet:
 
     def _spawn(self, m: Member, again: bool = False) -> None:
         command = [sys.executable, "-m", "worker", "start", *m.args]
-        env = {**os.environ, **m.env}
+        env = {MEMORY_GROWTH_ENV: "true", **os.environ, **m.env}  # set before its TensorFlow loads, unless the user set it
         arm = exit_with_parent(self.death_signal)
         if self.log_dir is None:
             m.proc = subprocess.Popen(command, env=env, preexec_fn=arm)

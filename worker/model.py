@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from vggish_pipeline.errors import CheckpointError
-from vggish_pipeline.spectrogram import BANDS, FRAMES
+from vggish_pipeline.errors import CheckpointError, DeviceError
+from vggish_pipeline.settings import CPU_FALLBACK_ENV
+from vggish_pipeline.spectrogram import BANDS, FRAMES, aligned_empty
 from worker import checkpoint
-from worker.devices import load_tensorflow
+from worker.devices import load_tensorflow, no_gpu_reason, tensorflow_gpus
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,23 @@ def define_vggish(input_dtype=None):
         return features, tf.identity(net, name="embedding")
 
 
-def visible_device() -> str:
-    """What TensorFlow will run on in this process: the first visible GPU's name, or 'CPU'."""
-    tf = load_tensorflow()
+def jit_note(tf, gpus: list) -> str | None:
+    """A warning when this GPU has no kernels of its own in the TensorFlow wheel, only PTX that CUDA
+    compiles at first use (Hopper on the official wheels: sm_60-sm_89 and compute_90): the first
+    start then takes many minutes, once per CUDA cache."""
+    if not gpus:
+        return None
+    major, minor = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+    built = tf.sysconfig.get_build_info().get("cuda_compute_capabilities", [])
+    if f"sm_{major}{minor}" in built:
+        return None
+    return (f"this GPU (compute capability {major}.{minor}) has no kernels in TensorFlow's build ({', '.join(built)}): "
+            "CUDA compiles them from PTX at first use: the first start on a machine can take many minutes, later ones read "
+            f"them from CUDA_CACHE_PATH={os.environ.get('CUDA_CACHE_PATH', '~/.nv/ComputeCache')}")
 
-    gpus = tf.config.list_physical_devices("GPU")
+
+def device_name(tf, gpus: list) -> str:
+    """What TensorFlow will run on in this process: the first visible GPU's name, or 'CPU'."""
     if not gpus:
         return "CPU"
     details = tf.config.experimental.get_device_details(gpus[0])
@@ -66,6 +80,12 @@ def visible_device() -> str:
 
 
 DEFAULT_BATCH = 512  # rows per session.run: larger runs are faster on the CPU too (BENCHMARKS.md)
+GPU_THREADS = 2  # TensorFlow threads per pool on a GPU worker: the GPU computes, the CPU only feeds it (BENCHMARKS.md)
+# CPU batches are padded to a multiple of CPU_MULTIPLE rows and to at least CPU_MIN_ROWS: oneDNN (TensorFlow
+# 2.21, x86-64) gives a row the same bits in any such batch, at any position, but other bits below 128 rows
+# or off a multiple of 16 (measured; tests/test_model.py checks it on every machine it runs on).
+CPU_MULTIPLE = 16
+CPU_MIN_ROWS = 128
 
 
 class Embedder:
@@ -77,19 +97,49 @@ class Embedder:
     """
 
     def __init__(
-        self, checkpoint_path: Path, cache_dir: Path, threads: int = 0, batch_size: int = DEFAULT_BATCH, tf32: bool = False
+        self,
+        checkpoint_path: Path,
+        cache_dir: Path,
+        threads: int = 0,
+        batch_size: int = DEFAULT_BATCH,
+        tf32: bool = False,
+        gpu_memory_limit: int | None = None,
+        require_gpu: str | None = None,
     ) -> None:
-        """`cache_dir` keeps the checkpoint's digest and its fast V2 copy between starts (Settings.cache_dir)."""
+        """`cache_dir` keeps the checkpoint's digest and its fast V2 copy between starts (Settings.cache_dir);
+        `threads` 0 means every core on the CPU and GPU_THREADS on a GPU; `gpu_memory_limit` is in MiB.
+        With `require_gpu` (the device the process is pinned to), no GPU in TensorFlow's sight is a
+        DeviceError carrying TensorFlow's own reason, raised before any weights are read."""
         helper = ThreadPoolExecutor(1, thread_name_prefix="vggish-load")
         try:
             # Hash the checkpoint on another core while TensorFlow imports: a worker starts 0.3 s sooner.
             digest = helper.submit(checkpoint.fingerprint, checkpoint_path, cache_dir)
-            tf = load_tensorflow()
+            tf, gpus, said = tensorflow_gpus()
+            self.device = device_name(tf, gpus)
+            self.on_gpu = bool(gpus)
+            self.no_gpu_reason = None if gpus else no_gpu_reason(tf, said)
+            if require_gpu and not gpus:
+                raise DeviceError(
+                    f"pinned to {require_gpu}, but TensorFlow sees no GPU there: {self.no_gpu_reason}. "
+                    f"Fix the CUDA libraries or driver, or set {CPU_FALLBACK_ENV}=1 to compute on the CPU (~100x slower)"
+                )
+            if note := jit_note(tf, gpus):
+                log.warning("%s", note)
             # TensorFlow would use TF32 on Ampere and newer GPUs; float32 gives every device the same embeddings.
             tf.config.experimental.enable_tensor_float_32_execution(tf32)
+            if self.on_gpu:  # a fixed algorithm per shape, so a row's bits do not depend on a timing race (cuDNN autotuning)
+                tf.config.experimental.enable_op_determinism()
             reader = checkpoint.check_variables(checkpoint_path)  # names and shapes, with a clear error
             self.fingerprint = checkpoint.model_id(digest.result(), tf32)
-            saver = self._build(tf, threads)
+            self.threads = threads or (GPU_THREADS if self.on_gpu else 0)
+            self.memory_limit = gpu_memory_limit if self.on_gpu else None
+            # Every batch has one of a few fixed shapes, so a row's embedding never depends on how it was
+            # chunked: on a GPU each batch is padded to batch_size rows (cuDNN picks its algorithm per
+            # shape), on the CPU as CPU_MULTIPLE and CPU_MIN_ROWS say (a 1-row clip costs 128 rows, not 512).
+            self.multiple = batch_size if self.on_gpu else CPU_MULTIPLE
+            self.batch_size = -(-batch_size // self.multiple) * self.multiple
+            self.least = self.batch_size if self.on_gpu else min(CPU_MIN_ROWS, self.batch_size)
+            saver = self._build(tf, self.threads)
             copy = checkpoint.fast_copy(checkpoint_path, digest.result(), cache_dir)
             self._weights = helper.submit(self._restore, saver, checkpoint_path, copy)
             if copy is not None:
@@ -97,8 +147,6 @@ class Embedder:
         finally:
             helper.shutdown(wait=False)
         self.untrained = checkpoint.is_untrained(reader)
-        self.batch_size = batch_size
-        self.device = visible_device()
 
     def _build(self, tf, threads: int):
         """The graph and its session, without weights; returns the Saver that will load them."""
@@ -107,7 +155,9 @@ class Embedder:
         with self._graph.as_default():
             self._input, self._output = define_vggish(tf.float64)
             config = tf1.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
-            config.gpu_options.allow_growth = True
+            config.gpu_options.allow_growth = True  # TF_FORCE_GPU_ALLOW_GROWTH (runtime_env) sets it for every device first
+            if self.memory_limit:
+                config.gpu_options.experimental.virtual_devices.add(memory_limit_mb=[float(self.memory_limit)])
             self._session = tf1.Session(graph=self._graph, config=config)
             saver = tf1.train.Saver(tf1.global_variables())  # reads V1 and V2; writes the V2 copy
         self._graph.finalize()  # any per-task graph growth is a bug: fail loudly
@@ -129,8 +179,9 @@ class Embedder:
                 return self._restore(saver, checkpoint_path, None)
         log.info("weights restored from %s in %.2f s", source, time.perf_counter() - started)
         # One row sets up the executor (a graph or device problem shows here, before taking work).
-        # A full warm-up batch would cost a whole batch of compute to save ~0.1 s on the first one.
-        self._session.run(self._output, {self._input: np.zeros((1, FRAMES, BANDS))})
+        # On the CPU a full warm-up batch would cost a whole batch of compute to save ~0.1 s on the
+        # first one; on a GPU it is cheap, and compiles the kernels of the one shape it will run.
+        self._session.run(self._output, {self._input: np.zeros((self.batch_size if self.on_gpu else 1, FRAMES, BANDS))})
         return source
 
     def _keep_copy(self, saver, copy: Path) -> None:
@@ -150,13 +201,30 @@ class Embedder:
         this machine's V2 copy of it); CheckpointError if they cannot be read."""
         return self._weights.result()
 
-    def embed(self, rows: np.ndarray, form: str) -> np.ndarray:
-        """Embeddings (float32, n x 128) of n float64 spectrograms, in sub-batches of `batch_size`."""
+    def padded_rows(self, count: int) -> int:
+        """Rows an input of `count` rows has once its last batch is padded to a fixed shape."""
+        full, rest = divmod(count, self.batch_size)
+        return full * self.batch_size + (max(self.least, -(-rest // self.multiple) * self.multiple) if rest else 0)
+
+    def prepare(self, rows: np.ndarray) -> np.ndarray:
+        """`rows` as embed feeds them: 64-byte aligned, zeros up to padded_rows. A chunk's reader
+        prepares its buffer so itself (RowReader.read), outside the model lock; this copies."""
+        batch = aligned_empty(self.padded_rows(len(rows)))
+        batch[: len(rows)] = rows
+        batch[len(rows) :] = 0
+        return batch
+
+    def embed(self, rows: np.ndarray, form: str, count: int | None = None) -> np.ndarray:
+        """Embeddings (float32, count x 128) of the first `count` (default: all) float64 spectrograms
+        in `rows`, in batches of `batch_size`; rows past `count` are the padding `prepare` adds."""
+        count = len(rows) if count is None else count
+        if len(rows) != self.padded_rows(count) or rows.ctypes.data % 64:
+            rows = self.prepare(rows[:count])
         self.loaded()
-        out = np.empty((len(rows), 128), dtype=np.float32)
-        for i in range(0, len(rows), self.batch_size):
+        out = np.empty((count, 128), dtype=np.float32)
+        for i in range(0, count, self.batch_size):
             batch = rows[i : i + self.batch_size]
-            out[i : i + len(batch)] = self._session.run(self._output, {self._input: batch})
+            out[i : i + self.batch_size] = self._session.run(self._output, {self._input: batch})[: count - i]
         if form == "relu":
             np.maximum(out, 0, out=out)
         return out
