@@ -43,8 +43,11 @@ class InstantModel:
     fingerprint = "stand-in"
     device = "stand-in"
 
-    def embed(self, rows: np.ndarray, form: str) -> np.ndarray:
-        return np.zeros((len(rows), 128), np.float32)
+    def padded_rows(self, count: int) -> int:
+        return count
+
+    def embed(self, rows: np.ndarray, form: str, count: int | None = None) -> np.ndarray:
+        return np.zeros((len(rows) if count is None else count, 128), np.float32)
 
 
 class PacedModel(InstantModel):
@@ -55,11 +58,11 @@ class PacedModel(InstantModel):
         self.rate = rate
         self.times = open(times, "a", buffering=1)
 
-    def embed(self, rows: np.ndarray, form: str) -> np.ndarray:
+    def embed(self, rows: np.ndarray, form: str, count: int | None = None) -> np.ndarray:
         began = time.perf_counter()
         time.sleep(len(rows) / self.rate)
         self.times.write(f"{began} {time.perf_counter()}\n")
-        return np.zeros((len(rows), 128), np.float32)
+        return super().embed(rows, form, count)
 
 
 def make_job(directory: Path, rows: int, chunk_rows: int):
@@ -156,12 +159,14 @@ def overhead(work: Path, rows: int, chunk_rows: int, rate: float = GPU_RATE) -> 
     chunks = len(job.chunks)
     calls = sorted(tuple(map(float, line.split())) for line in (work / "times.txt").read_text().splitlines())
     steady = calls[chunks // 4 :]
-    idle = sum(b[0] - a[1] for a, b in zip(steady, steady[1:], strict=False))
+    gaps = [b[0] - a[1] for a, b in zip(steady, steady[1:], strict=False)]
+    idle = sum(gaps)
     busy = sum(end - start for start, end in steady[1:])
     return {
         "rows": rows, "chunk_rows": chunk_rows, "chunks": chunks, "rate": rate, "in_flight": in_flight(),
         "seconds": seconds, "compute_seconds": compute,
         "steady_overhead_ms_per_chunk": 1000 * idle / (len(steady) - 1), "steady_overhead_fraction": idle / busy,
+        "steady_idle_ms_median": 1000 * sorted(gaps)[len(gaps) // 2],
         "whole_job_overhead_fraction": (seconds - compute) / compute, "worker_cores_busy": cores,
     }
 
@@ -192,7 +197,8 @@ def main() -> None:
         print(f"feed ceiling, {c['chunk_rows']:>5}-row chunks, {c['in_flight']} in flight: {c['rows_per_s']:>9,.0f} rows/s")
     for o in r["overhead"]:
         print(f"at {o['rate']:,.0f} rows/s of compute, {o['chunk_rows']:>5}-row chunks, {o['in_flight']} in flight: "
-              f"{o['steady_overhead_ms_per_chunk']:.1f} ms per chunk beyond compute = {100 * o['steady_overhead_fraction']:.1f} % "
+              f"{o['steady_overhead_ms_per_chunk']:.1f} ms per chunk beyond compute (median {o['steady_idle_ms_median']:.1f} ms) "
+              f"= {100 * o['steady_overhead_fraction']:.1f} % "
               f"(whole job: {o['seconds']:.2f} s for {o['compute_seconds']:.2f} s of compute, +{100 * o['whole_job_overhead_fraction']:.0f} %; "
               f"worker busy on {o['worker_cores_busy']:.2f} cores)")
 
