@@ -22,6 +22,9 @@ from vggish_pipeline.settings import CACHE_ENV
 from worker import checkpoint
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# The test process builds TensorFlow sessions too (the checkpoint, the reference): on a GPU machine
+# it must not map the whole of GPU 0 before the workers it starts there.
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from conftest import SAMPLE_ROWS, cli
+from conftest import SAMPLE_ROWS, cli, merged_env
 from outputs import check_outputs
 from reference import upstream_examples, vggish
 from wavs import speech_like, tone, wav_bytes, write_audio, write_wav
@@ -143,7 +143,9 @@ def run_watch(sample: dict, inbox: Path, model_files: dict, log: Path) -> subpro
     args = [sys.executable, "-m", "producer", "watch", str(inbox), "--label-from-folder", "--spec", str(sample["spec"])]
     args += ["--checkpoint", str(model_files["checkpoint"]), "--chunk-rows", "64", "--settle", "0.3", "--poll", "0.2"]
     with open(log, "wb") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # Not inherited from this process (conftest sets it for itself): watch must give its workers memory growth itself.
+        env = {**merged_env({"TF_FORCE_GPU_ALLOW_GROWTH": None}), "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_for_log(proc: subprocess.Popen, log: Path, text: str, count: int, timeout: float = 180) -> str:
@@ -181,6 +183,8 @@ def test_watch_embeds_new_files_only_and_never_reads_a_file_half_written(sample,
     content = log.read_text()
     assert "stopped watching" in content and "Traceback" not in content
     assert "up/slow.wav: 3 rows added" in content and "yes/one.wav: 1 rows added" in content
+    worker_logs = [p.read_text() for p in (sample["dir"] / "logs").glob("*.log")]  # memory growth before TensorFlow loaded
+    assert worker_logs and all("GPU memory: growth on (TF_FORCE_GPU_ALLOW_GROWTH=true)" in text for text in worker_logs)
 
     refreshes = [line for line in content.splitlines() if line.startswith("outputs refreshed")]
     assert refreshes[0].startswith(f"outputs refreshed: {SAMPLE_ROWS} rows ({SAMPLE_ROWS} embedded")

@@ -20,7 +20,17 @@ from conftest import cli, merged_env
 from outputs import check_outputs
 from test_faults import wait_for
 
-from worker.devices import Device, granted, parse_list, parse_topology, threads_per_worker
+from worker.devices import (
+    Device,
+    NvidiaSmiError,
+    discover,
+    granted,
+    parse_list,
+    parse_query,
+    parse_topology,
+    threads_per_worker,
+    usable,
+)
 
 STANDIN = Path(__file__).parent / "standin"
 
@@ -41,7 +51,10 @@ def gpu_env(layout: dict | None = None, visible: str | None = None, standin: boo
     path = os.environ["PATH"]
     if not standin:  # no nvidia-smi at all: only the folder of this Python, which has no nvidia-smi
         path = str(Path(sys.executable).parent)
-    env = {"PATH": f"{STANDIN}{os.pathsep}{path}" if standin else path, "CUDA_VISIBLE_DEVICES": visible, **extra}
+    # Behind the stand-in's UUIDs TensorFlow sees no GPU: these workers compute on the CPU only because this allows it.
+    # Memory growth is not inherited from this process (conftest sets it for itself): the commands must set it.
+    env = {"PATH": f"{STANDIN}{os.pathsep}{path}" if standin else path, "CUDA_VISIBLE_DEVICES": visible,
+           "VGGISH_ALLOW_CPU_FALLBACK": "1", "TF_FORCE_GPU_ALLOW_GROWTH": None, **extra}
     env["STANDIN_GPUS"] = json.dumps(layout) if layout else None
     return env
 
@@ -66,6 +79,12 @@ MIG_LAYOUT = {
 
 
 def test_listing_gives_gpus_and_mig_slices_instead_of_their_gpu():
+    query = (
+        "0, GPU-11111111-2222-3333-4444-555555555555, NVIDIA A100-SXM4-80GB, Enabled\n"
+        "1, GPU-66666666-7777-8888-9999-000000000000, Tesla V100-SXM2-16GB, [N/A]\n"
+        "2, GPU-abcdef01-2222-3333-4444-555555555555, NVIDIA A100-PCIE-40GB, Enabled\n"
+        "3, GPU-abcdef02-2222-3333-4444-555555555555, NVIDIA A100-PCIE-40GB, Disabled\n"
+    )
     listing = (
         "GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-11111111-2222-3333-4444-555555555555)\n"
         "  MIG 1g.10gb     Device  0: (UUID: MIG-a1b2c3d4-0000-5000-8000-000000000001)\n"
@@ -73,16 +92,85 @@ def test_listing_gives_gpus_and_mig_slices_instead_of_their_gpu():
         "GPU 1: Tesla V100-SXM2-16GB (UUID: GPU-66666666-7777-8888-9999-000000000000)\n"
         "GPU 2: NVIDIA A100-PCIE-40GB (UUID: GPU-abcdef01-2222-3333-4444-555555555555)\n"
         "  MIG 3g.20gb Device 0: (UUID: MIG-GPU-abcdef01-2222-3333-4444-555555555555/1/0)\n"  # drivers before R470
+        "GPU 3: NVIDIA A100-PCIE-40GB (UUID: GPU-abcdef02-2222-3333-4444-555555555555)\n"
     )
-    devices = parse_list(listing)
+    devices, notes = usable(parse_query(query)[0], parse_list(listing))
     assert [(d.index, d.uuid, d.parent) for d in devices] == [
         ("0:0", "MIG-a1b2c3d4-0000-5000-8000-000000000001", "GPU-11111111-2222-3333-4444-555555555555"),
         ("0:1", "MIG-a1b2c3d4-0000-5000-8000-000000000002", "GPU-11111111-2222-3333-4444-555555555555"),
         ("1", "GPU-66666666-7777-8888-9999-000000000000", None),
         ("2:0", "MIG-GPU-abcdef01-2222-3333-4444-555555555555/1/0", "GPU-abcdef01-2222-3333-4444-555555555555"),
+        ("3", "GPU-abcdef02-2222-3333-4444-555555555555", None),
     ]
     assert devices[0].name == "MIG 1g.10gb of NVIDIA A100-SXM4-80GB" and devices[2].name == "Tesla V100-SXM2-16GB"
-    assert [d.short for d in devices] == ["gpu0-mig0", "gpu0-mig1", "gpu1", "gpu2-mig0"]
+    assert [d.short for d in devices] == ["gpu0-mig0", "gpu0-mig1", "gpu1", "gpu2-mig0", "gpu3"]
+    assert notes == []
+
+
+# What real drivers print, written after captures from real machines (the public nvidia_gpu_exporter
+# project's captures: an H200 and an H100 in MIG mode and an L40S on driver 590-595, their UUIDs masked).
+H200_MIG_QUERY = "0, GPU-00000000-0000-0000-0000-000000000000, NVIDIA H200, Enabled\n"
+H200_MIG_LIST = (
+    "GPU 0: NVIDIA H200 (UUID: GPU-00000000-0000-0000-0000-000000000000)\n"
+    "  MIG 1c.3g.71gb  Device  0: (UUID: MIG-00000000-0000-0000-0000-000000000000)\n"
+    "  MIG 2c.3g.71gb  Device  1: (UUID: MIG-00000001-0000-0000-0000-000000000001)\n"
+    "  MIG 2g.35gb     Device  2: (UUID: MIG-00000002-0000-0000-0000-000000000002)\n"
+    "  MIG 1g.18gb     Device  3: (UUID: MIG-00000003-0000-0000-0000-000000000003)\n"
+    "  MIG 1g.18gb     Device  4: (UUID: MIG-00000004-0000-0000-0000-000000000004)\n\n"
+)
+ANSI_TOPOLOGY = (  # drivers 590 and 595 underline the header row
+    "\t\x1b[4mGPU0\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\x1b[0m\n"
+    "GPU0\t X \t0-23\t0\t\tN/A\n\nLegend:\n\n  X    = Self\n"
+)
+
+
+def test_captured_outputs_of_real_drivers_read_as_their_devices():
+    devices, notes = usable(parse_query(H200_MIG_QUERY)[0], parse_list(H200_MIG_LIST))
+    assert [(d.index, d.uuid, d.name) for d in devices] == [
+        ("0:0", "MIG-00000000-0000-0000-0000-000000000000", "MIG 1c.3g.71gb of NVIDIA H200"),
+        ("0:1", "MIG-00000001-0000-0000-0000-000000000001", "MIG 2c.3g.71gb of NVIDIA H200"),
+        ("0:2", "MIG-00000002-0000-0000-0000-000000000002", "MIG 2g.35gb of NVIDIA H200"),
+        ("0:3", "MIG-00000003-0000-0000-0000-000000000003", "MIG 1g.18gb of NVIDIA H200"),
+        ("0:4", "MIG-00000004-0000-0000-0000-000000000004", "MIG 1g.18gb of NVIDIA H200"),
+    ]
+    assert parse_topology(ANSI_TOPOLOGY) == {"0": tuple(range(24))}
+    l40s = parse_query("0, GPU-00000000-0000-0000-0000-000000000000, NVIDIA L40S, [N/A]\n")[0]
+    assert usable(l40s, {})[0] == [Device("0", "GPU-00000000-0000-0000-0000-000000000000", "NVIDIA L40S")]
+
+
+def test_a_mig_gpu_without_slices_is_no_device_and_unreadable_output_is_refused():
+    devices, notes = usable(parse_query(H200_MIG_QUERY)[0], {"GPU-00000000-0000-0000-0000-000000000000": []})
+    assert devices == [] and "is in MIG mode with no MIG devices: not used" in notes[0]
+    with pytest.raises(NvidiaSmiError, match="unexpected line"):
+        parse_query("GPU 0: NVIDIA H200 (UUID: GPU-0)\n")  # another output format than the one asked for
+    gpus, errors = parse_query("Unable to determine the device handle for GPU0000:1B:00.0: GPU is lost.\n"
+                               "1, GPU-1, NVIDIA H100, Disabled\n", strict=False)  # a failing exit: error lines are kept as such
+    assert [g.uuid for g in gpus] == ["GPU-1"] and errors[0].startswith("Unable to determine")
+    with pytest.raises(NvidiaSmiError, match="not a tab-separated cell"):
+        parse_topology("   GPU0   CPU Affinity   NUMA Affinity\nGPU0    X    0-23    0\n")
+
+
+@pytest.mark.parametrize(
+    "layout, devices, said",
+    [
+        ({"gpus": [{"name": "NVIDIA H100", "uuid": uuid(0), "lost": True}, {"name": "NVIDIA H100", "uuid": uuid(1), "cpus": "0"}]},
+         [uuid(1)], "nvidia-smi exited 15 but listed 1 GPUs; those are used (Unable to determine the device handle for GPU0000:1B:00.0: GPU is lost."),
+        ({"gpus": [{"name": "NVIDIA H200", "uuid": uuid(0), "mig": []}, {"name": "NVIDIA H200", "uuid": uuid(1)}]},
+         [uuid(1)], f"GPU 0 NVIDIA H200 ({uuid(0)}) is in MIG mode with no MIG devices: not used"),
+        ({"gpus": [{"name": "NVIDIA H100", "uuid": uuid(0), "lost": True}]}, [],
+         "no GPUs used: nvidia-smi --query-gpu=index,uuid,name,mig.mode.current --format=csv,noheader failed (exit 15): Unable to determine"),
+    ],
+    ids=["one-gpu-lost", "mig-without-slices", "every-gpu-lost"],
+)
+def test_discovery_on_a_failing_gpu_keeps_the_others_and_says_why(monkeypatch, layout, devices, said):
+    for name, value in gpu_env(layout).items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    discovery = discover()
+    assert [d.uuid for d in discovery.devices] == devices
+    assert any(note.startswith(said) for note in discovery.notes), discovery.notes
 
 
 def test_topology_gives_each_gpu_its_cpu_affinity():
@@ -104,7 +192,7 @@ def test_cuda_visible_devices_is_read_by_cudas_rules():
     subset, notes = granted(gpus, "0,2,-1,1")  # CUDA ignores everything from the first invalid entry on
     assert subset == [gpus[0], gpus[2]] and "ignores -1,1" in notes[0]
     assert granted(gpus, "GPU-0000")[0] == []  # a prefix of several UUIDs names none
-    slices = parse_list(f"GPU 0: A100 (UUID: {uuid(0)})\n  MIG 1g.5gb Device 0: (UUID: MIG-x1)\n  MIG 1g.5gb Device 1: (UUID: MIG-x2)\n")
+    slices = parse_list(f"GPU 0: A100 (UUID: {uuid(0)})\n  MIG 1g.5gb Device 0: (UUID: MIG-x1)\n  MIG 1g.5gb Device 1: (UUID: MIG-x2)\n")[uuid(0)]
     assert granted(slices, "0")[0] == slices and granted(slices, uuid(0))[0] == slices  # a MIG GPU grants its slices
     assert granted(slices, "MIG-x2")[0] == [slices[1]] and granted(slices, "0:1")[0] == [slices[1]]
 
@@ -143,6 +231,8 @@ def test_plain_run_uses_every_gpu_one_worker_each_pinned_by_uuid_near_its_cpus(s
     assert "on 4 local workers: local-gpu0 on GPU 0 NVIDIA A100-SXM4-40GB" in stderr
     pins = worker_pins(sample["dir"] / "logs")
     assert pins == {f"local-gpu{i}": (uuid(i), cpus_text(near[i // 2])) for i in range(4)}
+    for log in (sample["dir"] / "logs").glob("*.log"):  # memory growth was in each worker's environment before TensorFlow loaded
+        assert "GPU memory: growth on (TF_FORCE_GPU_ALLOW_GROWTH=true)" in log.read_text()
     check_outputs(sample["dir"], sample["csv"], expected["relu"])
     per_worker = json.loads(cli("producer", "status", str(sample["dir"]), "--json").stdout)["workers"]
     assert set(per_worker) <= {w["name"] for w in summary["workers"]}
@@ -187,8 +277,10 @@ def test_mig_slices_are_devices_and_their_gpu_is_not(sample, model_files, expect
     "env, said",
     [
         (gpu_env(standin=False), None),
-        (gpu_env({"fail": True}), "no GPUs used: nvidia-smi -L failed (exit 9): NVIDIA-SMI has failed"),
-        (gpu_env({"hang": True}, VGGISH_NVIDIA_SMI_TIMEOUT="2"), "no GPUs used: nvidia-smi -L did not answer in 2 s"),
+        (gpu_env({"fail": True}), "no GPUs used: nvidia-smi --query-gpu=index,uuid,name,mig.mode.current --format=csv,noheader "
+                                  "failed (exit 9): NVIDIA-SMI has failed"),
+        (gpu_env({"hang": True}, VGGISH_NVIDIA_SMI_TIMEOUT="2"),
+         "no GPUs used: nvidia-smi --query-gpu=index,uuid,name,mig.mode.current --format=csv,noheader did not answer in 2 s"),
         (gpu_env(visible="-1"), None),
     ],
     ids=["missing", "failing", "hanging", "none-granted"],
@@ -240,6 +332,7 @@ def test_worker_up_pins_each_process_to_its_device_and_cpus(redis_url, model_fil
         for pid in children(up.pid):
             env = environ(pid)
             pins[env["CUDA_VISIBLE_DEVICES"]] = (env["CUDA_DEVICE_ORDER"], os.sched_getaffinity(pid))
+            assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"  # in its environment from the start, before its TensorFlow loads
         assert pins == {uuid(i): ("PCI_BUS_ID", near[i // 2]) for i in range(4)}
         live = app.control.broadcast("vggish_info", reply=True, timeout=1.0)
         pinned = sorted(info["pinned"] for reply in live for info in reply.values())
@@ -247,6 +340,7 @@ def test_worker_up_pins_each_process_to_its_device_and_cpus(redis_url, model_fil
     finally:
         output = stop_up(up)
     assert output.count("TensorFlow sees no GPU there") == 4, output
+    assert output.count("as VGGISH_ALLOW_CPU_FALLBACK=1 allows") == 4, output
 
 
 def test_worker_up_takes_indices_and_uuids_and_refuses_what_is_not_granted(redis_url, model_files, tmp_path):
@@ -303,3 +397,43 @@ def test_tf32_workers_have_a_model_id_of_their_own(sample, model_files, expected
     assert waited.returncode == 4 and "no live worker has this job's model" in waited.stderr, waited.stderr
     assert "+tf32" in waited.stderr and "handed back" in workers.log("tf32")  # handed back, not failed
     assert json.loads(cli("producer", "status", str(other), "--json").stdout)["failed"] == []
+
+
+def test_a_worker_pinned_to_a_gpu_tensorflow_cannot_see_stops_with_tensorflows_reason(sample, model_files, redis_url, tmp_path):
+    """No silent CPU: without VGGISH_ALLOW_CPU_FALLBACK the stand-in's GPU stops the worker at start
+    (TensorFlow here has no CUDA driver behind it, and says so), and a run whose workers all do so."""
+    env = gpu_env(VGGISH_ALLOW_CPU_FALLBACK=None)
+    began = time.monotonic()
+    result = cli("worker", "start", "--gpu", "1", "--broker", redis_url, "--checkpoint", str(model_files["checkpoint"]),
+                 "--data-root", str(tmp_path), env=env)
+    assert result.returncode == 3 and time.monotonic() - began < 60
+    errors = [line for line in result.stderr.splitlines() if line.startswith("worker: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors[0].startswith(f"worker: error: pinned to GPU 1 NVIDIA A100-SXM4-40GB ({uuid(1)}), but TensorFlow sees no GPU there: ")
+    assert "TensorFlow said: " in errors[0] or "built without CUDA" in errors[0]
+    assert errors[0].endswith("or set VGGISH_ALLOW_CPU_FALLBACK=1 to compute on the CPU (~100x slower)")
+    run = cli("producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]), env=env)
+    assert run.returncode == 3 and run.stderr.strip().splitlines()[-1].startswith("producer: error: all workers exited; local-gpu0@")
+    assert "but TensorFlow sees no GPU there" in run.stderr and not (sample["dir"] / "wavfile_embed.dat").exists()
+
+
+@pytest.mark.parametrize(
+    "env, lines, code",
+    [
+        (gpu_env(standin=False), ["granted: CUDA_VISIBLE_DEVICES=", "CPU: embeds (16 rows)", "no GPU: workers compute on the CPU",
+                                  "all checks passed"], 0),
+        (gpu_env({"gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": uuid(0), "cpus": "0"}]}, VGGISH_ALLOW_CPU_FALLBACK=None),
+         ["1 device(s): 0 NVIDIA H100 80GB HBM3", "memory: growth true (TF_FORCE_GPU_ALLOW_GROWTH)", "CPU: embeds",
+          f"GPU 0 NVIDIA H100 80GB HBM3 ({uuid(0)}): FAILED: TensorFlow sees no GPU there: ", "1 problem(s): see above"], 3),
+        (gpu_env({"gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": uuid(0)}]}),
+         [f"GPU 0 NVIDIA H100 80GB HBM3 ({uuid(0)}): TensorFlow sees no GPU", "as VGGISH_ALLOW_CPU_FALLBACK=1 allows", "all checks passed"], 0),
+        (gpu_env({"fail": True}), ["nvidia-smi: no GPUs used: nvidia-smi --query-gpu", "CPU: embeds", "1 problem(s)"], 3),
+    ],
+    ids=["no-nvidia-smi", "gpu-tensorflow-cannot-see", "allowed-cpu-fallback", "failing-nvidia-smi"],
+)
+def test_doctor_says_what_each_device_would_do(model_files, env, lines, code):
+    result = cli("worker", "doctor", "--checkpoint", str(model_files["checkpoint"]), env=env)
+    assert result.returncode == code, result.stdout + result.stderr
+    for line in lines:
+        assert line in result.stdout, result.stdout
+    assert "Traceback" not in result.stderr

@@ -65,10 +65,12 @@ def test_worker_killed_mid_chunk_is_recovered_within_two_minutes(sample, workers
 def test_sigterm_finishes_the_current_chunk_and_loses_nothing(sample, workers, redis_url, expected):
     workers.start("leaving", [sample["dir"]], "--batch-size", "4")
     enqueue(sample, redis_url, 100)
-    wait_for(lambda: "received" in workers.log("leaving"), what="a chunk to start")
+    # Both chunks: one in the model, one held beside it, read and waiting (the worker's one spare).
+    wait_for(lambda: workers.log("leaving").count(" received") == 2, what="the chunk in the model and the one waiting for it")
     workers.procs["leaving"].send_signal(signal.SIGTERM)
     assert workers.procs["leaving"].wait(120) == 0
     assert len(shards(sample["dir"])) == 1  # it finished the chunk it had, and took no other
+    assert "the worker is stopping; handed back before the model" in workers.log("leaving")  # the spare went back
     workers.start("staying", [sample["dir"]])
     finish(sample, redis_url, expected)
     per_worker = status(sample["dir"])["workers"]

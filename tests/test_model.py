@@ -30,13 +30,13 @@ def test_untrained_checkpoint_is_official_v1_layout(model_files):
 
 
 def test_v1_checkpoint_restores_and_matches_numpy_reference(model_files, weights, sample_source, expected, fingerprint_cache):
-    model = Embedder(model_files["checkpoint"], fingerprint_cache, batch_size=3)  # odd batch size: sub-batches must stitch
-    x = rows(sample_source)
+    model = Embedder(model_files["checkpoint"], fingerprint_cache, batch_size=16)  # 40 rows: sub-batches must stitch
+    x = rows(sample_source, 40)
     linear = model.embed(x, "linear")
     relu = model.embed(x, "relu")
-    assert linear.dtype == np.float32 and linear.shape == (8, 128)
-    assert_close(linear, expected["linear"][:8])
-    assert_close(relu, expected["relu"][:8])
+    assert linear.dtype == np.float32 and linear.shape == (40, 128)
+    assert_close(linear, expected["linear"][:40])
+    assert_close(relu, expected["relu"][:40])
     assert (relu == 0).any() and (linear < 0).any()  # the two forms really differ
     assert model.untrained and (model.device == "CPU" or model.device.startswith("GPU"))
     model.close()
@@ -195,3 +195,33 @@ def test_unreadable_weights_fail_with_a_clear_error(tmp_path, fingerprint_cache)
         model.loaded()
     with pytest.raises(CheckpointError, match="cannot restore VGGish"):
         model.embed(np.zeros((1, 96, 64)), "relu")
+
+
+def test_a_rows_bits_do_not_depend_on_how_it_was_chunked(model_files, weights, fingerprint_cache, tmp_path):
+    """The worker's own feed (RowReader into a padded, aligned buffer, then embed): rows embedded in
+    7-row, 320-row and 1-row chunks give identical bits, as a clip `watch` embeds alone gets the bits
+    a batch run gives it. Unpadded, TensorFlow's CPU kernels differ in the last bits by batch size."""
+    from reference import vggish
+
+    from vggish_pipeline.spectrogram import RowReader
+
+    spectrograms = np.random.default_rng(7).standard_normal((320, 96, 64))
+    source = tmp_path / "rows.dat"
+    spectrograms.tofile(source)
+    model = Embedder(model_files["checkpoint"], fingerprint_cache)
+    reader = RowReader()
+
+    def chunked(size: int, start: int, stop: int) -> np.ndarray:
+        parts = []
+        for first in range(start, stop, size):
+            count = min(size, stop - first)
+            batch = reader.read(source, first, first + count, model.padded_rows(count))
+            assert batch.ctypes.data % 64 == 0 and len(batch) == model.padded_rows(count)
+            parts.append(model.embed(batch, "linear", count))
+        return np.concatenate(parts)
+
+    whole = chunked(320, 0, 320)
+    for size, start, stop in ((7, 0, 28), (7, 292, 320), (1, 0, 2), (1, 158, 160), (1, 318, 320)):  # at the start, inside, at the end
+        assert np.array_equal(chunked(size, start, stop), whole[start:stop]), (size, start)
+    assert np.array_equal(model.embed(spectrograms[100:107], "linear"), whole[100:107])  # unprepared input is padded too
+    assert_close(whole[:32], vggish(weights, spectrograms[:32], relu_embedding=False))
