@@ -423,7 +423,7 @@ def test_a_worker_pinned_to_a_gpu_tensorflow_cannot_see_stops_with_tensorflows_r
         (gpu_env(standin=False), ["granted: CUDA_VISIBLE_DEVICES=", "CPU: embeds (16 rows)", "no GPU: workers compute on the CPU",
                                   "all checks passed"], 0),
         (gpu_env({"gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": uuid(0), "cpus": "0"}]}, VGGISH_ALLOW_CPU_FALLBACK=None),
-         ["1 device(s): 0 NVIDIA H100 80GB HBM3", "memory: growth true (TF_FORCE_GPU_ALLOW_GROWTH)", "CPU: embeds",
+         ["1 device(s): 0 NVIDIA H100 80GB HBM3", "memory: growth on (TF_FORCE_GPU_ALLOW_GROWTH=true), no limit; CUDA JIT cache ", "CPU: embeds",
           f"GPU 0 NVIDIA H100 80GB HBM3 ({uuid(0)}): FAILED: TensorFlow sees no GPU there: ", "1 problem(s): see above"], 3),
         (gpu_env({"gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": uuid(0)}]}),
          [f"GPU 0 NVIDIA H100 80GB HBM3 ({uuid(0)}): TensorFlow sees no GPU", "as VGGISH_ALLOW_CPU_FALLBACK=1 allows", "all checks passed"], 0),

@@ -158,7 +158,7 @@ def start(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--chunks-in-flight must be at least 1")
     if args.gpu_memory_limit is not None and args.gpu_memory_limit < 1:
         raise UsageError("--gpu-memory-limit must be at least 1 MiB")
-    from worker.devices import cpu_list, pin_process, runtime_env
+    from worker.devices import cpu_list, memory_policy, pin_process, runtime_env
 
     roots = data_roots(args.data_root, settings)
     device = pin_process(args.gpu, settings.nvidia_smi_timeout) if args.gpu is not None else None
@@ -201,7 +201,7 @@ def start(args: argparse.Namespace, settings: Settings) -> int:
         model.fingerprint,
         ", ".join(map(str, roots)),
     )
-    log.info("%s: %s", name, memory_policy(model))
+    log.info("%s: GPU memory: %s%s", name, memory_policy(os.environ, model.memory_limit), "" if model.on_gpu else "; computing on the CPU")
     if model.untrained:
         log.warning("checkpoint %s holds UNTRAINED seeded random weights: its embeddings mean nothing", checkpoint)
     runner = ChunkRunner(model, roots, name, device.describe() if device else None)
@@ -213,18 +213,6 @@ def start(args: argparse.Namespace, settings: Settings) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def memory_policy(model: Embedder) -> str:
-    """The start line's words on GPU memory and the CUDA cache (set before TensorFlow loaded)."""
-    from worker.devices import MEMORY_GROWTH_ENV
-
-    growth = os.environ.get(MEMORY_GROWTH_ENV, "")
-    limit = f"limit {model.memory_limit} MiB" if model.memory_limit else "no limit"
-    return (f"GPU memory: growth {'on' if growth.lower() == 'true' else 'off'} ({MEMORY_GROWTH_ENV}={growth or '<unset>'}), "
-            f"{limit}; CUDA JIT cache {os.environ.get('CUDA_CACHE_PATH', '~/.nv/ComputeCache')} "
-            f"(up to {int(os.environ.get('CUDA_CACHE_MAXSIZE', 0) or 256 << 20) >> 20} MiB)"
-            + ("" if model.on_gpu else "; computing on the CPU"))
 
 
 def await_weights(model: Embedder) -> None:

@@ -436,3 +436,12 @@ def runtime_env(cache_dir: Path, env: Mapping[str, str]) -> dict[str, str]:
         "CUDA_CACHE_MAXSIZE": str(CUDA_CACHE_BYTES),
     }
     return {name: value for name, value in wanted.items() if name not in env}
+
+
+def memory_policy(env: Mapping[str, str], limit: int | None) -> str:
+    """What a worker with `env` gets of its GPU's memory and CUDA's JIT cache, in words."""
+    growth = env.get(MEMORY_GROWTH_ENV, "")
+    cache = env.get("CUDA_CACHE_PATH", "~/.nv/ComputeCache")
+    size = int(env.get("CUDA_CACHE_MAXSIZE", 0) or 256 << 20) >> 20  # CUDA's own default is 256 MiB
+    return (f"growth {'on' if growth.lower() == 'true' else 'off'} ({MEMORY_GROWTH_ENV}={growth or '<unset>'}), "
+            f"{f'limit {limit} MiB' if limit else 'no limit'}; CUDA JIT cache {cache} (up to {size} MiB)")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vggish_pipeline.settings import CPU_FALLBACK_ENV, Settings
-from worker.devices import MEMORY_GROWTH_ENV, Device, discover, runtime_env
+from worker.devices import Device, discover, memory_policy, runtime_env
 
 PROBE_ROWS = 16
 TOLERANCE = 1e-4  # relative, float32 across devices (README, "Precision")
@@ -125,11 +125,8 @@ def check_device(device: Device, cpu: dict, checkpoint: Path, settings: Settings
 
 
 def memory_line(settings: Settings) -> str:
-    """What workers started here would get: memory growth, limit, CUDA's JIT cache and its disk."""
+    """What workers started here would get: memory growth, limit, CUDA's JIT cache and the disk under it."""
     env = {**os.environ, **runtime_env(settings.cache_dir, os.environ)}
     cache = Path(env.get("CUDA_CACHE_PATH", "~/.nv/ComputeCache")).expanduser()
     existing = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))
-    free = shutil.disk_usage(existing).free >> 20
-    limit = f"{settings.gpu_memory_limit} MiB" if settings.gpu_memory_limit else "none"
-    return (f"memory: growth {env.get(MEMORY_GROWTH_ENV)} ({MEMORY_GROWTH_ENV}), limit {limit}; CUDA JIT cache {cache} "
-            f"(CUDA_CACHE_MAXSIZE {int(env.get('CUDA_CACHE_MAXSIZE', 0)) >> 20} MiB, {free:,} MiB free there)")
+    return f"memory: {memory_policy(env, settings.gpu_memory_limit)}, {shutil.disk_usage(existing).free >> 20:,} MiB free there"
