@@ -88,6 +88,21 @@ def test_redis_restart_without_persistence_mid_job(sample, workers, redis_server
     assert kept <= {p.name for p in shards(sample["dir"])}  # shards from before the restart were kept
 
 
+def test_a_broker_lost_while_a_chunk_runs_and_the_next_is_asked_for_leaves_the_worker_up(sample, workers, redis_server, redis_url, expected):
+    """One chunk for the whole job: the worker runs it with a place free, so its ask for the next
+    (a blocking pop) is in flight when Redis goes. Celery 5.7.0 then crashed the worker
+    ("Unrecoverable error") closing the lost connection; the worker must log one line and reconnect."""
+    enqueue(sample, redis_url, 200)
+    worker = workers.start("w1", [sample["dir"]], "--batch-size", "8")
+    wait_for(lambda: "received" in workers.log("w1"), what="the chunk to be taken")
+    redis_server.stop()
+    redis_server.start()
+    wait_for(lambda: workers.log("w1").count("Connected to") >= 2, timeout=60, what="the worker to reconnect")
+    finish(sample, redis_url, expected)
+    assert worker.poll() is None, workers.log("w1")
+    assert "Traceback" not in workers.log("w1") and "Unrecoverable" not in workers.log("w1"), workers.log("w1")
+
+
 def test_broker_restarted_twice_and_a_worker_suspended_past_the_resend_while_wait_runs(sample, workers, redis_server, redis_url, expected):
     """Long-running faults in one job: Redis restarted twice (no persistence) and a worker stopped
     (SIGSTOP, as a suspended VM) long enough for its chunk to be re-sent, then resumed."""

@@ -285,6 +285,7 @@ def serve(
     from celery.signals import worker_init
 
     register(app, runner)
+    app.conf.worker_consumer = "worker.consumer:Consumer"
     started: list = []
     runner.stopping = lambda: told_to_stop(started[0] if started else None)
 
