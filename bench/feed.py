@@ -68,7 +68,7 @@ class PacedModel(InstantModel):
 def make_job(directory: Path, rows: int, chunk_rows: int):
     """A job of `rows` random spectrograms cut into `chunk_rows` chunks, pinned to the stand-in."""
     from producer.plan import plan_job
-    from vggish_pipeline.spectrogram import ROW_VALUES
+    from vggish_pipeline.core.spectrogram import ROW_VALUES
 
     directory.mkdir(parents=True, exist_ok=True)
     spec, frame = directory / "wavfile_spec.dat", directory / "wavfile_df.csv"
@@ -113,7 +113,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from bench.feed import PacedModel
-from vggish_pipeline.broker import make_app, poll_briefly
+from vggish_pipeline.core.broker import make_app, poll_briefly
 from bench.feed import in_flight
 from worker.chunk import ChunkRunner, serve
 app = make_app(sys.argv[2]); poll_briefly(app)
@@ -130,7 +130,7 @@ def overhead(work: Path, rows: int, chunk_rows: int, rate: float = GPU_RATE) -> 
     holds the first message's trip, the first read and the first shard's write."""
     from producer.local import LocalRedis
     from producer.plan import send
-    from vggish_pipeline.broker import make_app
+    from vggish_pipeline.core.broker import make_app
 
     job = make_job(work / "overhead", rows, chunk_rows)
     (work / "times.txt").unlink(missing_ok=True)

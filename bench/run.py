@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 SEED_LOOP = r"""
 import sys, time, numpy as np, pandas as pd
 t0 = time.perf_counter()
-from worker.devices import load_tensorflow
+from worker.runtime import load_tensorflow
 from worker.model import define_vggish
 tf = load_tensorflow(); tf1 = tf.compat.v1
 spec, frame, ckpt, out = sys.argv[1:5]
@@ -84,8 +84,8 @@ def synthetic_job(directory: Path, rows: int) -> None:
     """A finished job of `rows` rows (random shards and frame), to time finalize alone."""
     from producer.dataset import Chunk
     from producer.job import Job
-    from vggish_pipeline.jobdir import JobDir
-    from vggish_pipeline.shard import ShardMeta, write_shard
+    from vggish_pipeline.core.jobdir import JobDir
+    from vggish_pipeline.core.shard import ShardMeta, write_shard
 
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def frame_file(path: Path, rows: int) -> None:
 def worker_memory(work: Path, py: str, env: dict, ckpt: Path, rows: int, chunks: int = 3) -> dict:
     """Peak RSS of one worker after `chunks` 1,024-row chunks of an N-row job (a sparse .dat of zeros)."""
     from producer.local import LocalRedis
-    from vggish_pipeline.spectrogram import ROW_BYTES
+    from vggish_pipeline.core.spectrogram import ROW_BYTES
 
     directory = work / f"mem{rows}"
     directory.mkdir()
@@ -162,9 +162,9 @@ def dispatch(work: Path, py: str, env: dict, ckpt: Path, chunks: int = 300, mess
     from producer.job import Job
     from producer.local import LocalRedis
     from producer.plan import send
-    from vggish_pipeline.broker import make_app
-    from vggish_pipeline.message import QUEUE
-    from vggish_pipeline.shard import read_meta
+    from vggish_pipeline.core.broker import make_app
+    from vggish_pipeline.core.message import QUEUE
+    from vggish_pipeline.core.shard import read_meta
 
     directory = work / "dispatch"
     write_sample(directory, chunks)
@@ -230,9 +230,9 @@ def watch_latency(work: Path, py: str, env: dict, ckpt: Path, rows: int = FULL_R
     import wave
 
     from producer.plan import plan_job
-    from vggish_pipeline.shard import ShardMeta, write_shard
-    from vggish_pipeline.spectrogram import ROW_BYTES
-    from worker.checkpoint import fingerprint
+    from vggish_pipeline.core.identity import fingerprint
+    from vggish_pipeline.core.shard import ShardMeta, write_shard
+    from vggish_pipeline.core.spectrogram import ROW_BYTES
 
     directory, inbox = work / "watch", work / "watch" / "inbox"
     inbox.mkdir(parents=True)

@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vggish_pipeline.spectrogram import ROW_BYTES  # noqa: E402
+from vggish_pipeline.core.spectrogram import ROW_BYTES  # noqa: E402
 
 SETTLE = 0.2  # --settle: how long a file must stay unchanged before it is read
 POLL = 0.1  # --poll
@@ -38,10 +38,10 @@ def finished_job(directory: Path, rows: int, ckpt: Path, pca: Path, py: str, env
     """A job of `rows` rows whose shards (random embeddings) and outputs exist, as after a long run."""
     from producer.dataset import Chunk
     from producer.job import Job
-    from vggish_pipeline.jobdir import JobDir
-    from vggish_pipeline.shard import ShardMeta, write_shard
-    from vggish_pipeline.spectrogram import NEW_DIGEST, digest
-    from worker.checkpoint import fingerprint
+    from vggish_pipeline.core.identity import fingerprint
+    from vggish_pipeline.core.jobdir import JobDir
+    from vggish_pipeline.core.shard import ShardMeta, write_shard
+    from vggish_pipeline.core.spectrogram import NEW_DIGEST, digest
 
     directory.mkdir(parents=True)
     spec, frame = directory / "wavfile_spec.dat", directory / "wavfile_df.csv"
@@ -116,7 +116,7 @@ def measure(work: Path, rows: int, landings: int, ckpt: Path, pca: Path, py: str
         until(total)
         burst_seconds = time.perf_counter() - landed
         new_shards = sorted(directory.glob("shards/*.npz"), key=lambda p: p.stat().st_mtime)
-        from vggish_pipeline.shard import read_meta
+        from vggish_pipeline.core.shard import read_meta
 
         compute = sum(read_meta(p).seconds for p in new_shards if read_meta(p).start >= rows + landings)
         burst = {"seconds": burst_seconds, "compute_seconds": compute, "beyond_compute": burst_seconds - compute}

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from vggish_pipeline.errors import InputError
-from vggish_pipeline.spectrogram import BANDS, FRAMES
+from vggish_pipeline.core.errors import InputError
+from vggish_pipeline.core.spectrogram import BANDS, FRAMES
 
 SAMPLE_RATE = 16000
 WINDOW = 400  # 25 ms at 16 kHz

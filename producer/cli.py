@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from producer.run import DEFAULT_CSV
-from vggish_pipeline import package_version
-from vggish_pipeline.errors import EXIT_CODES, INTERRUPTED, JobFailed, UsageError, as_pipeline_error
-from vggish_pipeline.message import EMBEDDING_FORMS
-from vggish_pipeline.settings import CHECKPOINT_ENV, Settings, add_tls_flags, variables_help
+from vggish_pipeline.core import package_version
+from vggish_pipeline.core.errors import EXIT_CODES, INTERRUPTED, JobFailed, UsageError, as_pipeline_error, redact
+from vggish_pipeline.core.message import EMBEDDING_FORMS
+from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings, add_tls_flags, variables_help
 
 if TYPE_CHECKING:
     from producer.run import JobInputs
@@ -126,14 +126,14 @@ def report(summary: dict, as_json: bool) -> None:
 def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     from producer.plan import send
     from producer.run import remote_capacity
-    from vggish_pipeline import broker
+    from vggish_pipeline.core import broker
 
     app = broker.make_app(broker.broker_url(args.broker, settings), settings)
     broker.check_connection(app)
     job = inputs(args, settings)
     planned = job.plan(remote_capacity(app) if args.chunk_rows is None else (1, None), job.model())
     send(app, planned.job, planned.send)
-    report(replace(planned.summary(), broker=broker.redact(app.conf.broker_url)).to_dict(), args.json)
+    report(replace(planned.summary(), broker=redact(app.conf.broker_url)).to_dict(), args.json)
     return 0
 
 
@@ -154,7 +154,7 @@ def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     from producer.job import Job
     from producer.progress import wait
     from producer.recovery import Recovery
-    from vggish_pipeline import broker
+    from vggish_pipeline.core import broker
 
     job = Job.load(args.dir)
     app = broker.optional_app(args.broker, settings)
@@ -168,7 +168,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from producer.job import Job
     from producer.progress import job_status, progress_line
     from producer.recovery import model_note
-    from vggish_pipeline import broker
+    from vggish_pipeline.core import broker
 
     job = Job.load(args.dir)
     status = job_status(job, per_worker=True)
@@ -199,7 +199,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
     from producer.finalize import finalize, write_parquet
     from producer.job import Job
-    from vggish_pipeline.postprocess import PCA
+    from vggish_pipeline.core.postprocess import PCA
 
     pca = PCA(args.pca_params) if args.pca_params else None
     job = Job.load(args.dir)

@@ -26,9 +26,9 @@ import pyarrow.compute as pc
 
 from producer.audio import file_examples, is_recording
 from producer.dataset import csv_header, csv_reader, csv_rows, journal_path, validate
-from vggish_pipeline.errors import InputError, PipelineError, UsageError
-from vggish_pipeline.files import write_json
-from vggish_pipeline.spectrogram import DTYPE, ROW_BYTES
+from vggish_pipeline.core.errors import InputError, PipelineError, UsageError
+from vggish_pipeline.core.files import write_json
+from vggish_pipeline.core.spectrogram import DTYPE, ROW_BYTES
 
 NEW_HEADER = ["", "file_name", "label", "valid"]  # "": the unnamed index column pandas writes and reads back with index_col=0
 STAGED = ".staged"

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from vggish_pipeline.errors import InputError
-from vggish_pipeline.spectrogram import NEW_DIGEST, RowReader, digest, first_bad_rows, row_count
+from vggish_pipeline.core.errors import InputError
+from vggish_pipeline.core.spectrogram import NEW_DIGEST, RowReader, digest, first_bad_rows, row_count
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """The finalizer: merge a job's shards, in row order, into the seed notebook's output files.
 
 It streams: a few CSV blocks and the shards under them are in memory at a time, whatever N is.
-The outputs are published as one set (vggish_pipeline.files.atomic_set): a crash leaves the old set or the
+The outputs are published as one set (vggish_pipeline.core.files.atomic_set): a crash leaves the old set or the
 new one, never a torn file or files of both; re-running finalize is always safe.
 
 Beside them, `wavfile_embed.manifest.json` says what they hold: the chunks, model, embedding
 form, PCA params and the input CSV bytes they were made from, and each file's size. When a job
 has only grown since (its earlier chunks and CSV bytes unchanged), `refresh` appends the new rows
-to the outputs in place (vggish_pipeline.files.append_set): O(new rows), whatever N is.
+to the outputs in place (vggish_pipeline.core.files.append_set): O(new rows), whatever N is.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import xxhash
 
 from producer.dataset import csv_header, csv_reader, index_column
 from producer.job import Job
-from vggish_pipeline.errors import InputError, JobFailed
-from vggish_pipeline.files import append_set, atomic_set, atomic_write
-from vggish_pipeline.postprocess import PCA
-from vggish_pipeline.shard import EMBEDDING_SIZE, read_shard
-from worker.devices import usable_cores
+from vggish_pipeline.core.devices import usable_cores
+from vggish_pipeline.core.errors import InputError, JobFailed
+from vggish_pipeline.core.files import append_set, atomic_set, atomic_write
+from vggish_pipeline.core.postprocess import PCA
+from vggish_pipeline.core.shard import EMBEDDING_SIZE, read_shard
 
 OUTPUT_DAT = "wavfile_embed.dat"
 OUTPUT_CSV = "wavfile_embed.csv"

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from producer.dataset import Chunk
-from vggish_pipeline.errors import InputError
-from vggish_pipeline.files import finish_append, finish_set, write_json
-from vggish_pipeline.jobdir import Failure, JobDir
-from vggish_pipeline.message import ChunkMessage
-from vggish_pipeline.spectrogram import OLD_DIGEST
+from vggish_pipeline.core.errors import InputError
+from vggish_pipeline.core.files import finish_append, finish_set, write_json
+from vggish_pipeline.core.jobdir import Failure, JobDir
+from vggish_pipeline.core.message import ChunkMessage
+from vggish_pipeline.core.spectrogram import OLD_DIGEST
 
 MIN_CHUNK_ROWS = 64
 MAX_CHUNK_ROWS = 1024  # for CPU workers (~180 rows/s): ~6 s a chunk

@@ -17,11 +17,11 @@ from typing import TextIO
 
 from celery import Celery
 
-from vggish_pipeline.broker import make_app
-from vggish_pipeline.errors import BrokerError
-from vggish_pipeline.settings import Settings
-from worker.devices import discover
-from worker.fleet import MAX_RESTARTS, RESTART_WINDOW, Fleet, exit_with_parent
+from vggish_pipeline.core.broker import make_app
+from vggish_pipeline.core.devices import discover
+from vggish_pipeline.core.errors import BrokerError
+from vggish_pipeline.core.fleet import MAX_RESTARTS, RESTART_WINDOW, Fleet, exit_with_parent
+from vggish_pipeline.core.settings import Settings
 
 CPU_WORKERS = 1  # with no GPU: one worker using every core was fastest (BENCHMARKS.md: 1 vs 2 workers)
 

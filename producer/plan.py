@@ -11,8 +11,8 @@ from celery import Celery
 
 from producer.dataset import Chunk, scan, validate
 from producer.job import Job, check_writable, default_chunk_rows
-from vggish_pipeline.message import QUEUE, TASK_NAME
-from vggish_pipeline.spectrogram import NEW_DIGEST
+from vggish_pipeline.core.message import QUEUE, TASK_NAME
+from vggish_pipeline.core.spectrogram import NEW_DIGEST
 
 
 @dataclass

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
 from producer.job import Job
-from vggish_pipeline.errors import JobFailed, TimedOut
-from vggish_pipeline.jobdir import Failure
-from vggish_pipeline.shard import read_meta
+from vggish_pipeline.core.errors import JobFailed, TimedOut
+from vggish_pipeline.core.jobdir import Failure
+from vggish_pipeline.core.shard import read_meta
 
 
 @dataclass

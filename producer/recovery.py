@@ -21,9 +21,9 @@ from celery.exceptions import DuplicateNodenameWarning
 
 from producer.job import Job
 from producer.plan import send
-from vggish_pipeline.broker import live_workers
-from vggish_pipeline.errors import InputError, JobFailed
-from vggish_pipeline.message import QUEUE
+from vggish_pipeline.core.broker import live_workers
+from vggish_pipeline.core.errors import InputError, JobFailed
+from vggish_pipeline.core.message import QUEUE
 
 
 def queue_length(app: Celery) -> int:

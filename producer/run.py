@@ -11,8 +11,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vggish_pipeline.errors import UsageError
-from vggish_pipeline.settings import CHECKPOINT_ENV, Settings
+from vggish_pipeline.core.errors import UsageError, redact
+from vggish_pipeline.core.identity import checkpoint_files, fingerprint, model_id
+from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from producer.dataset import Chunk
     from producer.job import Job
     from producer.plan import Plan, RunSummary
-    from worker.fleet import Fleet
+    from vggish_pipeline.core.fleet import Fleet
 
 DEFAULT_CSV = "wavfile_df.csv"
 
@@ -50,7 +51,7 @@ class JobInputs:
     ) -> JobInputs:
         """With the defaults: the CSV beside SPEC, the job folder SPEC's, the checkpoint from VGGISH_CHECKPOINT."""
         settings = settings or Settings.from_env()
-        from vggish_pipeline.message import EMBEDDING_FORMS
+        from vggish_pipeline.core.message import EMBEDDING_FORMS
 
         spec = Path(spec)
         if chunk_rows is not None and chunk_rows < 1:
@@ -70,17 +71,13 @@ class JobInputs:
 
     def required_checkpoint(self) -> Path:
         """The checkpoint, known to exist; workers check its content as they load it."""
-        from worker import checkpoint
-
         if self.checkpoint is None:
             raise UsageError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
-        checkpoint.checkpoint_files(self.checkpoint)
+        checkpoint_files(self.checkpoint)
         return self.checkpoint
 
     def model(self) -> str | None:
         """The model id the job is pinned to: the checkpoint's digest (and +tf32), if one is given."""
-        from worker.checkpoint import fingerprint, model_id
-
         if self.checkpoint is None:
             return None
         return model_id(fingerprint(self.checkpoint, self.settings.cache_dir), self.settings.tf32)
@@ -113,7 +110,7 @@ def check_workers(workers: int | None) -> None:
 def remote_capacity(app: Celery) -> tuple[int, float | None]:
     """The broker's live workers: how many, and the rows/s to size chunks for (measured, or a guess for GPUs)."""
     from producer.job import fleet_speed
-    from vggish_pipeline import broker
+    from vggish_pipeline.core import broker
 
     live = broker.live_workers(app)
     measured = [w["rows_per_s"] for w in live.values() if w.get("rows_per_s")]
@@ -153,7 +150,7 @@ def run_local(
     Everything it starts ends with it, however it ends (Ctrl-C included); shards are kept."""
     from producer.job import check_writable
     from producer.local import first_ready, local_workers
-    from vggish_pipeline.postprocess import PCA
+    from vggish_pipeline.core.postprocess import PCA
 
     check_workers(workers)  # usage first, then the files
     ckpt = inputs.required_checkpoint()
@@ -185,11 +182,11 @@ def run_remote(
 ) -> RunSummary:
     """The whole job with the broker's workers: enqueue, wait (re-sending what is lost), write the outputs."""
     from producer.finalize import refresh
-    from vggish_pipeline import broker
-    from vggish_pipeline.postprocess import PCA
+    from vggish_pipeline.core import broker
+    from vggish_pipeline.core.postprocess import PCA
 
     pca = PCA(pca_params) if pca_params else None
     broker.check_connection(app)
     planned = inputs.plan(remote_capacity(app) if inputs.chunk_rows is None else (1, None), inputs.model())
     embed(app, planned.job, planned.send, None, progress)
-    return replace(planned.summary().with_outputs(refresh(planned.job, pca, parquet)), broker=broker.redact(app.conf.broker_url))
+    return replace(planned.summary().with_outputs(refresh(planned.job, pca, parquet)), broker=redact(app.conf.broker_url))

@@ -15,7 +15,7 @@ from typing import TextIO
 from producer.clips import Clip, append_clips, check_label_choice, known_names, locked
 from producer.inbox import Inbox
 from producer.run import JobInputs, check_workers, embed, local_capacity, remote_capacity
-from vggish_pipeline.errors import InputError, PipelineError, WorkersDied
+from vggish_pipeline.core.errors import InputError, PipelineError, WorkersDied
 
 
 @dataclass
@@ -50,8 +50,8 @@ class Watcher:
         from producer.audio import warm_up
         from producer.finalize import refresh
         from producer.local import first_ready, local_workers
-        from vggish_pipeline import broker
-        from vggish_pipeline.postprocess import PCA
+        from vggish_pipeline.core import broker
+        from vggish_pipeline.core.postprocess import PCA
 
         check_label_choice(self.label, self.label_from_folder)
         if not self.inbox.is_dir():

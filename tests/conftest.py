@@ -18,7 +18,7 @@ from typing import NoReturn
 import numpy as np
 import pytest
 
-from vggish_pipeline.settings import CACHE_ENV
+from vggish_pipeline.core.settings import CACHE_ENV
 from worker import checkpoint
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -50,7 +50,7 @@ def upstream_examples(path) -> np.ndarray:
     import resampy
     import soundfile
 
-    from worker.devices import load_tensorflow
+    from worker.runtime import load_tensorflow
 
     tf = load_tensorflow()
     if soundfile.info(str(path)).subtype in ("FLOAT", "DOUBLE"):

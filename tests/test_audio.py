@@ -9,8 +9,8 @@ from reference import upstream_examples
 from wavs import speech_like, tone, write_audio, write_wav
 
 from producer import audio
-from vggish_pipeline.errors import InputError
-from worker.devices import load_tensorflow
+from vggish_pipeline.core.errors import InputError
+from worker.runtime import load_tensorflow
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from reference import upstream_examples, vggish
 from wavs import speech_like, tone, wav_bytes, write_audio, write_wav
 
 from producer import audio
-from vggish_pipeline.spectrogram import ROW_BYTES
+from vggish_pipeline.core.spectrogram import ROW_BYTES
 
 
 def add_clips(sample: dict, *args: str) -> subprocess.CompletedProcess:

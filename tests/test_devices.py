@@ -20,7 +20,7 @@ from conftest import cli, merged_env
 from outputs import check_outputs
 from test_faults import wait_for
 
-from worker.devices import (
+from vggish_pipeline.core.devices import (
     Device,
     NvidiaSmiError,
     discover,
@@ -211,7 +211,7 @@ def worker_pins(log_dir: Path) -> dict[str, tuple[str, str]]:
 
 
 def cpus_text(cpus: set[int]) -> str:
-    from worker.devices import cpu_list
+    from vggish_pipeline.core.devices import cpu_list
 
     return cpu_list(cpus)
 
@@ -321,7 +321,7 @@ def stop_up(up: subprocess.Popen) -> str:
 
 def test_worker_up_pins_each_process_to_its_device_and_cpus(redis_url, model_files, tmp_path):
     """Read from the live processes themselves: their environment and their CPU affinity."""
-    from vggish_pipeline.broker import make_app
+    from vggish_pipeline.core.broker import make_app
 
     near = near_halves()
     up = start_up(["--gpus", "all"], gpu_env(), redis_url, model_files["checkpoint"], tmp_path)

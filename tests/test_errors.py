@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import cli
 
-from vggish_pipeline.errors import ChunkRefused
-from vggish_pipeline.settings import VARIABLES
-from vggish_pipeline.spectrogram import ROW_BYTES
+from vggish_pipeline.core.errors import ChunkRefused
+from vggish_pipeline.core.settings import VARIABLES
+from vggish_pipeline.core.spectrogram import ROW_BYTES
 
 
 def outputs(directory: Path) -> list[str]:
@@ -143,8 +143,8 @@ def test_source_changed_after_enqueue_is_refused_not_mixed(sample, redis_url, wo
 
 
 def test_hostile_messages_are_refused_and_touch_nothing(sample, redis_url, workers, tmp_path):
-    from vggish_pipeline.broker import make_app
-    from vggish_pipeline.message import QUEUE, TASK_NAME
+    from vggish_pipeline.core.broker import make_app
+    from vggish_pipeline.core.message import QUEUE, TASK_NAME
 
     enqueued = cli("producer", "enqueue", str(sample["spec"]), "--broker", redis_url, "--chunk-rows", "200", "--json")
     job = json.loads(enqueued.stdout)

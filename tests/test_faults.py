@@ -138,7 +138,7 @@ def test_broker_restarted_twice_and_a_worker_suspended_past_the_resend_while_wai
 def test_a_chunk_delivered_twice_gives_one_valid_shard(sample, workers, redis_url, expected):
     from producer.job import Job
     from producer.plan import send
-    from vggish_pipeline.broker import make_app
+    from vggish_pipeline.core.broker import make_app
 
     enqueue(sample, redis_url, 50)
     job = Job.load(sample["dir"])
@@ -287,8 +287,8 @@ def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_a_rerun_finishe
 
 def test_messages_the_job_never_planned_do_not_poison_it(sample, workers, redis_url, expected, tmp_path):
     from producer.job import Job
-    from vggish_pipeline.broker import make_app
-    from vggish_pipeline.message import QUEUE, TASK_NAME
+    from vggish_pipeline.core.broker import make_app
+    from vggish_pipeline.core.message import QUEUE, TASK_NAME
 
     enqueue(sample, redis_url, 64)
     job = Job.load(sample["dir"])

@@ -11,8 +11,8 @@ from test_faults import enqueue, finish, shards, status, wait_for
 from test_scaling import grow
 
 from producer.job import Job, default_chunk_rows
-from vggish_pipeline.message import ChunkMessage
-from vggish_pipeline.spectrogram import DIGESTS, digest
+from vggish_pipeline.core.message import ChunkMessage
+from vggish_pipeline.core.spectrogram import DIGESTS, digest
 
 
 def test_each_scheme_fingerprints_what_it_names():

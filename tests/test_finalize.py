@@ -11,7 +11,7 @@ from outputs import E_COLUMNS
 from producer.dataset import Chunk
 from producer.finalize import OUTPUT_CSV, OUTPUT_DAT, finalize
 from producer.job import Job
-from vggish_pipeline.shard import ShardMeta, read_shard, write_shard
+from vggish_pipeline.core.shard import ShardMeta, read_shard, write_shard
 
 
 def finished_job(directory, rows: int, chunk_rows: int = 700) -> tuple[Job, np.ndarray]:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from reference import assert_close
 
-from vggish_pipeline.errors import CheckpointError
+from vggish_pipeline.core import identity
+from vggish_pipeline.core.errors import CheckpointError
 from worker import checkpoint
 from worker.model import Embedder
 
@@ -22,7 +23,7 @@ def rows(sample_source: Path, n: int = 8) -> np.ndarray:
 def test_untrained_checkpoint_is_official_v1_layout(model_files):
     ckpt = model_files["checkpoint"]
     assert ckpt.is_file() and not Path(f"{ckpt}.index").exists()  # V1: one file, no .index/.data
-    assert checkpoint.checkpoint_files(ckpt) == [ckpt]
+    assert identity.checkpoint_files(ckpt) == [ckpt]
     variables = checkpoint.read_variables(ckpt)
     assert set(variables) == set(checkpoint.VARIABLE_SHAPES)
     assert "vggish/fc2/biases" in variables and variables["vggish/fc1/fc1_1/weights"].shape == (12288, 4096)
@@ -53,20 +54,20 @@ def test_v2_checkpoint_loads_to_the_same_model(tmp_path, model_files, sample_sou
 
 def test_fingerprint_tells_checkpoints_apart(tmp_path, model_files, fingerprint_cache):
     other = checkpoint.write_untrained_checkpoint(tmp_path / "seed1.ckpt", seed=1)
-    assert checkpoint.fingerprint(other, fingerprint_cache) != checkpoint.fingerprint(model_files["checkpoint"], fingerprint_cache)
-    assert checkpoint.fingerprint(model_files["checkpoint"], fingerprint_cache) == checkpoint.fingerprint(model_files["checkpoint"], fingerprint_cache)
+    assert identity.fingerprint(other, fingerprint_cache) != identity.fingerprint(model_files["checkpoint"], fingerprint_cache)
+    assert identity.fingerprint(model_files["checkpoint"], fingerprint_cache) == identity.fingerprint(model_files["checkpoint"], fingerprint_cache)
 
 
 def test_fingerprint_cache_never_outlives_a_change(tmp_path, fingerprint_cache):
     path = checkpoint.write_untrained_checkpoint(tmp_path / "m.ckpt", seed=0)
-    first = checkpoint.fingerprint(path, fingerprint_cache)
+    first = identity.fingerprint(path, fingerprint_cache)
     assert first in (fingerprint_cache / "fingerprints.json").read_text()  # remembered, and found again
-    assert checkpoint.fingerprint(path, fingerprint_cache) == first
+    assert identity.fingerprint(path, fingerprint_cache) == first
     other = checkpoint.write_untrained_checkpoint(tmp_path / "other.ckpt", seed=1)
     path.write_bytes(other.read_bytes())  # rewritten in place: same path and size, other weights
-    assert checkpoint.fingerprint(path, fingerprint_cache) == checkpoint.fingerprint(other, fingerprint_cache) != first
+    assert identity.fingerprint(path, fingerprint_cache) == identity.fingerprint(other, fingerprint_cache) != first
     (fingerprint_cache / "fingerprints.json").write_text("{not json")  # a damaged cache costs a hash, nothing else
-    assert checkpoint.fingerprint(path, fingerprint_cache) == checkpoint.fingerprint(other, fingerprint_cache)
+    assert identity.fingerprint(path, fingerprint_cache) == identity.fingerprint(other, fingerprint_cache)
 
 
 def wait_for_copy(prefix: Path) -> None:
@@ -143,7 +144,7 @@ def test_v2_copies_are_few_locked_and_never_half_written(tmp_path, monkeypatch):
 
 
 def write_partial_checkpoint(path: Path, shapes: dict[str, tuple]) -> Path:
-    from worker.devices import load_tensorflow
+    from worker.runtime import load_tensorflow
 
     tf = load_tensorflow()
     tf1 = tf.compat.v1
@@ -203,7 +204,7 @@ def test_a_rows_bits_do_not_depend_on_how_it_was_chunked(model_files, weights, f
     a batch run gives it. Unpadded, TensorFlow's CPU kernels differ in the last bits by batch size."""
     from reference import vggish
 
-    from vggish_pipeline.spectrogram import RowReader
+    from vggish_pipeline.core.spectrogram import RowReader
 
     spectrograms = np.random.default_rng(7).standard_normal((320, 96, 64))
     source = tmp_path / "rows.dat"

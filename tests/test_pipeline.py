@@ -14,7 +14,7 @@ from conftest import cli
 from outputs import check_outputs
 from reference import assert_close
 
-from worker.devices import load_tensorflow
+from worker.runtime import load_tensorflow
 
 
 def seed_loop(checkpoint_path, spectrograms: np.ndarray) -> np.ndarray:
@@ -83,7 +83,7 @@ def test_enqueue_to_running_workers_then_wait_and_finalize(sample, workers, redi
 
 
 def test_appended_rows_embed_only_new_chunks(sample, model_files, expected):
-    from vggish_pipeline.spectrogram import ROW_BYTES
+    from vggish_pipeline.core.spectrogram import ROW_BYTES
 
     data, lines = sample["spec"].read_bytes(), sample["csv"].read_text().splitlines(keepends=True)
     sample["spec"].write_bytes(data[: 150 * ROW_BYTES])
@@ -105,7 +105,7 @@ def test_appended_rows_embed_only_new_chunks(sample, model_files, expected):
 def grow_in_two_steps(sample, model_files) -> tuple[list[str], dict[str, bytes]]:
     """Run on the first 150 rows (outputs with PCA), then append the last 50 rows to the inputs.
     Returns the run's arguments and the outputs the first run made."""
-    from vggish_pipeline.spectrogram import ROW_BYTES
+    from vggish_pipeline.core.spectrogram import ROW_BYTES
 
     data, lines = sample["spec"].read_bytes(), sample["csv"].read_text().splitlines(keepends=True)
     sample["spec"].write_bytes(data[: 150 * ROW_BYTES])

@@ -1,5 +1,5 @@
 """The Python API: the jobs of `producer run`, `add-clips`, `status` and `watch`, as calls that
-return values and raise the project's own exceptions (vggish_pipeline.errors), never SystemExit."""
+return values and raise the project's own exceptions (vggish_pipeline.core.errors), never SystemExit."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 
 from producer.finalize import OUTPUT_CSV, OUTPUT_DAT, OUTPUT_PCA
 from producer.run import JobInputs, run_local, run_remote
-from vggish_pipeline.errors import as_pipeline_error
-from vggish_pipeline.shard import EMBEDDING_SIZE
+from vggish_pipeline.core.errors import as_pipeline_error
+from vggish_pipeline.core.shard import EMBEDDING_SIZE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -103,7 +103,7 @@ def embed(
     inputs = JobInputs.of(spec, csv, out, embedding, chunk_rows, checkpoint)
     pca = Path(pca_params) if pca_params else None
     if broker:
-        from vggish_pipeline.broker import broker_url, make_app
+        from vggish_pipeline.core.broker import broker_url, make_app
 
         summary = run_remote(inputs, make_app(broker_url(broker, inputs.settings), inputs.settings), pca, progress, parquet)
     else:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from vggish_pipeline.errors import CheckpointError
-from vggish_pipeline.files import atomic_write, write_json
-from vggish_pipeline.postprocess import PCA_EIGEN_VECTORS, PCA_MEANS
-from vggish_pipeline.shard import EMBEDDING_SIZE
-from worker.devices import load_tensorflow
+from vggish_pipeline.core.errors import CheckpointError
+from vggish_pipeline.core.files import atomic_write
+from vggish_pipeline.core.identity import checkpoint_files, checkpoint_prefix
+from vggish_pipeline.core.postprocess import PCA_EIGEN_VECTORS, PCA_MEANS
+from vggish_pipeline.core.shard import EMBEDDING_SIZE
+from worker.runtime import load_tensorflow
 
 VARIABLE_SHAPES: dict[str, tuple[int, ...]] = {}
 for _scope, _shape in [
@@ -44,61 +43,6 @@ for _scope, _shape in [
 UNTRAINED_MARKER = "vggish_pipeline/untrained_seed"
 UNTRAINED_CHECKPOINT = "vggish_untrained.ckpt"
 UNTRAINED_PCA = "vggish_untrained_pca_params.npz"
-
-
-def checkpoint_files(path: Path) -> list[Path]:
-    """The files that make up a checkpoint: the file itself (V1), or PREFIX.index and PREFIX.data-* (V2)."""
-    if path.suffix == ".index":
-        path = path.with_suffix("")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory; give the checkpoint file, e.g. vggish_model.ckpt")
-    if path.is_file():
-        return [path]
-    index = path.with_name(path.name + ".index")
-    if index.is_file():
-        return [index, *sorted(path.parent.glob(path.name + ".data-*"))]
-    raise CheckpointError(f"{path}: no such checkpoint")
-
-
-def checkpoint_prefix(path: Path) -> Path:
-    """What TensorFlow's readers take: the V1 file itself, or the V2 PREFIX."""
-    first = checkpoint_files(path)[0]
-    return first.with_suffix("") if first.suffix == ".index" else first
-
-
-FINGERPRINTS_KEPT = 64
-
-def model_id(digest: str, tf32: bool) -> str:
-    """What a job is pinned to: the checkpoint's digest, marked when TF32 (not float32) computes
-    it, so that no job mixes the two precisions."""
-    return f"{digest}+tf32" if tf32 else digest
-
-
-def fingerprint(path: Path, cache_dir: Path) -> str:
-    """A digest of the checkpoint's bytes: two jobs share shards only when this matches.
-
-    Hashing 288 MB costs 0.3-0.9 s on every producer and worker start, so digests are remembered
-    in a small cache keyed by each file's identity: path, device, inode, size, mtime and ctime
-    (which no one can set back by hand, so rewriting a file in place changes the key).
-    """
-    files = checkpoint_files(path)
-    key = ";".join(f"{os.path.realpath(f)}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-                   for f, st in ((f, f.stat()) for f in files))
-    cache = cache_dir / "fingerprints.json"
-    known = read_cache(cache)
-    if key in known:
-        return known[key]
-    h = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-    digest = h.hexdigest()[:16]
-    known = {**read_cache(cache), key: digest}  # another process may have added its own meanwhile
-    with contextlib.suppress(OSError):  # a read-only home only costs the hash next time
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_json(cache, dict(list(known.items())[-FINGERPRINTS_KEPT:]))
-    return digest
 
 
 COPIES_KEPT = 2  # 288 MB each
@@ -163,14 +107,6 @@ def writing_copy(prefix: Path) -> Iterator[Path | None]:
 def remove_copy(prefix: Path) -> None:
     for file in copy_files(prefix):  # index first: a reader never finds an index without its data
         file.unlink(missing_ok=True)
-
-
-def read_cache(path: Path) -> dict[str, str]:
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return known if isinstance(known, dict) else {}
 
 
 def check_variables(path: Path) -> Any:

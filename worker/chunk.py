@@ -17,11 +17,11 @@ from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 from celery.worker.request import Request
 
-from vggish_pipeline.errors import ChunkRefused, InputError, PipelineError
-from vggish_pipeline.jobdir import Failure, JobDir
-from vggish_pipeline.message import QUEUE, TASK_NAME, ChunkMessage, MessageError
-from vggish_pipeline.shard import ShardMeta, write_shard
-from vggish_pipeline.spectrogram import RowReader, digest
+from vggish_pipeline.core.errors import ChunkRefused, InputError, PipelineError
+from vggish_pipeline.core.jobdir import Failure, JobDir
+from vggish_pipeline.core.message import QUEUE, TASK_NAME, ChunkMessage, MessageError
+from vggish_pipeline.core.shard import ShardMeta, write_shard
+from vggish_pipeline.core.spectrogram import RowReader, digest
 
 log = logging.getLogger(__name__)
 

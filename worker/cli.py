@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vggish_pipeline import package_version
-from vggish_pipeline.errors import EXIT_CODES, PipelineError, UsageError, as_pipeline_error
-from vggish_pipeline.settings import (
+from vggish_pipeline.core import package_version
+from vggish_pipeline.core.errors import EXIT_CODES, PipelineError, UsageError, as_pipeline_error
+from vggish_pipeline.core.settings import (
     BROKER_ENV,
     CHECKPOINT_ENV,
     CPU_FALLBACK_ENV,
@@ -28,7 +28,7 @@ from worker.model import DEFAULT_BATCH
 if TYPE_CHECKING:
     from celery import Celery
 
-    from worker.devices import Device
+    from vggish_pipeline.core.devices import Device
     from worker.model import Embedder
 
 
@@ -148,7 +148,7 @@ def data_roots(flags: list[Path] | None, settings: Settings) -> list[Path]:
 
 
 def start(args: argparse.Namespace, settings: Settings) -> int:
-    from vggish_pipeline import broker
+    from vggish_pipeline.core import broker
 
     url = broker.broker_url(args.broker, settings)
     checkpoint = args.checkpoint or settings.checkpoint
@@ -158,7 +158,7 @@ def start(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--chunks-in-flight must be at least 1")
     if args.gpu_memory_limit is not None and args.gpu_memory_limit < 1:
         raise UsageError("--gpu-memory-limit must be at least 1 MiB")
-    from worker.devices import cpu_list, memory_policy, pin_process, runtime_env
+    from vggish_pipeline.core.devices import cpu_list, memory_policy, pin_process, runtime_env
 
     roots = data_roots(args.data_root, settings)
     device = pin_process(args.gpu, settings.nvidia_smi_timeout) if args.gpu is not None else None
@@ -233,9 +233,9 @@ def up(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import time
 
-    from vggish_pipeline import broker
-    from worker.devices import discover, select
-    from worker.fleet import Fleet
+    from vggish_pipeline.core import broker
+    from vggish_pipeline.core.devices import discover, select
+    from vggish_pipeline.core.fleet import Fleet
 
     if args.gpus is not None:
         discovery = discover(settings.nvidia_smi_timeout)
@@ -270,7 +270,7 @@ def up(args: argparse.Namespace, settings: Settings) -> int:
 
 def ping(args: argparse.Namespace, settings: Settings) -> Celery:
     """The broker's app, once the worker named (or VGGISH_WORKER_NAME) has answered its ping."""
-    from vggish_pipeline import broker
+    from vggish_pipeline.core import broker
 
     args.name = args.name or settings.worker_name
     if not args.name:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vggish_pipeline.settings import CPU_FALLBACK_ENV, Settings
-from worker.devices import Device, discover, memory_policy, runtime_env
+from vggish_pipeline.core.devices import Device, discover, memory_policy, runtime_env
+from vggish_pipeline.core.settings import CPU_FALLBACK_ENV, Settings
 
 PROBE_ROWS = 16
 TOLERANCE = 1e-4  # relative, float32 across devices (README, "Precision")
@@ -28,8 +28,8 @@ TOLERANCE = 1e-4  # relative, float32 across devices (README, "Precision")
 
 def probe(checkpoint: Path, cache_dir: Path) -> dict:
     """In a pinned child: what TensorFlow sees here, and the embedding of PROBE_ROWS seeded rows."""
-    from worker.devices import no_gpu_reason, tensorflow_gpus
     from worker.model import Embedder
+    from worker.runtime import no_gpu_reason, tensorflow_gpus
 
     tf, gpus, said = tensorflow_gpus()
     model = Embedder(checkpoint, cache_dir)

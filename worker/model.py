@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vggish_pipeline.errors import CheckpointError, DeviceError
-from vggish_pipeline.settings import CPU_FALLBACK_ENV
-from vggish_pipeline.spectrogram import BANDS, FRAMES, aligned_empty
+from vggish_pipeline.core.errors import CheckpointError, DeviceError
+from vggish_pipeline.core.identity import checkpoint_prefix, fingerprint, model_id
+from vggish_pipeline.core.settings import CPU_FALLBACK_ENV
+from vggish_pipeline.core.spectrogram import BANDS, FRAMES, aligned_empty
 from worker import checkpoint
-from worker.devices import load_tensorflow, no_gpu_reason, tensorflow_gpus
+from worker.runtime import load_tensorflow, no_gpu_reason, tensorflow_gpus
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Embedder:
         helper = ThreadPoolExecutor(1, thread_name_prefix="vggish-load")
         try:
             # Hash the checkpoint on another core while TensorFlow imports: a worker starts 0.3 s sooner.
-            digest = helper.submit(checkpoint.fingerprint, checkpoint_path, cache_dir)
+            digest = helper.submit(fingerprint, checkpoint_path, cache_dir)
             tf, gpus, said = tensorflow_gpus()
             self.device = device_name(tf, gpus)
             self.on_gpu = bool(gpus)
@@ -130,7 +131,7 @@ class Embedder:
             if self.on_gpu:  # a fixed algorithm per shape, so a row's bits do not depend on a timing race (cuDNN autotuning)
                 tf.config.experimental.enable_op_determinism()
             reader = checkpoint.check_variables(checkpoint_path)  # names and shapes, with a clear error
-            self.fingerprint = checkpoint.model_id(digest.result(), tf32)
+            self.fingerprint = model_id(digest.result(), tf32)
             self.threads = threads or (GPU_THREADS if self.on_gpu else 0)
             self.memory_limit = gpu_memory_limit if self.on_gpu else None
             # Every batch has one of a few fixed shapes, so a row's embedding never depends on how it was
@@ -167,7 +168,7 @@ class Embedder:
         """Load the weights from this machine's V2 copy if it has one, else from the checkpoint;
         return where they came from."""
         started = time.perf_counter()
-        source = copy if copy is not None and checkpoint.has_copy(copy) else checkpoint.checkpoint_prefix(checkpoint_path)
+        source = copy if copy is not None and checkpoint.has_copy(copy) else checkpoint_prefix(checkpoint_path)
         with self._graph.as_default():  # a new thread would otherwise run eagerly
             try:
                 saver.restore(self._session, str(source))

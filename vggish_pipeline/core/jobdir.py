@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vggish_pipeline.files import create_json, write_json
-from vggish_pipeline.shard import shard_name
+from vggish_pipeline.core.files import create_json, write_json
+from vggish_pipeline.core.shard import shard_name
 
 JOB_FILE = "job.json"
 MODEL_FILE = "model.json"

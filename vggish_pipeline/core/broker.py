@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import ssl
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from vggish_pipeline.errors import BrokerError, UsageError, os_error_line
-from vggish_pipeline.message import QUEUE
-from vggish_pipeline.settings import BROKER_ENV, CERT_ENV, KEY_ENV, PASSWORD_FILE_ENV, Settings
+from vggish_pipeline.core.errors import BrokerError, UsageError, os_error_line, redact
+from vggish_pipeline.core.message import QUEUE
+from vggish_pipeline.core.settings import BROKER_ENV, CERT_ENV, KEY_ENV, PASSWORD_FILE_ENV, Settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -63,19 +62,6 @@ def tls_options(url: str, settings: Settings) -> dict | None:
         "ssl_certfile": str(settings.broker_cert) if settings.broker_cert else None,
         "ssl_keyfile": str(settings.broker_key) if settings.broker_key else None,
     }
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced, for logs and status output."""
-    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
-
-
-def failure(e: Exception) -> BrokerError | None:
-    """An error raised by the broker's client libraries (a command the ACL refuses, a link lost
-    for good) as one BrokerError line; None for any other error."""
-    if type(e).__module__.split(".")[0] not in ("redis", "kombu"):
-        return None
-    return BrokerError(f"broker: {type(e).__name__}: {redact(str(e))}")
 
 
 def transport_options(settings: Settings) -> dict:

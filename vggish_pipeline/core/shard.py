@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vggish_pipeline.files import atomic_write
+from vggish_pipeline.core.files import atomic_write
 
 EMBEDDING_SIZE = 128
 

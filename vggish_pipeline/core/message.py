@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from vggish_pipeline.spectrogram import DIGESTS, OLD_DIGEST
+from vggish_pipeline.core.spectrogram import DIGESTS, OLD_DIGEST
 
 TASK_NAME = "vggish.embed_chunk"
 QUEUE = "vggish"

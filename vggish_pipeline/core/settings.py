@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vggish_pipeline.errors import UsageError
+from vggish_pipeline.core.errors import UsageError
 
 BROKER_ENV = "VGGISH_BROKER_URL"
 PASSWORD_FILE_ENV = "VGGISH_BROKER_PASSWORD_FILE"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vggish_pipeline.errors import CheckpointError
-from vggish_pipeline.shard import EMBEDDING_SIZE
+from vggish_pipeline.core.errors import CheckpointError
+from vggish_pipeline.core.shard import EMBEDDING_SIZE
 
 PCA_EIGEN_VECTORS = "pca_eigen_vectors"  # the names in the released vggish_pca_params.npz
 PCA_MEANS = "pca_means"

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from vggish_pipeline.errors import PipelineError, WorkersDied
-from worker.devices import MEMORY_GROWTH_ENV, Device, threads_per_worker
+from vggish_pipeline.core.devices import MEMORY_GROWTH_ENV, Device, threads_per_worker
+from vggish_pipeline.core.errors import PipelineError, WorkersDied
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from vggish_pipeline.errors import InputError
+from vggish_pipeline.core.errors import InputError
 
 FRAMES = 96
 BANDS = 64

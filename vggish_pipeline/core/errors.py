@@ -7,6 +7,8 @@ Exit codes, the same for `producer` and `worker` (EXIT_CODES is their --help tex
 broker, a GPU, the disk); 4 timed out (`wait --timeout`); 130 interrupted (Ctrl-C, SIGTERM).
 """
 
+import re
+
 EXIT_CODES = """exit codes:
   0    done
   1    the job failed: chunks failed for good, workers kept dying, or it is not complete
@@ -78,12 +80,23 @@ def as_pipeline_error(e: Exception) -> PipelineError | None:
         return e
     if isinstance(e, OSError):
         return PipelineError(os_error_line(e))
-    from vggish_pipeline import broker  # here: broker imports this module
-
-    return broker.failure(e)
+    return broker_failure(e)
 
 
 def os_error_line(e: OSError) -> str:
     """An OS failure (no space, no permission, too many open files…) as one line naming the path."""
     where = ": ".join(str(f) for f in (e.filename, e.filename2) if f)
     return f"{where}: {e.strerror}" if where and e.strerror else (e.strerror or str(e))
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for logs and status output."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def broker_failure(e: Exception) -> BrokerError | None:
+    """An error raised by the broker's client libraries (a command the ACL refuses, a link lost
+    for good) as one BrokerError line; None for any other error."""
+    if type(e).__module__.split(".")[0] not in ("redis", "kombu"):
+        return None
+    return BrokerError(f"broker: {type(e).__name__}: {redact(str(e))}")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, NoReturn
 
-from vggish_pipeline.errors import WriteError
+from vggish_pipeline.core.errors import WriteError
 
 # Errors that can only come from writing: turned into one line naming the file.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
