@@ -83,7 +83,7 @@ def make_job(directory: Path, rows: int, chunk_rows: int):
     shutil.rmtree(directory / "shards", ignore_errors=True)
     (directory / "job.json").unlink(missing_ok=True)
     (directory / "model.json").unlink(missing_ok=True)
-    return plan_job(spec, frame, directory, "relu", chunk_rows, 1, InstantModel.fingerprint).job
+    return plan_job(spec, frame, directory, chunk_rows=chunk_rows, model=InstantModel.fingerprint).job
 
 
 def in_flight() -> int:
@@ -129,7 +129,7 @@ def overhead(work: Path, rows: int, chunk_rows: int, rate: float = GPU_RATE) -> 
     quarter, whose chunks also fault in each thread's fresh read buffer); the whole job's time also
     holds the first message's trip, the first read and the first shard's write."""
     from producer.local import LocalRedis
-    from producer.plan import send
+    from producer.plan import enqueue
     from vggish_pipeline.core.broker import make_app
 
     job = make_job(work / "overhead", rows, chunk_rows)
@@ -144,7 +144,7 @@ def overhead(work: Path, rows: int, chunk_rows: int, rate: float = GPU_RATE) -> 
                 raise RuntimeError((work / "paced-worker.log").read_text())
         cpu_before = cpu_seconds(worker.pid)
         began = time.perf_counter()
-        send(app, job, job.chunks)
+        enqueue(app, job, job.chunks)
         shards = job.dir.shards
         while len(list(shards.glob("*.npz"))) < len(job.chunks):
             time.sleep(0.01)  # the steady figure comes from the shards themselves; polling must not steal a core

@@ -82,9 +82,7 @@ def matmul_flops() -> float:
 
 def synthetic_job(directory: Path, rows: int) -> None:
     """A finished job of `rows` rows (random shards and frame), to time finalize alone."""
-    from producer.dataset import Chunk
-    from producer.job import Job
-    from vggish_pipeline.core.jobdir import JobDir
+    from vggish_pipeline.core.job import Chunk, Job, JobDir
     from vggish_pipeline.core.shard import ShardMeta, write_shard
 
     rng = np.random.default_rng(0)
@@ -159,10 +157,10 @@ def dispatch(work: Path, py: str, env: dict, ckpt: Path, chunks: int = 300, mess
     from kombu import Connection
 
     from producer.dataset import write_sample
-    from producer.job import Job
     from producer.local import LocalRedis
-    from producer.plan import send
+    from producer.plan import enqueue
     from vggish_pipeline.core.broker import make_app
+    from vggish_pipeline.core.job import Job
     from vggish_pipeline.core.message import QUEUE
     from vggish_pipeline.core.shard import read_meta
 
@@ -184,7 +182,7 @@ def dispatch(work: Path, py: str, env: dict, ckpt: Path, chunks: int = 300, mess
         job = Job.load(directory)
         chunk = job.chunks[0]
         began = time.perf_counter()
-        send(app, job, [chunk] * messages)
+        enqueue(app, job, [chunk] * messages)
         sent = time.perf_counter() - began
         began = time.perf_counter()
         with Connection(redis.url) as conn:
@@ -241,7 +239,7 @@ def watch_latency(work: Path, py: str, env: dict, ckpt: Path, rows: int = FULL_R
         f.truncate(rows * ROW_BYTES)  # sparse zeros: valid spectrograms, no disk
     frame_file(frame, rows)
     model = fingerprint(ckpt, Path(env["VGGISH_CACHE_DIR"]))
-    job = plan_job(spec, frame, directory, "relu", 1024, 1, model).job
+    job = plan_job(spec, frame, directory, chunk_rows=1024, model=model).job
     rng = np.random.default_rng(0)
     for c in job.chunks:  # as if embedded earlier: only the refresh is timed
         write_shard(job.dir.shards, ShardMeta(c.start, c.stop, c.digest, "relu", model, "bench", 1.0), rng.random((c.rows, 128), dtype=np.float32))

@@ -36,10 +36,8 @@ POLL = 0.1  # --poll
 
 def finished_job(directory: Path, rows: int, ckpt: Path, pca: Path, py: str, env: dict) -> None:
     """A job of `rows` rows whose shards (random embeddings) and outputs exist, as after a long run."""
-    from producer.dataset import Chunk
-    from producer.job import Job
     from vggish_pipeline.core.identity import fingerprint
-    from vggish_pipeline.core.jobdir import JobDir
+    from vggish_pipeline.core.job import Chunk, Job, JobDir
     from vggish_pipeline.core.shard import ShardMeta, write_shard
     from vggish_pipeline.core.spectrogram import NEW_DIGEST, digest
 

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 from producer.run import DEFAULT_CSV
 from vggish_pipeline.core import package_version
-from vggish_pipeline.core.errors import EXIT_CODES, INTERRUPTED, JobFailed, UsageError, as_pipeline_error, redact
+from vggish_pipeline.core.errors import EXIT_CODES, INTERRUPTED, JobFailed, UsageError, as_pipeline_error
 from vggish_pipeline.core.message import EMBEDDING_FORMS
 from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings, add_tls_flags, variables_help
 
 if TYPE_CHECKING:
+    from producer.clips import ClipOptions
     from producer.run import JobInputs
 
 
@@ -28,7 +29,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_job_commands(sub)
+    add_follow_commands(sub)
+    add_clip_commands(sub)
+    return parser.parse_args(argv)
 
+
+def add_job_commands(sub) -> None:
     def job_inputs(p: argparse.ArgumentParser) -> None:
         p.add_argument("spec", type=Path, help="spectrograms: raw float64, N x 96 x 64 (e.g. wavfile_spec.dat)")
         p.add_argument("--csv", type=Path, help=f"the frame, one row per spectrogram (default: {DEFAULT_CSV} beside SPEC)")
@@ -50,8 +57,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     run.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
     run.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the frame plus e0..e127)")
+    run.add_argument("--broker", help="use this broker's workers instead of starting local ones (no environment fallback: "
+                     "a VGGISH_BROKER_URL set for workers does not move a run off this machine)")
+    add_tls_flags(run)
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
+
+def add_follow_commands(sub) -> None:
     wait = sub.add_parser("wait", help="block with a progress line until every chunk has a shard")
     wait.add_argument("dir", type=Path, help="the job folder (holds job.json and shards/)")
     wait.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL); lets wait re-send lost chunks")
@@ -70,6 +82,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     finalize.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the frame plus e0..e127)")
     finalize.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
+
+def add_clip_commands(sub) -> None:
     def clip_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--spec", type=Path, required=True, help="the .dat to append to (created with the CSV if neither exists)")
         p.add_argument("--csv", type=Path, help=f"the frame to append to (default: {DEFAULT_CSV} beside SPEC)")
@@ -103,7 +117,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     sample.add_argument("out_dir", type=Path, help="folder for wavfile_spec.dat and wavfile_df.csv")
     sample.add_argument("--rows", type=int, default=300, help="spectrogram rows (default 300)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    return parser.parse_args(argv)
 
 
 def inputs(args: argparse.Namespace, settings: Settings) -> JobInputs:
@@ -111,53 +124,62 @@ def inputs(args: argparse.Namespace, settings: Settings) -> JobInputs:
 
     return JobInputs.of(
         args.spec, args.csv, getattr(args, "out", None), getattr(args, "embedding", "relu"), getattr(args, "chunk_rows", None),
-        getattr(args, "checkpoint", None), settings,
+        settings=settings,
     )
+
+
+def shown(value: object) -> str:
+    """A summary's value for people: lists one item a line, workers by name and device, no reprs."""
+    if isinstance(value, list):
+        return "\n".join(shown(v) for v in value) if value else "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return "-" if value is None else str(value)
 
 
 def report(summary: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary))
-    else:
-        for key, value in summary.items():
-            print(f"{key:>16}: {value}")
+        return
+    for key, value in summary.items():
+        lines = shown(value).splitlines() or [""]
+        print(f"{key.replace('_', ' '):>20}: {lines[0]}")
+        for line in lines[1:]:
+            print(f"{'':>20}  {line}")
 
 
 def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.plan import send
-    from producer.run import remote_capacity
+    from producer.run import enqueue_job
     from vggish_pipeline.core import broker
 
-    app = broker.make_app(broker.broker_url(args.broker, settings), settings)
-    broker.check_connection(app)
-    job = inputs(args, settings)
-    planned = job.plan(remote_capacity(app) if args.chunk_rows is None else (1, None), job.model())
-    send(app, planned.job, planned.send)
-    report(replace(planned.summary(), broker=redact(app.conf.broker_url)).to_dict(), args.json)
+    summary = enqueue_job(inputs(args, settings), broker.make_app(broker.broker_url(settings), settings))
+    report(summary.to_dict(), args.json)
     return 0
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.run import run_local
+    from producer.run import run
+    from vggish_pipeline.core import broker
 
     job = inputs(args, settings)
+    app = broker.make_app(broker.broker_url(settings), settings) if args.broker else None
     try:
-        summary = run_local(job, args.workers, args.pca_params, parquet=args.parquet).to_dict()
+        summary = run(job, app=app, workers=args.workers, pca_params=args.pca_params, parquet=args.parquet)
     except KeyboardInterrupt:
         print(f"\ninterrupted: shards so far are kept in {job.out}; run the same command to go on", file=sys.stderr)
         return INTERRUPTED
-    report(summary, args.json)
+    report(summary.to_dict(), args.json)
     return 0
 
 
 def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.job import Job
     from producer.progress import wait
     from producer.recovery import Recovery
     from vggish_pipeline.core import broker
+    from vggish_pipeline.core.job import Job
 
     job = Job.load(args.dir)
-    app = broker.optional_app(args.broker, settings)
+    app = broker.optional_app(settings)
     if app is None:
         print("no broker configured: watching shards only, lost chunks will not be re-sent", file=sys.stderr)
     wait(job, timeout=args.timeout, check=Recovery(app, job) if app else None)
@@ -165,49 +187,61 @@ def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.job import Job
     from producer.progress import job_status, progress_line
     from producer.recovery import model_note
     from vggish_pipeline.core import broker
+    from vggish_pipeline.core.files import APPEND_JOURNAL, SET_JOURNAL
+    from vggish_pipeline.core.job import Job
 
     job = Job.load(args.dir)
     status = job_status(job, per_worker=True)
+    cut_short = any((args.dir / name).exists() for name in (SET_JOURNAL, APPEND_JOURNAL))
     live, note = None, None
-    app = broker.optional_app(args.broker, settings)
+    app = broker.optional_app(settings)
     if app is not None:
         broker.check_connection(app)
         live = broker.live_workers(app)
         note = None if status.done else model_note(job, live)
     if args.json:
-        print(json.dumps({**status.to_dict(), "live_workers": live, "model": job.dir.pinned_model(), "model_note": note}))
+        shown_live = {name: w.to_dict() for name, w in live.items()} if live is not None else None
+        print(json.dumps({**status.to_dict(), "live_workers": shown_live, "model": job.dir.pinned_model(), "model_note": note,
+                          "outputs_cut_short": cut_short}))
         return JobFailed.exit_code if status.failed else 0
     print(f"job {status.job}: " + progress_line(status, 0.0).split("  ETA")[0])
     print(f"chunks {status.chunks_done}/{status.chunks_total} done, {len(status.failed)} failed")
     for f in status.failed:
         print(f"  failed rows {f.start}-{f.stop} on {f.worker}: {f.reason}")
-    for name, w in sorted(status.workers.items()):
-        print(f"  {name}: {w['chunks']} chunks, {w['rows']} rows, {w['rows_per_s']} rows/s")
+    for name, share in sorted(status.workers.items()):
+        print(f"  {name}: {share.chunks} chunks, {share.rows} rows, {share.rows_per_s} rows/s")
     if live is not None:
         print(f"live workers: {len(live)}")
         for name, w in sorted(live.items()):
-            print(f"  {name}: {w.get('device')}, {w.get('chunks')} chunks, {w.get('rows_per_s')} rows/s")
+            print(f"  {name}: {w.device}, {w.chunks} chunks, {w.rows_per_s} rows/s")
     if note:
         print(note)
+    if cut_short:
+        print(f"outputs: writing them was cut short; `producer finalize {args.dir}` completes it (status writes nothing)")
     return JobFailed.exit_code if status.failed else 0  # scripts can tell a failed job
 
 
 def cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
     from producer.finalize import finalize, write_parquet
-    from producer.job import Job
+    from vggish_pipeline.core.job import Job
     from vggish_pipeline.core.postprocess import PCA
 
     pca = PCA(args.pca_params) if args.pca_params else None
     job = Job.load(args.dir)
-    summary = finalize(job, pca)
+    written = finalize(job, pca)
     if args.parquet:
-        summary["outputs"].append(str(write_parquet(job)))
-    report(summary, args.json)
+        written = replace(written, outputs=[*written.outputs, str(write_parquet(job))])
+    report(written.to_dict(), args.json)
     return 0
+
+
+def clip_options(args: argparse.Namespace) -> ClipOptions:
+    from producer.clips import ClipOptions
+
+    return ClipOptions(args.label, args.label_from_folder, args.valid, args.pad)
 
 
 def cmd_add_clips(args: argparse.Namespace, settings: Settings) -> int:
@@ -219,8 +253,7 @@ def cmd_add_clips(args: argparse.Namespace, settings: Settings) -> int:
             repaired = roll_back(spec, frame)
         print(f"rolled back a cut-off append to {spec}" if repaired else f"{spec}: nothing to repair", file=sys.stderr)
         return 0
-    summary = add_files(spec, frame, args.recordings, args.label, args.label_from_folder, args.valid, args.pad, sys.stderr)
-    report(summary, args.json)
+    report(add_files(spec, frame, args.recordings, clip_options(args), sys.stderr), args.json)
     return 0
 
 
@@ -228,8 +261,8 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     from producer.watcher import Watcher
 
     watcher = Watcher(
-        inputs(args, settings), args.inbox, args.label, args.label_from_folder, args.valid, args.pad, args.broker, args.workers,
-        args.pca_params, args.parquet, args.settle, args.poll,
+        inputs=inputs(args, settings), inbox=args.inbox, clips=clip_options(args), workers=args.workers,
+        pca_params=args.pca_params, parquet=args.parquet, settle=args.settle, poll=args.poll,
     )
     try:
         watcher.run(once=args.once)

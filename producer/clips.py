@@ -14,7 +14,6 @@ import fcntl
 import io
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import pyarrow.compute as pc
 from producer.audio import file_examples, is_recording
 from producer.dataset import csv_header, csv_reader, csv_rows, journal_path, validate
 from vggish_pipeline.core.errors import InputError, PipelineError, UsageError
-from vggish_pipeline.core.files import write_json
+from vggish_pipeline.core.files import append_together, settle_append, write_json
 from vggish_pipeline.core.spectrogram import DTYPE, ROW_BYTES
 
 NEW_HEADER = ["", "file_name", "label", "valid"]  # "": the unnamed index column pandas writes and reads back with index_col=0
@@ -55,16 +54,11 @@ def roll_back(spec: Path, frame: Path) -> bool:
     for staged in leftovers:
         staged.unlink()
     journal = journal_path(spec)
-    if not journal.exists():
-        return bool(leftovers)
-    sizes = json.loads(journal.read_text())
-    for path, size in ((spec, sizes["spec_bytes"]), (frame, sizes["csv_bytes"])):
-        if path.exists() and path.stat().st_size > size:
-            with open(path, "r+b") as f:
-                f.truncate(size)
-                os.fsync(f.fileno())
-    journal.unlink()
-    return True
+    with contextlib.suppress(OSError, ValueError):  # a journal of an older release: both sizes by name
+        old = json.loads(journal.read_text())
+        if "spec_bytes" in old:
+            write_json(journal, {"sizes": {str(spec): old["spec_bytes"], str(frame): old["csv_bytes"]}})
+    return settle_append(journal) or bool(leftovers)
 
 
 @contextlib.contextmanager
@@ -177,33 +171,31 @@ def append_clips(
 
 
 def commit(spec: Path, frame: Path, staged: Path, csv_bytes: bytes) -> None:
-    """Journal both sizes, append to both files, fsync, drop the journal."""
-    journal = journal_path(spec)
-    write_json(journal, {"spec_bytes": spec.stat().st_size, "csv_bytes": frame.stat().st_size})
+    """Append the staged rows to the .dat and their lines to the CSV as one journaled step."""
     with open(frame, "rb") as f:
         f.seek(max(frame.stat().st_size - 1, 0))
         needs_newline = f.read(1) not in (b"\n", b"")
-    with open(spec, "ab") as out, open(staged, "rb") as src:
-        shutil.copyfileobj(src, out, 1 << 22)
-        out.flush()
-        os.fsync(out.fileno())
-    with open(frame, "ab") as out:
-        out.write((b"\n" if needs_newline else b"") + csv_bytes)
-        out.flush()
-        os.fsync(out.fileno())
-    journal.unlink()
+    append_together([(spec, staged), (frame, (b"\n" if needs_newline else b"") + csv_bytes)], journal_path(spec))
 
 
-def check_label_choice(label: str | None, label_from_folder: bool) -> None:
-    if (label is None) == (not label_from_folder):
-        raise UsageError("give exactly one of --label LABEL or --label-from-folder")
+@dataclass(frozen=True)
+class ClipOptions:
+    """How recordings become rows: one label for all or each its folder's, the valid flag, padding."""
+
+    label: str | None = None
+    label_from_folder: bool = False
+    valid: bool = False
+    pad: bool = False  # zero-pad a clip shorter than one example to one row
+
+    def check(self) -> None:
+        if (self.label is None) == (not self.label_from_folder):
+            raise UsageError("give exactly one of --label LABEL or --label-from-folder")
 
 
-def gather(paths: list[Path], label: str | None, label_from_folder: bool, base: Path) -> list[Clip]:
-    """Clips for the given files and folders (searched for recordings, see audio.is_recording);
-    file_name is the path relative to `base` (the CSV's folder), or absolute outside it, so it
-    does not depend on the folder a command runs in."""
-    check_label_choice(label, label_from_folder)
+def gather(paths: list[Path], label: str | None, base: Path) -> list[Clip]:
+    """Clips for the given files and folders (searched for recordings, see audio.is_recording),
+    labelled `label` or, without one, by their folder; file_name is the path relative to `base`
+    (the CSV's folder), or absolute outside it, so it does not depend on the folder a command runs in."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -221,23 +213,15 @@ def gather(paths: list[Path], label: str | None, label_from_folder: bool, base: 
     return clips
 
 
-def add_files(
-    spec: Path,
-    frame: Path,
-    paths: list[Path],
-    label: str | None,
-    label_from_folder: bool,
-    valid: bool = False,
-    pad: bool = False,
-    out: TextIO | None = None,
-) -> dict:
+def add_files(spec: Path, frame: Path, paths: list[Path], options: ClipOptions, out: TextIO | None = None) -> dict:
     """`add-clips`: the recordings in `paths` (files or folders) as rows of SPEC and FRAME, all or
     nothing; one line per file to `out`. Returns the summary; InputError if any file is refused."""
-    clips = gather(paths, label, label_from_folder, frame.parent)
+    options.check()
+    clips = gather(paths, options.label, frame.parent)
     if not clips:
         raise InputError("no recordings found in " + ", ".join(map(str, paths)))
     with locked(spec, frame):
-        results = append_clips(spec, frame, clips, valid, pad, known_names(frame))
+        results = append_clips(spec, frame, clips, options.valid, options.pad, known_names(frame))
     refused = [r for r in results if r.error]
     added = [r for r in results if r.rows]
     for r in results:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -12,18 +11,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from vggish_pipeline.core.errors import InputError
+from vggish_pipeline.core.job import Chunk
 from vggish_pipeline.core.spectrogram import NEW_DIGEST, RowReader, digest, first_bad_rows, row_count
-
-
-@dataclass(frozen=True)
-class Chunk:
-    start: int
-    stop: int
-    digest: str
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
 
 
 def csv_header(path: Path) -> list[str]:

@@ -7,7 +7,7 @@ new one, never a torn file or files of both; re-running finalize is always safe.
 Beside them, `wavfile_embed.manifest.json` says what they hold: the chunks, model, embedding
 form, PCA params and the input CSV bytes they were made from, and each file's size. When a job
 has only grown since (its earlier chunks and CSV bytes unchanged), `refresh` appends the new rows
-to the outputs in place (vggish_pipeline.core.files.append_set): O(new rows), whatever N is.
+to the outputs in place (vggish_pipeline.core.files.append_together): O(new rows), whatever N is.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,26 +28,28 @@ import pyarrow.csv as pacsv
 import xxhash
 
 from producer.dataset import csv_header, csv_reader, index_column
-from producer.job import Job
+from producer.outputs import EMBEDDING_COLUMNS, MANIFEST, OUTPUT_PARQUET, Written, embeddings, output_paths
 from vggish_pipeline.core.devices import usable_cores
 from vggish_pipeline.core.errors import InputError, JobFailed
-from vggish_pipeline.core.files import append_set, atomic_set, atomic_write
+from vggish_pipeline.core.files import APPEND_JOURNAL, append_together, atomic_set, atomic_write, finish_set, settle_append
+from vggish_pipeline.core.job import Job
 from vggish_pipeline.core.postprocess import PCA
 from vggish_pipeline.core.shard import EMBEDDING_SIZE, read_shard
 
-OUTPUT_DAT = "wavfile_embed.dat"
-OUTPUT_CSV = "wavfile_embed.csv"
-OUTPUT_PCA = "wavfile_embed_pca.dat"
-MANIFEST = "wavfile_embed.manifest.json"
-OUTPUT_PARQUET = "wavfile_embed.parquet"
 PARQUET_GROUP_ROWS = 65_536
-EMBEDDING_COLUMNS = [f"e{i}" for i in range(EMBEDDING_SIZE)]
 BLOCK_BYTES = 1 << 16  # of input CSV per block: ~1,900 rows, ~2.5 MB of output text
 
 
 def ranges(pairs: list[tuple[int, int]], limit: int = 6) -> str:
     shown = ", ".join(f"{a}-{b}" for a, b in pairs[:limit])
     return shown + (f" and {len(pairs) - limit} more" if len(pairs) > limit else "")
+
+
+def repair(out: Path) -> None:
+    """Settle what a crash cut short in `out` before the outputs are read or written: a set whose
+    publication began is completed; an append is done if its manifest is in place, else cut back."""
+    finish_set(out)
+    settle_append(out / APPEND_JOURNAL)
 
 
 def check_complete(job: Job) -> None:
@@ -67,10 +70,7 @@ def shard_rows(job: Job, first: int = 0) -> Iterator[np.ndarray]:
     model = job.dir.pinned_model()
     for chunk in job.chunks[first:]:
         path = job.shard_path(chunk)
-        try:
-            meta, embeddings = read_shard(path)
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"{path}: unreadable shard ({e}); delete it and re-run `producer enqueue`") from e
+        meta, embeddings = read_shard(path)
         if meta.model != model:
             raise InputError(f"{path}: made by model {meta.model}, but the job is pinned to {model}")
         yield embeddings.astype(np.float64)
@@ -121,7 +121,7 @@ def warm_up() -> None:
     csv_lines(pa.record_batch([pa.array([""])], names=["_"]), np.zeros((1, EMBEDDING_SIZE)))
 
 
-def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> dict:
+def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> Written:
     """Write wavfile_embed.dat (N x 128 float64), wavfile_embed.csv (frame + e0..e127) and,
     with PCA params, wavfile_embed_pca.dat (N x 128 uint8), and their manifest. Returns a summary.
 
@@ -132,12 +132,13 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> di
     began = time.perf_counter()
     check_complete(job)
     out = Path(job.out_dir)
+    repair(out)
     frame = Path(job.csv)
     names = csv_header(frame)
     taker = RowTaker(shard_rows(job))
     threads = threads or usable_cores()
     rows = 0
-    paths = output_paths(out, pca)
+    paths = output_paths(out, pca is not None)
     with atomic_set([*paths, out / MANIFEST]) as files, ThreadPoolExecutor(threads) as pool:
         dat, table_csv = files[:2]
         quantized = files[2] if pca else None
@@ -159,11 +160,7 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> di
         sizes = {p.name: f.tell() for p, f in zip(paths, files, strict=False)}  # files[-1]: the manifest
         csv_bytes, csv_hash = input_csv(job)
         files[-1].write(manifest(job, pca, sizes, csv_bytes, csv_hash.hexdigest()))
-    return {"rows": rows, "outputs": [str(p) for p in paths], "appended": False, "seconds": round(time.perf_counter() - began, 3)}
-
-
-def output_paths(out: Path, pca: PCA | None) -> list[Path]:
-    return [out / OUTPUT_DAT, out / OUTPUT_CSV] + ([out / OUTPUT_PCA] if pca else [])
+    return Written(rows, [str(p) for p in paths], appended=False, seconds=round(time.perf_counter() - began, 3))
 
 
 def input_csv(job: Job, size: int | None = None) -> tuple[int, xxhash.xxh3_128]:
@@ -195,14 +192,15 @@ def manifest(job: Job, pca: PCA | None, sizes: dict[str, int], csv_bytes: int, c
     return json.dumps(record, separators=(",", ":")).encode()
 
 
-def refresh(job: Job, pca: PCA | None = None, parquet: bool = False) -> dict:
+def refresh(job: Job, pca: PCA | None = None, parquet: bool = False) -> Written:
     """The outputs for the job as it is now: new rows appended in place when the job only grew
     since the outputs were made (see the module's doc), else a full finalize. With `parquet`,
     also wavfile_embed.parquet, written whole each time (a Parquet file cannot grow in place)."""
-    result = extend(job, pca) or finalize(job, pca)
+    repair(Path(job.out_dir))
+    written = extend(job, pca) or finalize(job, pca)
     if parquet:
-        write_parquet(job)
-    return result
+        written = replace(written, outputs=[*written.outputs, str(write_parquet(job))])
+    return written
 
 
 def write_parquet(job: Job) -> Path:
@@ -214,13 +212,13 @@ def write_parquet(job: Job) -> Path:
 
     out = Path(job.out_dir)
     frame = pd.read_csv(job.csv, index_col=index_column(Path(job.csv)))
-    embeddings = np.memmap(out / OUTPUT_DAT, dtype="<f8", mode="r", shape=(job.rows, EMBEDDING_SIZE))
+    embedded = embeddings(out, job.rows)
     path = out / OUTPUT_PARQUET
     with atomic_write(path) as f:
         writer = None
         for start in range(0, max(job.rows, 1), PARQUET_GROUP_ROWS):
             group = pa.Table.from_pandas(frame.iloc[start : start + PARQUET_GROUP_ROWS], preserve_index=True)
-            block = np.ascontiguousarray(embeddings[start : start + PARQUET_GROUP_ROWS].T)
+            block = np.ascontiguousarray(embedded[start : start + PARQUET_GROUP_ROWS].T)
             for i, name in enumerate(EMBEDDING_COLUMNS):
                 group = group.append_column(name, pa.array(block[i]))
             writer = writer or pq.ParquetWriter(f, group.schema)
@@ -230,7 +228,7 @@ def write_parquet(job: Job) -> Path:
     return path
 
 
-def extend(job: Job, pca: PCA | None) -> dict | None:
+def extend(job: Job, pca: PCA | None) -> Written | None:
     """Append the rows of the chunks the outputs lack; None if they are not a prefix of the job."""
     began = time.perf_counter()
     out = Path(job.out_dir)
@@ -239,7 +237,7 @@ def extend(job: Job, pca: PCA | None) -> dict | None:
     except (OSError, ValueError):
         return None
     chunks = [[c.start, c.stop, c.digest] for c in job.chunks]
-    paths = output_paths(out, pca)
+    paths = output_paths(out, pca is not None)
     same = (
         held.get("chunks") == chunks[: len(held.get("chunks", []))]
         and held.get("embedding") == job.embedding
@@ -253,9 +251,11 @@ def extend(job: Job, pca: PCA | None) -> dict | None:
     if (csv_bytes, csv_hash.hexdigest()) != (held["csv_bytes"], held["csv_digest"]):
         return None
     check_complete(job)
-    summary = {"rows": job.rows, "outputs": [str(p) for p in paths], "appended": True}
+    def done() -> Written:
+        return Written(job.rows, [str(p) for p in paths], appended=True, seconds=round(time.perf_counter() - began, 3))
+
     if len(held["chunks"]) == len(chunks):
-        return {**summary, "seconds": round(time.perf_counter() - began, 3)}  # nothing new: they are up to date
+        return done()  # nothing new: they are up to date
     with open(job.csv, "rb") as f:
         f.seek(csv_bytes)
         tail = f.read()
@@ -269,8 +269,8 @@ def extend(job: Job, pca: PCA | None) -> dict | None:
     if pca:
         appends.append((paths[2], pca.quantize(embeddings).tobytes()))
     sizes = {p.name: held["sizes"][p.name] + len(data) for p, (_, data) in zip(paths, appends, strict=True)}
-    append_set(appends, out / MANIFEST, manifest(job, pca, sizes, csv_bytes + len(tail), csv_hash.hexdigest()))
-    return {**summary, "seconds": round(time.perf_counter() - began, 3)}
+    append_together(appends, out / APPEND_JOURNAL, (out / MANIFEST, manifest(job, pca, sizes, csv_bytes + len(tail), csv_hash.hexdigest())))
+    return done()
 
 
 def read_tail(job: Job, tail: bytes) -> pa.RecordBatch:

@@ -66,7 +66,7 @@ class LocalRedis:
             time.sleep(0.05)
         raise BrokerError("redis-server did not start in time")
 
-    def revive(self, out: TextIO = sys.stderr) -> None:
+    def revive(self, out: TextIO | None = None) -> None:
         """Start the server again if it died (OOM, kill -9), at most MAX_RESTARTS times in
         RESTART_WINDOW seconds, else BrokerError. The workers reconnect by themselves; the messages
         it held are gone, so Recovery re-sends the chunks that have no shard."""
@@ -81,7 +81,7 @@ class LocalRedis:
                 f"the private redis-server died {len(self.deaths)} times in {RESTART_WINDOW / 60:g} minutes (last: {how}); "
                 "shards are kept: run the same command to go on"
             )
-        out.write(f"\nthe private redis-server exited ({how}); starting it again (lost messages are re-sent)\n")
+        (out or sys.stderr).write(f"\nthe private redis-server exited ({how}); starting it again (lost messages are re-sent)\n")
         self.socket.unlink(missing_ok=True)
         self.start()
 

@@ -2,17 +2,70 @@
 
 from __future__ import annotations
 
+import math
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from celery import Celery
-
-from producer.dataset import Chunk, scan, validate
-from producer.job import Job, check_writable, default_chunk_rows
+from producer.dataset import scan, validate
+from producer.outputs import Written
+from vggish_pipeline.core.errors import InputError
+from vggish_pipeline.core.job import Chunk, Job
 from vggish_pipeline.core.message import QUEUE, TASK_NAME
 from vggish_pipeline.core.spectrogram import NEW_DIGEST
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+
+MIN_CHUNK_ROWS = 64
+MAX_CHUNK_ROWS = 1024  # for CPU workers (~180 rows/s): ~6 s a chunk
+MAX_FAST_CHUNK_ROWS = 4096  # for GPU workers: each holds 3 chunks of float64 in memory (50 MB per 1,024 rows)
+CHUNKS_PER_WORKER = 8
+CHUNK_SECONDS = 0.05  # of compute per chunk, at least: ~2 ms of per-chunk cost stays under 5 % (BENCHMARKS.md)
+GPU_ROWS_PER_S = 80_000  # assumed for GPU workers that have not measured their own speed yet
+
+
+def default_chunk_rows(rows: int, workers: int, rows_per_s: float | None = None) -> int:
+    """Small enough that every worker gets ~8 chunks (a short tail), large enough that per-chunk
+    overhead is noise at the workers' speed (rows/s each, when known)."""
+    most = MAX_CHUNK_ROWS
+    if rows_per_s:
+        most = min(MAX_FAST_CHUNK_ROWS, max(MAX_CHUNK_ROWS, 1024 * math.ceil(rows_per_s * CHUNK_SECONDS / 1024)))
+    return max(MIN_CHUNK_ROWS, min(most, math.ceil(rows / (max(workers, 1) * CHUNKS_PER_WORKER))))
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The workers a plan sizes chunks for: how many, and each one's rows/s when known."""
+
+    workers: int = 1
+    rows_per_s: float | None = None
+
+    @classmethod
+    def of(cls, devices: list[str], measured: list[float]) -> Capacity:
+        """One worker per device; its speed the fastest a worker measured, else a guess for GPUs."""
+        speed = max(measured) if measured else (GPU_ROWS_PER_S if any(d.startswith("GPU") for d in devices) else None)
+        return cls(len(devices), speed)
+
+    def chunk_rows(self, rows: int) -> int:
+        return default_chunk_rows(rows, self.workers, self.rows_per_s)
+
+
+def check_writable(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: is a file, expected an output folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out_dir}: cannot create output folder ({e.strerror})") from e
+    try:
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise InputError(f"{out_dir}: output folder is not writable ({e.strerror})") from e
 
 
 @dataclass
@@ -39,9 +92,9 @@ class RunSummary:
     workers: list[dict] = field(default_factory=list)  # the local workers started (Member.describe)
     broker: str | None = None  # the broker used, password hidden
 
-    def with_outputs(self, written: dict) -> RunSummary:
+    def with_outputs(self, written: Written) -> RunSummary:
         """This summary with finalize's or refresh's result."""
-        return replace(self, outputs=written.get("outputs", []), appended=written.get("appended"), seconds=written.get("seconds"))
+        return replace(self, outputs=written.outputs, appended=written.appended, seconds=written.seconds)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +103,7 @@ class RunSummary:
 @dataclass
 class Plan:
     job: Job
-    send: list[Chunk]
+    to_embed: list[Chunk]  # the chunks without a shard that fits
     reused: list[Chunk]
     dropped_shards: bool
     model: str | None
@@ -68,8 +121,8 @@ class Plan:
             model=self.model,
             reused_rows=sum(c.rows for c in self.reused),
             reused_chunks=len(self.reused),
-            enqueued_rows=sum(c.rows for c in self.send),
-            enqueued_chunks=len(self.send),
+            enqueued_rows=sum(c.rows for c in self.to_embed),
+            enqueued_chunks=len(self.to_embed),
             dropped_shards_of_other_model=self.dropped_shards,
         )
 
@@ -78,29 +131,29 @@ def plan_job(
     spec: Path,
     frame: Path,
     out_dir: Path,
-    embedding: str,
-    chunk_rows: int | None,
-    workers: int,
-    model: str | None,
+    *,
+    embedding: str = "relu",
+    chunk_rows: int | None = None,
+    capacity: Capacity | None = None,
+    model: str | None = None,
     unchanged_rows: int = 0,
     before_writing: Callable[[], None] | None = None,
-    rows_per_s: float | None = None,
 ) -> Plan:
     """Validate the inputs, record the job in out_dir, and work out which chunks need a worker.
 
     A chunk keeps its shard when its rows' bytes, the embedding form and the model are unchanged,
     so re-running on grown or edited inputs sends only what changed. A caller that itself only
     appended to the source passes `unchanged_rows`: chunks below it keep the digests in job.json
-    instead of being read and hashed again. `rows_per_s` (each worker's, when known) sizes chunks
-    for fast workers. `before_writing` runs after the inputs are checked
-    and scanned and before anything is written (e.g. to wait until the model is known good).
+    instead of being read and hashed again. Without `chunk_rows`, chunks are sized for `capacity`.
+    `before_writing` runs after the inputs are checked and scanned and before anything is written
+    (e.g. to wait until the model is known good).
     """
     spec, frame, out_dir = (Path(os.path.realpath(p)) for p in (spec, frame, out_dir))
     rows = validate(spec, frame)
     check_writable(out_dir)
-    old = Job.load_or_new(out_dir)
+    old = Job.load_if_any(out_dir)
     if chunk_rows is None:
-        chunk_rows = old.chunk_rows if old else default_chunk_rows(rows, workers, rows_per_s)
+        chunk_rows = old.chunk_rows if old else (capacity or Capacity()).chunk_rows(rows)
     scheme = old.digest_scheme if old else NEW_DIGEST  # a job keeps its scheme, so its shards keep their names
     job = Job(
         id=old.id if old else Job.new_id(),
@@ -122,12 +175,12 @@ def plan_job(
     for stale in jobdir.shards.glob("*.npz"):
         if stale.name not in wanted:
             stale.unlink()
-    send = job.missing()
+    to_embed = job.missing()
     for failure in jobdir.failures():  # every chunk without a shard gets a fresh try
         jobdir.clear_failure(failure.start, failure.stop)
     job.save()
-    reused = [c for c in job.chunks if c not in send]
-    return Plan(job, send, reused, dropped, jobdir.pinned_model())
+    reused = [c for c in job.chunks if c not in to_embed]
+    return Plan(job, to_embed, reused, dropped, jobdir.pinned_model())
 
 
 def cut(old: Job | None, spec: Path, rows: int, chunk_rows: int) -> list[tuple[int, int]]:
@@ -147,8 +200,8 @@ def known_digests(old: Job | None, spec: Path, chunk_rows: int, unchanged_rows: 
     return {(c.start, c.stop): c.digest for c in old.chunks if c.stop <= unchanged_rows}
 
 
-def send(app: Celery, job: Job, chunks: list[Chunk]) -> None:
-    """One small JSON message per chunk: a reference to rows, never the rows."""
+def enqueue(app: Celery, job: Job, chunks: list[Chunk]) -> None:
+    """One small JSON message per chunk on the queue: a reference to rows, never the rows."""
     with app.producer_or_acquire() as producer:
         for chunk in chunks:
             app.send_task(TASK_NAME, kwargs=job.message(chunk).encode(), queue=QUEUE, producer=producer)

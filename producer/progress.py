@@ -9,10 +9,25 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
-from producer.job import Job
 from vggish_pipeline.core.errors import JobFailed, TimedOut
-from vggish_pipeline.core.jobdir import Failure
+from vggish_pipeline.core.job import Failure, Job
 from vggish_pipeline.core.shard import read_meta
+
+
+@dataclass
+class Share:
+    """One worker's part in a job, from its shards: chunks, rows and the seconds they took."""
+
+    chunks: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rows_per_s(self) -> float | None:
+        return round(self.rows / self.seconds, 1) if self.seconds else None
+
+    def to_dict(self) -> dict:
+        return {"chunks": self.chunks, "rows": self.rows, "seconds": round(self.seconds, 2), "rows_per_s": self.rows_per_s}
 
 
 @dataclass
@@ -23,19 +38,19 @@ class Status:
     chunks_total: int
     chunks_done: int
     failed: list[Failure] = field(default_factory=list)
-    workers: dict[str, dict] = field(default_factory=dict)
+    workers: dict[str, Share] = field(default_factory=dict)  # by worker name, with per_worker
 
     @property
     def done(self) -> bool:
         return self.chunks_done == self.chunks_total
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "workers": {name: share.to_dict() for name, share in self.workers.items()}}
 
 
 def job_status(job: Job, per_worker: bool = False) -> Status:
     status = Status(job.id, job.rows, 0, len(job.chunks), 0, failed=job.failures())
-    workers: dict[str, dict] = defaultdict(lambda: {"chunks": 0, "rows": 0, "seconds": 0.0})
+    workers: dict[str, Share] = defaultdict(Share)
     for chunk in job.chunks:
         path = job.shard_path(chunk)
         if not path.exists():
@@ -44,13 +59,10 @@ def job_status(job: Job, per_worker: bool = False) -> Status:
         status.chunks_done += 1
         if per_worker:
             meta = read_meta(path)
-            w = workers[meta.worker]
-            w["chunks"] += 1
-            w["rows"] += chunk.rows
-            w["seconds"] += meta.seconds
-    for w in workers.values():
-        w["rows_per_s"] = round(w["rows"] / w["seconds"], 1) if w["seconds"] else None
-        w["seconds"] = round(w["seconds"], 2)
+            share = workers[meta.worker]
+            share.chunks += 1
+            share.rows += chunk.rows
+            share.seconds += meta.seconds
     status.workers = dict(workers)
     return status
 
@@ -125,7 +137,7 @@ class Display:
 
 def wait(
     job: Job,
-    out: TextIO = sys.stderr,
+    out: TextIO | None = None,
     interval: float = 0.1,
     timeout: float | None = None,
     check: Callable[[], None] | None = None,
@@ -140,7 +152,7 @@ def wait(
     began = time.monotonic()
     first = job_status(job)
     activity = Activity(job)
-    display = Display(out, show, first.rows_total, first.rows_done)
+    display = Display(out or sys.stderr, show, first.rows_total, first.rows_done)
     try:
         while True:
             status = job_status(job)

@@ -19,11 +19,11 @@ from typing import TextIO
 from celery import Celery
 from celery.exceptions import DuplicateNodenameWarning
 
-from producer.job import Job
-from producer.plan import send
-from vggish_pipeline.core.broker import live_workers
+from producer.plan import enqueue
+from vggish_pipeline.core.broker import live_workers, outage_errors
 from vggish_pipeline.core.errors import InputError, JobFailed
-from vggish_pipeline.core.message import QUEUE
+from vggish_pipeline.core.job import Job
+from vggish_pipeline.core.message import QUEUE, ChunkMessage, MessageError, WorkerInfo
 
 
 def queue_length(app: Celery) -> int:
@@ -41,16 +41,19 @@ def held_chunks(app: Celery, job: Job) -> set[int]:
     for reply in replies:
         for tasks in reply.values():
             for task in tasks:
-                kwargs = task.get("kwargs") or {}
-                if kwargs.get("out_dir") == job.out_dir and isinstance(kwargs.get("start"), int):
-                    held.add(kwargs["start"])
+                try:
+                    msg = ChunkMessage.decode(task.get("kwargs"))
+                except MessageError:  # not a chunk message (another app's task on this broker)
+                    continue
+                if msg.out_dir == job.out_dir:
+                    held.add(msg.start)
     return held
 
 
-def model_note(job: Job, live: dict[str, dict]) -> str | None:
+def model_note(job: Job, live: dict[str, WorkerInfo]) -> str | None:
     """A line when live workers answer but none has the job's model: its chunks then wait for one."""
     model = job.dir.pinned_model()
-    models = sorted({str(w.get("model")) for w in live.values()})
+    models = sorted({w.model for w in live.values()})
     if not live or model is None or model in models:
         return None
     return f"no live worker has this job's model {model} (they have {', '.join(models)}): its chunks wait for one"
@@ -61,17 +64,18 @@ GONE_PATIENCE = 60.0  # seconds a job folder may be away (moved and back) before
 
 
 class Recovery:
-    def __init__(self, app: Celery, job: Job, every: float = 5.0, out: TextIO = sys.stderr) -> None:
+    def __init__(self, app: Celery, job: Job, every: float = 5.0, out: TextIO | None = None) -> None:
         self.app = app
         self.job = job
         self.every = every
-        self.out = out
+        self.out = out or sys.stderr  # as the call finds it (a notebook, pytest's capture), not as at import
         self.last = time.monotonic()
         self.suspects: set[int] = set()
         self.missing_before = -1
         self.resent: dict[int, int] = {}
         self.model_checked = 0.0  # when live workers' models were last compared with the job's
         self.gone_since = 0.0  # when job.json was first found missing
+        self.outages = outage_errors()
 
     def __call__(self) -> None:
         if time.monotonic() - self.last < self.every:
@@ -99,7 +103,7 @@ class Recovery:
                 self.suspects = set()
                 return
             orphans = set(missing) - held_chunks(self.app, self.job)
-        except Exception as e:  # broker down for now: try again next round
+        except self.outages as e:  # broker down for now: try again next round
             self.out.write(f"\n(broker unreachable, will retry: {type(e).__name__})\n")
             return
         resend = sorted(orphans & self.suspects)
@@ -114,7 +118,7 @@ class Recovery:
         for s in resend:
             self.resent[s] = self.resent.get(s, 0) + 1
         if resend:
-            send(self.app, self.job, [missing[s] for s in resend])
+            enqueue(self.app, self.job, [missing[s] for s in resend])
             n = len(resend)
             self.out.write(
                 f"\nre-sent {n} chunk{'s' * (n != 1)} with no shard and no message left "

@@ -4,13 +4,15 @@ call this; neither holds orchestration of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from producer.plan import Capacity
 from vggish_pipeline.core.errors import UsageError, redact
 from vggish_pipeline.core.identity import checkpoint_files, fingerprint, model_id
 from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings
@@ -18,10 +20,9 @@ from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings
 if TYPE_CHECKING:
     from celery import Celery
 
-    from producer.dataset import Chunk
-    from producer.job import Job
     from producer.plan import Plan, RunSummary
     from vggish_pipeline.core.fleet import Fleet
+    from vggish_pipeline.core.job import Chunk, Job
 
 DEFAULT_CSV = "wavfile_df.csv"
 
@@ -49,7 +50,8 @@ class JobInputs:
         checkpoint: str | os.PathLike | None = None,
         settings: Settings | None = None,
     ) -> JobInputs:
-        """With the defaults: the CSV beside SPEC, the job folder SPEC's, the checkpoint from VGGISH_CHECKPOINT."""
+        """With the defaults: the CSV beside SPEC, the job folder SPEC's, the checkpoint from the
+        settings (VGGISH_CHECKPOINT) unless one is given."""
         settings = settings or Settings.from_env()
         from vggish_pipeline.core.message import EMBEDDING_FORMS
 
@@ -58,15 +60,10 @@ class JobInputs:
             raise UsageError("--chunk-rows must be at least 1")
         if embedding not in EMBEDDING_FORMS:
             raise UsageError(f"embedding must be one of {', '.join(EMBEDDING_FORMS)}, not {embedding!r}")
-        checkpoint = checkpoint or settings.checkpoint
+        settings = settings.given(checkpoint=Path(checkpoint) if checkpoint else None)
         return cls(
-            spec,
-            Path(csv) if csv else spec.parent / DEFAULT_CSV,
-            Path(out) if out else spec.parent,
-            embedding,
-            chunk_rows,
-            Path(checkpoint) if checkpoint else None,
-            settings,
+            spec, Path(csv) if csv else spec.parent / DEFAULT_CSV, Path(out) if out else spec.parent, embedding, chunk_rows,
+            settings.checkpoint, settings,
         )
 
     def required_checkpoint(self) -> Path:
@@ -87,18 +84,14 @@ class JobInputs:
         return sorted({Path(os.path.realpath(self.spec.parent)), Path(os.path.realpath(self.out))})
 
     def plan(
-        self,
-        workers: tuple[int, float | None],
-        model: str | None,
-        unchanged_rows: int = 0,
-        before_writing: Callable[[], None] | None = None,
+        self, capacity: Capacity, model: str | None, *, unchanged_rows: int = 0, before_writing: Callable[[], None] | None = None
     ) -> Plan:
-        """Plan the job for `workers`: how many, and the rows/s of each when known (chunk sizes follow both)."""
+        """Plan the job for `capacity` (chunk sizes follow it unless chunk_rows is given)."""
         from producer.plan import plan_job
 
-        count, speed = workers
         return plan_job(
-            self.spec, self.csv, self.out, self.embedding, self.chunk_rows, count, model, unchanged_rows, before_writing, speed
+            self.spec, self.csv, self.out, embedding=self.embedding, chunk_rows=self.chunk_rows, capacity=capacity, model=model,
+            unchanged_rows=unchanged_rows, before_writing=before_writing,
         )
 
 
@@ -107,86 +100,114 @@ def check_workers(workers: int | None) -> None:
         raise UsageError("--workers must be at least 1")
 
 
-def remote_capacity(app: Celery) -> tuple[int, float | None]:
-    """The broker's live workers: how many, and the rows/s to size chunks for (measured, or a guess for GPUs)."""
-    from producer.job import fleet_speed
-    from vggish_pipeline.core import broker
+@dataclass
+class Crew:
+    """The workers a run uses: a broker's (fleet None), or this machine's own on a private Redis."""
 
-    live = broker.live_workers(app)
-    measured = [w["rows_per_s"] for w in live.values() if w.get("rows_per_s")]
-    return len(live), fleet_speed([str(w.get("device")) for w in live.values()], measured)
+    app: Celery
+    fleet: Fleet | None
+    capacity: Capacity
+
+    def ready(self) -> None:
+        """Return once a local worker has loaded and checked the checkpoint (at once for a broker's)."""
+        if self.fleet is not None:
+            from producer.local import first_ready
+
+            first_ready(self.app, self.fleet)
+
+    def embed(self, job: Job, chunks: list[Chunk], progress: bool = True) -> None:
+        """Enqueue `chunks` and wait for their shards, re-sending lost messages; a local worker that
+        dies is started again (WorkersDied if it keeps dying)."""
+        from producer.plan import enqueue
+        from producer.progress import wait
+        from producer.recovery import Recovery
+
+        enqueue(self.app, job, chunks)
+        recovery = Recovery(self.app, job)
+
+        def check() -> None:
+            if self.fleet is not None:
+                self.fleet.revive()
+            recovery()
+
+        wait(job, check=check, show=progress)
+
+    def described(self) -> dict:
+        """For the run's summary: the local workers started, or the broker used (password hidden)."""
+        if self.fleet is None:
+            return {"broker": redact(self.app.conf.broker_url)}
+        return {"workers": [m.describe() for m in self.fleet.members]}
 
 
-def local_capacity(fleet: Fleet) -> tuple[int, float | None]:
-    """This command's own workers: how many, and the rows/s to size chunks for (a guess for GPUs)."""
-    from producer.job import fleet_speed
+@contextlib.contextmanager
+def crew(inputs: JobInputs, app: Celery | None = None, workers: int | None = None) -> Iterator[Crew]:
+    """The broker's workers when `app` is given (checked reachable first), else this machine's own:
+    a private Redis and one worker per granted GPU (at most `workers`; with none, CPU workers),
+    which end with the block however it ends (Ctrl-C included)."""
+    from producer.plan import check_writable
 
-    return len(fleet.members), fleet_speed([m.where() for m in fleet.members], [])
+    if app is not None:
+        from vggish_pipeline.core import broker
 
-
-def embed(app: Celery, job: Job, chunks: list[Chunk], fleet: Fleet | None, progress: bool = True) -> None:
-    """Send `chunks` and wait for their shards, re-sending lost messages; a local worker that dies
-    is started again (WorkersDied if it keeps dying)."""
-    from producer.plan import send
-    from producer.progress import wait
-    from producer.recovery import Recovery
-
-    send(app, job, chunks)
-    recovery = Recovery(app, job)
-
-    def check() -> None:
-        if fleet is not None:
-            fleet.revive()
-        recovery()
-
-    wait(job, check=check, show=progress)
-
-
-def run_local(
-    inputs: JobInputs, workers: int | None = None, pca_params: Path | None = None, progress: bool = True, parquet: bool = False
-) -> RunSummary:
-    """The whole job on this machine: a private Redis, one worker per granted GPU (at most
-    `workers`; with none, CPU workers), plan, embed, write the outputs. Returns the summary.
-    Everything it starts ends with it, however it ends (Ctrl-C included); shards are kept."""
-    from producer.job import check_writable
-    from producer.local import first_ready, local_workers
-    from vggish_pipeline.core.postprocess import PCA
+        broker.check_connection(app)
+        yield Crew(app, None, remote_capacity(app) if inputs.chunk_rows is None else Capacity())
+        return
+    from producer.local import local_workers
 
     check_workers(workers)  # usage first, then the files
     ckpt = inputs.required_checkpoint()
-    pca = PCA(pca_params) if pca_params else None
     check_writable(inputs.out)  # it takes the workers' logs
-    with local_workers(ckpt, workers, inputs.data_roots(), inputs.out / "logs", inputs.settings) as (app, fleet):
-        # The plan scans the inputs while the workers start. A worker checks the checkpoint as
+    with local_workers(ckpt, workers, inputs.data_roots(), inputs.out / "logs", inputs.settings) as (local_app, fleet):
+        yield Crew(local_app, fleet, Capacity.of([m.where() for m in fleet.members], []))
+
+
+def remote_capacity(app: Celery) -> Capacity:
+    """The broker's live workers: how many, and the rows/s to size chunks for (measured, or a guess for GPUs)."""
+    from vggish_pipeline.core import broker
+
+    live = broker.live_workers(app).values()
+    return Capacity.of([w.device for w in live], [w.rows_per_s for w in live if w.rows_per_s])
+
+
+def run(
+    inputs: JobInputs,
+    *,
+    app: Celery | None = None,
+    workers: int | None = None,
+    pca_params: Path | None = None,
+    progress: bool = True,
+    parquet: bool = False,
+) -> RunSummary:
+    """The whole job: plan, embed, write the outputs, with the broker's workers (`app`) or with
+    this machine's own (see `crew`). Returns the summary; shards are kept however it ends."""
+    from vggish_pipeline.core.postprocess import PCA
+
+    pca = PCA(pca_params) if pca_params else None
+    with crew(inputs, app, workers) as team:
+        # The plan scans the inputs while local workers start. A worker checks the checkpoint as
         # it loads it, and only then may the plan pin the job to it (pinning another model
         # drops the job's shards). This process never imports TensorFlow.
         from producer.finalize import refresh, warm_up  # Arrow loads after the workers are spawned
 
         warm_up()
-        planned = inputs.plan(local_capacity(fleet), inputs.model(), before_writing=lambda: first_ready(app, fleet))
+        planned = inputs.plan(team.capacity, inputs.model(), before_writing=team.ready)
         job = planned.job
         if progress:
-            print(
-                f"job {job.id}: {job.rows} rows, {len(planned.send)} chunks to embed "
-                f"({sum(c.rows for c in planned.reused)} rows reused) on {fleet.summary()}",
-                file=sys.stderr,
-            )
-        embed(app, job, planned.send, fleet, progress)
-        fleet.signal_stop()  # the workers wind down while finalize runs
-        result = refresh(job, pca, parquet)
-    return replace(planned.summary().with_outputs(result), workers=[m.describe() for m in fleet.members])
+            on = team.fleet.summary() if team.fleet else redact(team.app.conf.broker_url)
+            print(f"job {job.id}: {job.rows} rows, {len(planned.to_embed)} chunks to embed "
+                  f"({sum(c.rows for c in planned.reused)} rows reused) on {on}", file=sys.stderr)
+        team.embed(job, planned.to_embed, progress)
+        if team.fleet is not None:
+            team.fleet.signal_stop()  # the workers wind down while finalize runs
+        written = refresh(job, pca, parquet)
+    return replace(planned.summary().with_outputs(written), **team.described())
 
 
-def run_remote(
-    inputs: JobInputs, app: Celery, pca_params: Path | None = None, progress: bool = True, parquet: bool = False
-) -> RunSummary:
-    """The whole job with the broker's workers: enqueue, wait (re-sending what is lost), write the outputs."""
-    from producer.finalize import refresh
-    from vggish_pipeline.core import broker
-    from vggish_pipeline.core.postprocess import PCA
+def enqueue_job(inputs: JobInputs, app: Celery) -> RunSummary:
+    """`producer enqueue`: plan the job for the broker's workers and enqueue what has no shard."""
+    from producer.plan import enqueue
 
-    pca = PCA(pca_params) if pca_params else None
-    broker.check_connection(app)
-    planned = inputs.plan(remote_capacity(app) if inputs.chunk_rows is None else (1, None), inputs.model())
-    embed(app, planned.job, planned.send, None, progress)
-    return replace(planned.summary().with_outputs(refresh(planned.job, pca, parquet)), broker=redact(app.conf.broker_url))
+    with crew(inputs, app) as team:
+        planned = inputs.plan(team.capacity, inputs.model())
+        enqueue(team.app, planned.job, planned.to_embed)
+    return replace(planned.summary(), **team.described())

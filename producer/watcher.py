@@ -4,35 +4,35 @@ API's `watch` both run a Watcher."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from producer.clips import Clip, append_clips, check_label_choice, known_names, locked
+from producer.clips import Clip, ClipOptions, append_clips, known_names, locked
 from producer.inbox import Inbox
-from producer.run import JobInputs, check_workers, embed, local_capacity, remote_capacity
+from producer.run import Crew, JobInputs, check_workers
 from vggish_pipeline.core.errors import InputError, PipelineError, WorkersDied
 
+if TYPE_CHECKING:
+    from vggish_pipeline.core.postprocess import PCA
 
-@dataclass
+
+@dataclass(kw_only=True)
 class Watcher:
-    inputs: JobInputs
+    """A watch of one inbox for one job; `run` it (in a thread for the API's Watch)."""
+
+    inputs: JobInputs  # its settings name the broker whose workers embed (none: start local ones)
     inbox: Path
-    label: str | None = None
-    label_from_folder: bool = False
-    valid: bool = False
-    pad: bool = False
-    broker: str | None = None
-    workers: int | None = None
+    clips: ClipOptions = ClipOptions()
+    workers: int | None = None  # at most this many local workers
     pca_params: Path | None = None
     parquet: bool = False
     settle: float = 1.0
     poll: float = 0.5
-    out: TextIO = sys.stderr
+    out: TextIO = field(default_factory=lambda: sys.stderr)  # where its lines go: stderr as the call finds it
     stopping: threading.Event = field(default_factory=threading.Event)
     refreshes: int = 0  # how many times the outputs were brought up to date
 
@@ -48,71 +48,70 @@ class Watcher:
         """Watch until stopped (or, with `once`, handle what is in the inbox now and return).
         Everything it starts ends with it; an append it is in the middle of is rolled back next time."""
         from producer.audio import warm_up
-        from producer.finalize import refresh
-        from producer.local import first_ready, local_workers
+        from producer.run import crew
         from vggish_pipeline.core import broker
         from vggish_pipeline.core.postprocess import PCA
 
-        check_label_choice(self.label, self.label_from_folder)
+        self.clips.check()
         if not self.inbox.is_dir():
             raise InputError(f"{self.inbox}: no such folder")
         check_workers(self.workers)
-        spec, frame = self.inputs.spec, self.inputs.csv
-        app = broker.optional_app(self.broker, self.inputs.settings)
-        if app is None:
-            self.inputs.required_checkpoint()  # before anything starts
+        app = broker.optional_app(self.inputs.settings)
         model = self.inputs.model()
         pca = PCA(self.pca_params) if self.pca_params else None
-        inbox = Inbox(self.inbox, settle=self.settle)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(locked(spec, frame))
-            if app is None:
-                logs = self.inputs.out / "logs"
-                ckpt = self.inputs.required_checkpoint()
-                app, fleet = stack.enter_context(local_workers(ckpt, self.workers, self.inputs.data_roots(), logs, self.inputs.settings))
-                first_ready(app, fleet)  # the checkpoint is good before any job is pinned to it
-                self.say(f"workers: {fleet.summary()}")
-                workers = local_capacity(fleet)
-            else:
-                fleet = None
-                broker.check_connection(app)
-                workers = remote_capacity(app)
+        frame = self.inputs.csv
+        with locked(self.inputs.spec, frame), crew(self.inputs, app, self.workers) as team:
+            team.ready()  # the checkpoint is good before any job is pinned to it
+            if team.fleet is not None:
+                self.say(f"workers: {team.fleet.summary()}")
             warm_up()  # resampy and numba now, not on the first clip
             names = known_names(frame)
             self.say(f"watching {self.inbox} for recordings ({len(names)} clips already in {frame})")
-            embedded_rows, first = 0, True
-            while not self.stopping.is_set():
-                added = self.ingest(inbox, names)
-                if (added or first) and spec.stat().st_size:
-                    began = time.monotonic()
-                    planned = self.inputs.plan(workers, model, unchanged_rows=embedded_rows)
-                    try:
-                        embed(app, planned.job, planned.send, fleet, progress=False)
-                        refresh(planned.job, pca, self.parquet)
-                    except WorkersDied:
-                        raise
-                    except PipelineError as e:
-                        self.say(f"producer: error: {e} (still watching)")
-                    else:
-                        embedded_rows = planned.job.rows
-                        self.refreshes += 1
-                        summary = planned.summary()
-                        self.say(
-                            f"outputs refreshed: {planned.job.rows} rows ({summary.enqueued_rows} embedded, "
-                            f"{summary.reused_rows} reused) in {time.monotonic() - began:.1f} s"
-                        )
-                first = False
-                if once:
-                    return
-                self.stopping.wait(self.poll)
-                if fleet:
-                    fleet.revive()  # a service replaces a dead worker even while nothing lands
+            self.follow(team, model, pca, names, once)
+
+    def follow(self, team: Crew, model: str | None, pca: PCA | None, names: set[str], once: bool) -> None:
+        """Take what lands, and bring the outputs up to date after each arrival (and at the first look)."""
+        inbox = Inbox(self.inbox, settle=self.settle)
+        embedded_rows, first = 0, True
+        while not self.stopping.is_set():
+            added = self.ingest(inbox, names)
+            if (added or first) and self.inputs.spec.stat().st_size:
+                embedded_rows = self.refresh(team, model, pca, embedded_rows)
+            first = False
+            if once:
+                return
+            self.stopping.wait(self.poll)
+            if team.fleet is not None:
+                team.fleet.revive()  # a service replaces a dead worker even while nothing lands
+
+    def refresh(self, team: Crew, model: str | None, pca: PCA | None, embedded_rows: int) -> int:
+        """Embed the rows past `embedded_rows` and append them to the outputs; the rows embedded after.
+        A failure other than dying workers is a line, and the watch goes on."""
+        from producer.finalize import refresh
+
+        began = time.monotonic()
+        planned = self.inputs.plan(team.capacity, model, unchanged_rows=embedded_rows)
+        try:
+            team.embed(planned.job, planned.to_embed, progress=False)
+            refresh(planned.job, pca, self.parquet)
+        except WorkersDied:
+            raise
+        except PipelineError as e:
+            self.say(f"producer: error: {e} (still watching)")
+            return embedded_rows
+        self.refreshes += 1
+        summary = planned.summary()
+        self.say(
+            f"outputs refreshed: {planned.job.rows} rows ({summary.enqueued_rows} embedded, "
+            f"{summary.reused_rows} reused) in {time.monotonic() - began:.1f} s"
+        )
+        return planned.job.rows
 
     def ingest(self, inbox: Inbox, names: set[str]) -> int:
         """Add the recordings that are ready; each moves to added/ or, with its reason, failed/. Rows added."""
         clips = []
         for path in inbox.ready():
-            label = self.label or inbox.label_folder(path)
+            label = self.clips.label or inbox.label_folder(path)
             if label is None:
                 inbox.move(path, "no label: put the file in a LABEL/ folder, or start watch with --label")
                 self.say(f"{path}: refused, no label folder")
@@ -121,7 +120,7 @@ class Watcher:
         if not clips:
             return 0
         frame = self.inputs.csv
-        results = append_clips(self.inputs.spec, frame, clips, self.valid, self.pad, names, partial=True)
+        results = append_clips(self.inputs.spec, frame, clips, self.clips.valid, self.clips.pad, names, partial=True)
         for r in results:
             if r.duplicate:
                 r.error = f"a clip named {r.clip.file_name} is already in {frame}; rename the file to add it"

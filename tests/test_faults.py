@@ -136,13 +136,13 @@ def test_broker_restarted_twice_and_a_worker_suspended_past_the_resend_while_wai
 
 
 def test_a_chunk_delivered_twice_gives_one_valid_shard(sample, workers, redis_url, expected):
-    from producer.job import Job
-    from producer.plan import send
+    from producer import plan
     from vggish_pipeline.core.broker import make_app
+    from vggish_pipeline.core.job import Job
 
     enqueue(sample, redis_url, 50)
     job = Job.load(sample["dir"])
-    send(make_app(redis_url), job, job.chunks)  # every chunk a second time, as a redelivery would
+    plan.enqueue(make_app(redis_url), job, job.chunks)  # every chunk a second time, as a redelivery would
     workers.start("w1", [sample["dir"]])
     workers.start("w2", [sample["dir"]])
     finish(sample, redis_url, expected)
@@ -286,8 +286,8 @@ def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_a_rerun_finishe
 
 
 def test_messages_the_job_never_planned_do_not_poison_it(sample, workers, redis_url, expected, tmp_path):
-    from producer.job import Job
     from vggish_pipeline.core.broker import make_app
+    from vggish_pipeline.core.job import Job
     from vggish_pipeline.core.message import QUEUE, TASK_NAME
 
     enqueue(sample, redis_url, 64)
@@ -338,7 +338,11 @@ def test_a_crash_between_finalizes_renames_never_leaves_files_of_two_sets(sample
     crashed = subprocess.run([sys.executable, "-c", CRASH_MID_PUBLISH, str(sample["dir"])], capture_output=True, text=True)
     assert crashed.returncode == 9, crashed.stderr
     assert (sample["dir"] / ".publish-journal.json").exists() and out.read_text() == old  # cut mid-publication
-    assert cli("producer", "status", str(sample["dir"])).returncode == 0  # the next command on the folder finishes it
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in sample["dir"].iterdir())
+    status = cli("producer", "status", str(sample["dir"]))
+    assert status.returncode == 0 and "cut short" in status.stdout, status.stdout  # it says so, and writes nothing
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in sample["dir"].iterdir()) == before
+    assert cli("producer", "finalize", str(sample["dir"])).returncode == 0  # the next writer finishes it first
     assert not [p.name for p in sample["dir"].iterdir() if p.name.startswith(".")]  # no journal, no temp file
     assert out.read_text() != old
     check_outputs(sample["dir"], sample["csv"], expected["relu"])  # the new set, whole

@@ -10,7 +10,8 @@ from outputs import check_outputs
 from test_faults import enqueue, finish, shards, status, wait_for
 from test_scaling import grow
 
-from producer.job import Job, default_chunk_rows
+from producer.plan import default_chunk_rows
+from vggish_pipeline.core.job import Job
 from vggish_pipeline.core.message import ChunkMessage
 from vggish_pipeline.core.spectrogram import DIGESTS, digest
 
@@ -40,7 +41,7 @@ def test_a_job_planned_with_the_old_scheme_keeps_it_and_its_shards(sample, model
     from producer.plan import plan_job
 
     args = ["producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]), "--chunk-rows", "80", "--json"]
-    job = plan_job(sample["spec"], sample["csv"], sample["dir"], "relu", 80, 1, None).job
+    job = plan_job(sample["spec"], sample["csv"], sample["dir"], chunk_rows=80).job
     record = json.loads(job.dir.job_file.read_text())
     record["chunks"] = [[c.start, c.stop, digest(np.fromfile(sample["spec"]).reshape(-1, 96, 64)[c.start : c.stop], "blake2b-128")]
                         for c in job.chunks]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,10 +13,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from producer.finalize import OUTPUT_CSV, OUTPUT_DAT, OUTPUT_PCA
-from producer.run import JobInputs, run_local, run_remote
+from producer import outputs
+from producer.run import JobInputs, run
 from vggish_pipeline.core.errors import as_pipeline_error
-from vggish_pipeline.core.shard import EMBEDDING_SIZE
+from vggish_pipeline.core.settings import Settings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,13 +56,12 @@ class Result:
     @property
     def embeddings(self) -> np.ndarray:
         """N x 128 float64, memory-mapped from wavfile_embed.dat (read-only)."""
-        return np.memmap(self.out_dir / OUTPUT_DAT, dtype="<f8", mode="r", shape=(self.rows, EMBEDDING_SIZE))
+        return outputs.embeddings(self.out_dir, self.rows)
 
     @property
     def pca(self) -> np.ndarray | None:
         """N x 128 uint8 from wavfile_embed_pca.dat, if the job wrote one."""
-        path = self.out_dir / OUTPUT_PCA
-        return np.memmap(path, dtype=np.uint8, mode="r", shape=(self.rows, EMBEDDING_SIZE)) if path.exists() else None
+        return outputs.pca_codes(self.out_dir, self.rows)
 
     def frame(self) -> pd.DataFrame:
         """The seed's DataFrame: the input frame's columns (its unnamed index column as the index),
@@ -71,12 +69,11 @@ class Result:
         import pandas as pd
 
         from producer.dataset import csv_header, index_column
-        from producer.finalize import EMBEDDING_COLUMNS
 
-        path = self.out_dir / OUTPUT_CSV
-        inputs = [i for i, name in enumerate(csv_header(path)) if name not in EMBEDDING_COLUMNS]
+        path = self.out_dir / outputs.OUTPUT_CSV
+        inputs = [i for i, name in enumerate(csv_header(path)) if name not in outputs.EMBEDDING_COLUMNS]
         frame = pd.read_csv(path, usecols=inputs, index_col=index_column(path))
-        embeddings = pd.DataFrame(np.asarray(self.embeddings), columns=EMBEDDING_COLUMNS, index=frame.index)
+        embeddings = pd.DataFrame(np.asarray(self.embeddings), columns=outputs.EMBEDDING_COLUMNS, index=frame.index)
         return pd.concat([frame, embeddings], axis=1)
 
 
@@ -100,14 +97,13 @@ def embed(
     GPU (at most `workers`; with none, CPU workers) run inside this call and end with it, even on
     KeyboardInterrupt (shards are kept: call again to go on). With `broker` (a Redis URL), that
     broker's workers do the work. A job folder that has the shards already only does what is new."""
-    inputs = JobInputs.of(spec, csv, out, embedding, chunk_rows, checkpoint)
-    pca = Path(pca_params) if pca_params else None
-    if broker:
-        from vggish_pipeline.core.broker import broker_url, make_app
+    from vggish_pipeline.core.broker import broker_url, make_app
 
-        summary = run_remote(inputs, make_app(broker_url(broker, inputs.settings), inputs.settings), pca, progress, parquet)
-    else:
-        summary = run_local(inputs, workers, pca, progress, parquet)
+    settings = Settings.from_env().given(broker_url=broker)
+    inputs = JobInputs.of(spec, csv, out, embedding, chunk_rows, checkpoint, settings)
+    app = make_app(broker_url(settings), settings) if broker else None
+    pca = Path(pca_params) if pca_params else None
+    summary = run(inputs, app=app, workers=workers, pca_params=pca, progress=progress, parquet=parquet)
     return Result(Path(summary.out_dir), summary.rows, summary)
 
 
@@ -124,18 +120,18 @@ def add_clips(
 ) -> dict:
     """`producer add-clips`: append recordings (files or folders; WAV, FLAC, OGG, MP3…) to SPEC and
     its CSV, all or nothing. Returns the summary (files and rows added)."""
-    from producer.clips import add_files
+    from producer.clips import ClipOptions, add_files
 
     paths = [Path(r) for r in (recordings if isinstance(recordings, list) else [recordings])]
     inputs = JobInputs.of(spec, csv)
-    return add_files(inputs.spec, inputs.csv, paths, label, label_from_folder, valid, pad)
+    return add_files(inputs.spec, inputs.csv, paths, ClipOptions(label, label_from_folder, valid, pad))
 
 
 @own_errors
 def status(out_dir: PathLike) -> Status:
     """How far the job in `out_dir` is: rows and chunks done, failures, chunks per worker."""
-    from producer.job import Job
     from producer.progress import job_status
+    from vggish_pipeline.core.job import Job
 
     return job_status(Job.load(Path(out_dir)), per_worker=True)
 
@@ -198,11 +194,12 @@ def watch(
     poll: float = 0.5,
 ) -> Watch:
     """Start `producer watch` on INBOX in the background and return at once; `.stop()` ends it."""
+    from producer.clips import ClipOptions
     from producer.watcher import Watcher
 
-    inputs = JobInputs.of(spec, csv, out, checkpoint=checkpoint)
+    inputs = JobInputs.of(spec, csv, out, checkpoint=checkpoint, settings=Settings.from_env().given(broker_url=broker))
     watcher = Watcher(
-        inputs, Path(inbox), label, label_from_folder, valid, pad, broker, workers,
-        Path(pca_params) if pca_params else None, parquet, settle, poll, out=sys.stderr,
+        inputs=inputs, inbox=Path(inbox), clips=ClipOptions(label, label_from_folder, valid, pad), workers=workers,
+        pca_params=Path(pca_params) if pca_params else None, parquet=parquet, settle=settle, poll=poll,
     )
     return Watch(watcher)

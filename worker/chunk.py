@@ -7,7 +7,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -18,8 +17,8 @@ from celery.worker.control import inspect_command
 from celery.worker.request import Request
 
 from vggish_pipeline.core.errors import ChunkRefused, InputError, PipelineError
-from vggish_pipeline.core.jobdir import Failure, JobDir
-from vggish_pipeline.core.message import QUEUE, TASK_NAME, ChunkMessage, MessageError
+from vggish_pipeline.core.job import Failure, JobDir
+from vggish_pipeline.core.message import INFO_COMMAND, QUEUE, TASK_NAME, ChunkMessage, MessageError, WorkerInfo
 from vggish_pipeline.core.shard import ShardMeta, write_shard
 from vggish_pipeline.core.spectrogram import RowReader, digest
 
@@ -57,18 +56,6 @@ GPU_IN_FLIGHT = 3  # chunks a GPU worker works on: one in the model, the others 
 # waits for a message, a read or a write (BENCHMARKS.md: idle between chunks); a warm stop hands it back.
 
 
-@dataclass
-class WorkerStats:
-    """What a worker answers `producer status` (remote control `vggish_info`): its device, model, throughput."""
-
-    device: str  # what TensorFlow runs on
-    pinned: str | None  # the GPU or MIG slice the worker was pinned to, if any
-    model: str
-    chunks: int = 0
-    rows: int = 0
-    seconds: float = 0.0
-
-
 class ChunkRunner:
     """Everything a worker does per chunk, around its warm model.
 
@@ -85,7 +72,7 @@ class ChunkRunner:
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self.worker = worker
         self.stopping = stopping
-        self.stats = WorkerStats(model.device, pinned, model.fingerprint)
+        self.stats = WorkerInfo(model.device, pinned, model.fingerprint)
         self._model_lock = threading.Lock()
         self._model_free_since: float | None = None  # when the model last finished a chunk
         self._stats_lock = threading.Lock()
@@ -162,7 +149,7 @@ class ChunkRunner:
             jobdir = self.job_dir(msg)
         except (MessageError, TypeError, ChunkRefused, OSError):
             return
-        if not jobdir.plans(msg.job, msg.source, msg.start, msg.stop, msg.digest, msg.embedding):
+        if not jobdir.plans(msg):
             log.warning("the refused message is not a chunk job %s planned: nothing recorded", msg.job)
             return
         try:
@@ -171,11 +158,11 @@ class ChunkRunner:
             log.error("could not record the failure of rows %d-%d in %s: %s", msg.start, msg.stop, jobdir.failed, e)
 
 
-@inspect_command()
-def vggish_info(state) -> dict:
+@inspect_command(name=INFO_COMMAND)
+def worker_info(state) -> dict:
     """Remote-control reply: this worker's device, model and throughput (see `producer status`)."""
     stats = state.consumer.app.conf.get("vggish_stats")
-    return asdict(stats) if stats else {}
+    return stats.encode() if stats else {}
 
 
 def register(app, runner: ChunkRunner, max_retries: int = 2) -> None:

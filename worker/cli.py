@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,8 +27,6 @@ from worker.model import DEFAULT_BATCH
 if TYPE_CHECKING:
     from celery import Celery
 
-    from vggish_pipeline.core.devices import Device
-    from worker.model import Embedder
 
 
 log = logging.getLogger("worker")
@@ -43,7 +40,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_start(sub)
+    add_up(sub)
+    add_others(sub)
+    return parser.parse_args(argv)
 
+
+def add_start(sub) -> None:
     start = sub.add_parser("start", help="run one worker process on one device")
     start.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
     add_tls_flags(start)
@@ -82,6 +85,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add_gpu_flags(start)
     start.add_argument("--loglevel", default="info", help="Celery log level (default info)")
 
+
+def add_up(sub) -> None:
     up = sub.add_parser("up", help="start one worker per GPU (or N CPU workers) in the foreground")
     which = up.add_mutually_exclusive_group(required=True)
     which.add_argument(
@@ -96,6 +101,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     up.add_argument("--data-root", type=Path, action="append", help="as for `worker start`")
     add_gpu_flags(up)
 
+
+def add_others(sub) -> None:
     down = sub.add_parser("down", help="ask a worker to finish its current chunk and leave")
     down.add_argument("name", help="worker name, e.g. gpu3@host")
     down.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
@@ -118,7 +125,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     make.add_argument("out_dir", type=Path, help="folder for the UNTRAINED checkpoint and PCA params")
     make.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     make.add_argument("--v2", action="store_true", help="write the V2 format instead of the official V1")
-    return parser.parse_args(argv)
 
 
 def add_gpu_flags(parser: argparse.ArgumentParser) -> None:
@@ -132,101 +138,11 @@ def add_gpu_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def default_name(args: argparse.Namespace, device: Device | None) -> str:
-    host = socket.gethostname()
-    if device is not None:
-        return f"{device.short}@{host}"
-    return f"cpu{os.getpid()}@{host}" if args.cpu else f"worker{os.getpid()}@{host}"
-
-
-def data_roots(flags: list[Path] | None, settings: Settings) -> list[Path]:
-    roots = flags or list(settings.data_roots) or [Path.cwd()]
-    for root in roots:
-        if not root.is_dir():
-            raise PipelineError(f"data root {root} is not a folder this worker can see (shared storage mounted?)")
-    return roots
-
-
 def start(args: argparse.Namespace, settings: Settings) -> int:
-    from vggish_pipeline.core import broker
+    from worker.boot import StartOptions
+    from worker.boot import start as boot
 
-    url = broker.broker_url(args.broker, settings)
-    checkpoint = args.checkpoint or settings.checkpoint
-    if checkpoint is None:
-        raise UsageError(f"no checkpoint: pass --checkpoint or set {CHECKPOINT_ENV}")
-    if args.chunks_in_flight is not None and args.chunks_in_flight < 1:
-        raise UsageError("--chunks-in-flight must be at least 1")
-    if args.gpu_memory_limit is not None and args.gpu_memory_limit < 1:
-        raise UsageError("--gpu-memory-limit must be at least 1 MiB")
-    from vggish_pipeline.core.devices import cpu_list, memory_policy, pin_process, runtime_env
-
-    roots = data_roots(args.data_root, settings)
-    device = pin_process(args.gpu, settings.nvidia_smi_timeout) if args.gpu is not None else None
-    if args.cpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
-    os.environ.update(runtime_env(settings.cache_dir, os.environ))  # before TensorFlow and CUDA read them
-    name = args.name or settings.worker_name or default_name(args, device)
-    log.info(
-        "%s: pinned to %s, CUDA_VISIBLE_DEVICES=%s, CPUs %s",
-        name,
-        device.describe() if device else "no GPU",
-        os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"),
-        cpu_list(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "all",
-    )
-
-    # The weights load on a helper thread from here on (~0.8 s without the GIL); meanwhile
-    # Celery loads, connects and starts, and is then held at worker_init until they are in.
-    from worker.model import Embedder  # TensorFlow loads only now, after CUDA_VISIBLE_DEVICES is set
-
-    model = Embedder(
-        checkpoint, settings.cache_dir, args.threads, args.batch_size, tf32=args.tf32 or settings.tf32,
-        gpu_memory_limit=settings.gpu_memory_limit,
-        require_gpu=device.describe() if device is not None and not settings.allow_cpu_fallback else None,
-    )
-    if device is not None and not model.on_gpu:
-        log.warning("pinned to %s, but TensorFlow sees no GPU there (%s): computing on the CPU, as %s=1 allows",
-                    device.describe(), model.no_gpu_reason, CPU_FALLBACK_ENV)
-    from worker.chunk import GPU_IN_FLIGHT, ChunkRunner, serve
-
-    app = broker.make_app(url, settings)
-    broker.check_connection(app)
-    broker.poll_briefly(app)
-    log.info(
-        "%s: TensorFlow device %s, %s threads, batches of %d rows, checkpoint %s (model %s), data roots %s",
-        name,
-        model.device,
-        model.threads or "all cores'",
-        model.batch_size,
-        checkpoint,
-        model.fingerprint,
-        ", ".join(map(str, roots)),
-    )
-    log.info("%s: GPU memory: %s%s", name, memory_policy(os.environ, model.memory_limit), "" if model.on_gpu else "; computing on the CPU")
-    if model.untrained:
-        log.warning("checkpoint %s holds UNTRAINED seeded random weights: its embeddings mean nothing", checkpoint)
-    runner = ChunkRunner(model, roots, name, device.describe() if device else None)
-    in_flight = args.chunks_in_flight or (GPU_IN_FLIGHT if model.device.startswith("GPU") else 1)
-    code = serve(app, runner, name, args.loglevel, in_flight, before_start=lambda: await_weights(model))
-    # Celery has acked the last chunk and every shard is fsynced. Tearing down TensorFlow at
-    # interpreter exit would take another ~0.8 s per worker (measured) for nothing, so leave now.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def await_weights(model: Embedder) -> None:
-    """Hold Celery before it connects (no ping answered, no chunk taken) until the weights are in,
-    so "ready" still means a checked, loaded model; leave with the one-line error if not."""
-    try:
-        model.loaded()
-    except PipelineError as e:
-        print(error_line(e), file=sys.__stderr__, flush=True)  # Celery has taken over sys.stderr
-        os._exit(e.exit_code)  # nothing is connected yet
-
-
-def error_line(e: PipelineError) -> str:
-    return f"worker: error: {e}"
+    boot(StartOptions(args.gpu, args.cpu, args.threads, args.batch_size, args.chunks_in_flight, args.loglevel), settings)
 
 
 def up(args: argparse.Namespace, settings: Settings) -> int:
@@ -246,9 +162,9 @@ def up(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--cpus must be at least 1")
     else:
         gpus = []
-    broker.broker_url(args.broker, settings)  # fails now, in one line, if none is given
+    broker.broker_url(settings)  # fails now, in one line, if none is given
     # The URL reaches the workers by environment, as given (a password file stays a file): a command line shows it to `ps`.
-    env = {BROKER_ENV: args.broker or str(settings.broker_url), **settings.tls_env()}
+    env = {BROKER_ENV: str(settings.broker_url), **settings.tls_env()}
     common = ["--batch-size", str(args.batch_size), *(["--tf32"] if args.tf32 else [])]
     common += ["--allow-cpu-fallback"] if args.allow_cpu_fallback else []
     common += ["--gpu-memory-limit", str(args.gpu_memory_limit)] if args.gpu_memory_limit else []
@@ -272,26 +188,25 @@ def ping(args: argparse.Namespace, settings: Settings) -> Celery:
     """The broker's app, once the worker named (or VGGISH_WORKER_NAME) has answered its ping."""
     from vggish_pipeline.core import broker
 
-    args.name = args.name or settings.worker_name
-    if not args.name:
+    if not settings.worker_name:
         raise UsageError(f"name a worker, or set {NAME_ENV}")
-    app = broker.make_app(broker.broker_url(args.broker, settings), settings)
+    app = broker.make_app(broker.broker_url(settings), settings)
     broker.check_connection(app)
-    if not app.control.ping(destination=[args.name], timeout=2.0):
-        raise PipelineError(f"no live worker named {args.name}")
+    if not app.control.ping(destination=[settings.worker_name], timeout=2.0):
+        raise PipelineError(f"no live worker named {settings.worker_name}")
     return app
 
 
 def down(args: argparse.Namespace, settings: Settings) -> int:
-    ping(args, settings).control.shutdown(destination=[args.name])
-    print(f"asked {args.name} to finish its current chunk and stop")
+    ping(args, settings).control.shutdown(destination=[settings.worker_name])
+    print(f"asked {settings.worker_name} to finish its current chunk and stop")
     return 0
 
 
 def doctor(args: argparse.Namespace, settings: Settings) -> int:
     from worker.doctor import examine
 
-    return examine(settings, args.checkpoint or settings.checkpoint, lambda line: print(line, flush=True))
+    return examine(settings, settings.checkpoint, lambda line: print(line, flush=True))
 
 
 def make_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
@@ -321,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         error = as_pipeline_error(e)
         if error is None:
             raise
-        print(error_line(error), file=sys.stderr)
+        print(f"worker: error: {error}", file=sys.stderr)
         return error.exit_code
 
 

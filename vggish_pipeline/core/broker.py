@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from vggish_pipeline.core.errors import BrokerError, UsageError, os_error_line, redact
-from vggish_pipeline.core.message import QUEUE
+from vggish_pipeline.core.message import INFO_COMMAND, QUEUE, WorkerInfo
 from vggish_pipeline.core.settings import BROKER_ENV, CERT_ENV, KEY_ENV, PASSWORD_FILE_ENV, Settings
 
 if TYPE_CHECKING:
     from celery import Celery
 
-def given_url(flag: str | None, settings: Settings) -> str | None:
+def given_url(settings: Settings) -> str | None:
     """--broker, else VGGISH_BROKER_URL; the password from VGGISH_BROKER_PASSWORD_FILE goes in here,
     so it never has to sit in a command line or an environment that `ps`/`docker inspect` show."""
-    url = flag or settings.broker_url
+    url = settings.broker_url
     if not url or settings.password_file is None:
         return url
     try:
@@ -30,16 +30,16 @@ def given_url(flag: str | None, settings: Settings) -> str | None:
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"))
 
 
-def broker_url(flag: str | None, settings: Settings) -> str:
-    url = given_url(flag, settings)
+def broker_url(settings: Settings) -> str:
+    url = given_url(settings)
     if not url:
         raise BrokerError(f"no broker: pass --broker URL or set {BROKER_ENV} (e.g. redis://:PASSWORD@host:6379/0)")
     return url
 
 
-def optional_app(flag: str | None, settings: Settings) -> Celery | None:
+def optional_app(settings: Settings) -> Celery | None:
     """The app for --broker or the environment's broker, or None where neither names one."""
-    url = given_url(flag, settings)
+    url = given_url(settings)
     return make_app(url, settings) if url else None
 
 
@@ -83,7 +83,7 @@ def transport_options(settings: Settings) -> dict:
 def make_app(url: str, settings: Settings | None = None) -> Celery:
     from celery import Celery  # here, so a worker can read its URL before Celery loads (see worker.cli)
 
-    settings = settings or Settings()
+    settings = settings or Settings.from_env()
 
     app = Celery("vggish", broker=url, set_as_current=False)
     app.conf.update(
@@ -132,11 +132,23 @@ def poll_briefly(app: Celery) -> None:
         app.conf.broker_transport_options = {**app.conf.broker_transport_options, "polling_interval": 0.1}
 
 
-def live_workers(app: Celery, timeout: float = 1.0) -> dict[str, dict]:
-    """Every worker answering now, with its device, model, chunks, rows and rows/s."""
+def live_workers(app: Celery, timeout: float = 1.0) -> dict[str, WorkerInfo]:
+    """Every worker answering now, by name: its device, model, chunks, rows and rows/s."""
     workers = {}
-    for reply in app.control.broadcast("vggish_info", reply=True, timeout=timeout) or []:
-        for name, info in reply.items():
-            seconds = info.get("seconds") or 0.0
-            workers[name] = {**info, "rows_per_s": round(info.get("rows", 0) / seconds, 1) if seconds else None}
+    for reply in app.control.broadcast(INFO_COMMAND, reply=True, timeout=timeout) or []:
+        for name, answer in reply.items():
+            info = WorkerInfo.decode(answer)
+            if info is not None:
+                workers[name] = info
     return workers
+
+
+def outage_errors() -> tuple[type[Exception], ...]:
+    """What a broker that is down or out of reach raises through kombu and redis-py (a refused or
+    reset connection, a timeout, a server still loading): the errors a loop may wait out and retry.
+    Anything else, an ACL refusal included, is not an outage."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    return (OSError, OperationalError, RedisConnectionError, RedisTimeout)

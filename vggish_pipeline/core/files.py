@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,55 +118,65 @@ def finish_set(folder: Path) -> None:
     fsync_folder(folder)
 
 
-def append_set(appends: list[tuple[Path, bytes]], commit: Path, record: bytes) -> None:
-    """Append bytes to several files of one folder, then replace `commit` (the record of what they
-    hold) with `record`, as one step: `commit` is the step's commit point.
+def append_together(appends: list[tuple[Path, bytes | Path]], journal: Path, commit: tuple[Path, bytes] | None = None) -> None:
+    """Append to several files of one folder as one step: bytes, or a file's whole content.
 
-    A journal first notes each file's size and the record's digest. A crash before the record is
-    in place leaves the files cut back to their old sizes by `finish_append` (run by the next
-    command on the folder, and here at once on a failure); after it, the step is done. Each file
-    gets its bytes in one write, fsynced: readers see whole rows arrive, not a trickle.
+    `journal` first notes each file's size (and the digest of `commit`'s record, when there is
+    one). With a commit, the step is done once that record (what the files hold) replaces the
+    commit file; without, once the journal is gone. A crash before that leaves the files cut back
+    to their old sizes by `settle_append` (run by the next command on the files, and here at
+    once on a failure). Each file gets its bytes in one pass, fsynced: readers see whole rows arrive.
+    The one protocol for `add-clips` (the .dat and the CSV) and for outputs that grow in place.
     """
-    folder = commit.parent
-    finish_append(folder)
-    journal = folder / APPEND_JOURNAL
-    sizes = {str(path): path.stat().st_size for path, _ in appends}
-    write_json(journal, {"sizes": sizes, "commit": str(commit), "digest": hashlib.sha256(record).hexdigest()})
+    settle_append(journal)
+    folder = journal.parent
+    step: dict = {"sizes": {os.path.realpath(path): path.stat().st_size for path, _ in appends}}
+    if commit is not None:
+        step.update(commit=str(commit[0]), digest=hashlib.sha256(commit[1]).hexdigest())
+    write_json(journal, step)
     fsync_folder(folder)
-    path = commit  # the file being written, for the error line
+    path = journal  # the file being written, for the error line
     try:
         for path, data in appends:
             with open(path, "ab") as f:
-                f.write(data)
+                if isinstance(data, Path):
+                    with open(data, "rb") as src:
+                        shutil.copyfileobj(src, f, 1 << 22)
+                else:
+                    f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        path = commit
-        with atomic_write(commit) as f:
-            f.write(record)
+        if commit is not None:
+            path = commit[0]
+            with atomic_write(commit[0]) as f:
+                f.write(commit[1])
+            fsync_folder(folder)
+        journal.unlink()
         fsync_folder(folder)
     except BaseException as e:
         with contextlib.suppress(OSError):
-            finish_append(folder)
+            settle_append(journal)
         failed_write(e, path, [])
-    finish_append(folder)
 
 
-def finish_append(folder: Path) -> None:
-    """Settle an append_set a crash cut short: done if its record is in place, else cut back."""
-    journal = folder / APPEND_JOURNAL
+def settle_append(journal: Path) -> bool:
+    """Settle an append_together a crash cut short: done if its commit record is in place, else
+    every file cut back to its size before. True if there was one to settle."""
     try:
         step = json.loads(journal.read_text())
     except FileNotFoundError:
-        return
-    commit = Path(step["commit"])
-    done = commit.exists() and hashlib.sha256(commit.read_bytes()).hexdigest() == step["digest"]
+        return False
+    commit = step.get("commit")
+    done = commit is not None and os.path.exists(commit) and hashlib.sha256(Path(commit).read_bytes()).hexdigest() == step["digest"]
     if not done:
         for path, size in step["sizes"].items():
             with contextlib.suppress(FileNotFoundError), open(path, "r+b") as f:
-                f.truncate(size)
-                os.fsync(f.fileno())
+                if os.fstat(f.fileno()).st_size > size:
+                    f.truncate(size)
+                    os.fsync(f.fileno())
     journal.unlink()
-    fsync_folder(folder)
+    fsync_folder(journal.parent)
+    return True
 
 
 def fsync_folder(folder: Path) -> None:

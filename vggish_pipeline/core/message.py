@@ -1,8 +1,9 @@
-"""The one message a producer sends per chunk: a reference to rows of a file, never the data.
+"""What crosses the broker: the one message a producer sends per chunk (a reference to rows of a
+file, never the data), and what a worker answers when asked about itself.
 
-It travels as the keyword arguments of the Celery task TASK_NAME, JSON-encoded, on QUEUE.
-A producer in another language can enqueue by sending a Celery protocol-2 message with
-these kwargs (see README, "Message").
+The chunk message travels as the keyword arguments of the Celery task TASK_NAME, JSON-encoded,
+on QUEUE. A producer in another language can enqueue by sending a Celery protocol-2 message with
+these kwargs (see README, "Message"). The answer is the remote-control reply INFO_COMMAND.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ TASK_NAME = "vggish.embed_chunk"
 QUEUE = "vggish"
 SCHEMA = 1
 EMBEDDING_FORMS = ("relu", "linear")
+INFO_COMMAND = "vggish_info"
 
 
 class MessageError(ValueError):
@@ -66,3 +68,34 @@ class ChunkMessage:
         if msg.embedding not in EMBEDDING_FORMS:
             raise MessageError(f"message embedding {msg.embedding!r} is not one of {EMBEDDING_FORMS}")
         return msg
+
+
+@dataclass
+class WorkerInfo:
+    """A worker about itself (remote control INFO_COMMAND, `producer status`): device, model, throughput."""
+
+    device: str  # what TensorFlow runs on
+    pinned: str | None  # the GPU or MIG slice the worker was pinned to, if any
+    model: str
+    chunks: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rows_per_s(self) -> float | None:
+        return round(self.rows / self.seconds, 1) if self.seconds else None
+
+    def encode(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def decode(cls, reply: dict) -> WorkerInfo | None:
+        """The reply as sent, or None for one that is not a worker's of this project (another app's)."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(reply, dict) or not {"device", "model"} <= set(reply):
+            return None
+        return cls(**{k: v for k, v in reply.items() if k in names})
+
+    def to_dict(self) -> dict:
+        """For `status --json`: the fields and rows_per_s."""
+        return {**asdict(self), "rows_per_s": self.rows_per_s}

@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from vggish_pipeline.core.errors import UsageError
 
@@ -46,6 +47,13 @@ VARIABLES = {
     CPU_FALLBACK_ENV: "1 lets a worker pinned to a GPU that TensorFlow cannot see compute on the CPU, ~100x slower (flag "
     "--allow-cpu-fallback; default 0: it stops at start with TensorFlow's reason)",
     GPU_MEMORY_ENV: "MiB of GPU memory each worker may take (flag --gpu-memory-limit; default: what it needs, grown on demand)",
+}
+
+# Each Settings field a flag can set: the flag's argparse name. A flag given wins over its variable.
+FLAGS = {
+    "broker_url": "broker", "checkpoint": "checkpoint", "data_roots": "data_root", "worker_name": "name", "tf32": "tf32",
+    "allow_cpu_fallback": "allow_cpu_fallback", "gpu_memory_limit": "gpu_memory_limit",
+    "broker_ca": "broker_ca", "broker_cert": "broker_cert", "broker_key": "broker_key",
 }
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
@@ -112,17 +120,19 @@ class Settings:
         )
 
 
+    def given(self, **values: Any) -> Settings:
+        """These settings with the values a caller gave (a flag, an API argument) laid over their
+        variables; None, False or an empty list leaves the variable's."""
+        absent = [name for name, value in values.items() if value is None or value is False or value in ([], ())]
+        return replace(self, **{name: value for name, value in values.items() if name not in absent})
+
     def with_flags(self, args: argparse.Namespace) -> Settings:
-        """These settings with the flags a command was given (the TLS flags, see add_tls_flags, and the
-        GPU ones of `worker start`/`up`) laid over them."""
-        return replace(
-            self,
-            allow_cpu_fallback=getattr(args, "allow_cpu_fallback", False) or self.allow_cpu_fallback,
-            gpu_memory_limit=getattr(args, "gpu_memory_limit", None) or self.gpu_memory_limit,
-            broker_ca=getattr(args, "broker_ca", None) or self.broker_ca,
-            broker_cert=getattr(args, "broker_cert", None) or self.broker_cert,
-            broker_key=getattr(args, "broker_key", None) or self.broker_key,
-        )
+        """These settings with the flags a command was given (FLAGS) laid over them: the one place
+        a flag meets its environment variable."""
+        given = {name: getattr(args, dest, None) for name, dest in FLAGS.items()}
+        if given["data_roots"]:
+            given["data_roots"] = tuple(given["data_roots"])
+        return self.given(**given)
 
     def tls_env(self) -> dict[str, str]:
         """The TLS files as environment, for worker processes started from here."""

@@ -8,11 +8,13 @@ shard made from other rows or another form can never be mistaken for the one wan
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from vggish_pipeline.core.errors import InputError
 from vggish_pipeline.core.files import atomic_write
 
 EMBEDDING_SIZE = 128
@@ -51,15 +53,31 @@ def write_shard(directory: Path, meta: ShardMeta, embeddings: np.ndarray) -> boo
     return True
 
 
+# What a damaged shard raises as NumPy and json read it: cut off, not a zip, a field missing or extra.
+DAMAGE = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile)
+
+
+def damaged(path: Path, e: BaseException) -> InputError:
+    return InputError(f"{path}: unreadable shard ({type(e).__name__}: {e}); delete it and re-run `producer enqueue`")
+
+
 def read_shard(path: Path) -> tuple[ShardMeta, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        meta = ShardMeta(**json.loads(str(npz["meta"])))
-        embeddings = npz["embeddings"]
+    """A shard's facts and embeddings; a damaged one (or one whose contents do not fit its name) is one InputError line."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = ShardMeta(**json.loads(str(npz["meta"])))
+            embeddings = npz["embeddings"]
+    except DAMAGE as e:
+        raise damaged(path, e) from e
     if embeddings.shape != (meta.stop - meta.start, EMBEDDING_SIZE) or path.name != meta.name:
-        raise ValueError(f"{path}: shard contents do not match its name")
+        raise damaged(path, ValueError("its contents do not match its name"))
     return meta, embeddings
 
 
 def read_meta(path: Path) -> ShardMeta:
-    with np.load(path, allow_pickle=False) as npz:
-        return ShardMeta(**json.loads(str(npz["meta"])))
+    """A shard's facts alone; a damaged shard is one InputError line."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return ShardMeta(**json.loads(str(npz["meta"])))
+    except DAMAGE as e:
+        raise damaged(path, e) from e

@@ -1,0 +1,198 @@
+"""The job: its record (job.json: which rows of which file, cut into which chunks, embedded in
+which form), and the folder that producer, workers and finalizer share: job.json, model.json
+(the model it is pinned to), shards/, failed/. The disk is the job's source of truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from vggish_pipeline.core.errors import InputError
+from vggish_pipeline.core.files import create_json, write_json
+from vggish_pipeline.core.message import ChunkMessage
+from vggish_pipeline.core.shard import shard_name
+from vggish_pipeline.core.spectrogram import OLD_DIGEST
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows [start, stop) of the source, and the digest of their bytes."""
+
+    start: int
+    stop: int
+    digest: str
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+JOB_FILE = "job.json"
+MODEL_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A chunk a worker gave up on: its rows, why, and which worker (failed/START-STOP.json)."""
+
+    start: int
+    stop: int
+    reason: str
+    worker: str
+
+    @classmethod
+    def read(cls, path: Path) -> Failure | None:
+        """The record at `path`; None for one that is unreadable or not a failure record."""
+        try:
+            record = json.loads(path.read_text())
+            return cls(int(record["start"]), int(record["stop"]), str(record["reason"]), str(record["worker"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+class JobDir:
+    """Where each piece of a job's state lives on disk; the disk is the job's source of truth."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.job_file = path / JOB_FILE
+        self.model_file = path / MODEL_FILE
+        self.shards = path / "shards"
+        self.failed = path / "failed"
+
+    def ensure(self) -> None:
+        self.shards.mkdir(parents=True, exist_ok=True)
+        self.failed.mkdir(exist_ok=True)
+
+    def shard_path(self, start: int, stop: int, digest: str, embedding: str) -> Path:
+        return self.shards / shard_name(start, stop, digest, embedding)
+
+    def pinned_model(self) -> str | None:
+        try:
+            return json.loads(self.model_file.read_text())["fingerprint"]
+        except FileNotFoundError:
+            return None
+
+    def pin_model(self, fingerprint: str) -> str:
+        """Pin the job to a model unless one is pinned already; return the job's model."""
+        create_json(self.model_file, {"fingerprint": fingerprint})
+        return self.pinned_model() or fingerprint
+
+    def repin_model(self, fingerprint: str) -> bool:
+        """Pin the job to `fingerprint`, dropping every shard of another model; True if shards were dropped."""
+        old = self.pinned_model()
+        if old == fingerprint:
+            return False
+        dropped = False
+        if old is not None:
+            for shard in self.shards.glob("*.npz"):
+                shard.unlink()
+                dropped = True
+        write_json(self.model_file, {"fingerprint": fingerprint})
+        return dropped
+
+    def _failure_path(self, start: int, stop: int) -> Path:
+        return self.failed / f"{start:012d}-{stop:012d}.json"
+
+    def record_failure(self, failure: Failure) -> None:
+        write_json(self._failure_path(failure.start, failure.stop), asdict(failure))
+
+    def clear_failure(self, start: int, stop: int) -> None:
+        self._failure_path(start, stop).unlink(missing_ok=True)
+
+    def plans(self, msg: ChunkMessage) -> bool:
+        """Whether job.json plans exactly this chunk: only then may a refusal count as its failure
+        (a stale or forged message must not poison the job)."""
+        try:
+            job = Job.read(self.job_file)
+        except InputError:
+            return False
+        return (
+            job.id == msg.job and job.source == msg.source and job.embedding == msg.embedding
+            and Chunk(msg.start, msg.stop, msg.digest) in job.chunks
+        )
+
+    def failures(self) -> list[Failure]:
+        if not self.failed.is_dir():
+            return []
+        return [f for f in map(Failure.read, sorted(self.failed.glob("*.json"))) if f is not None]
+
+
+@dataclass
+class Job:
+    id: str
+    out_dir: str
+    source: str
+    csv: str
+    rows: int
+    chunk_rows: int
+    embedding: str
+    chunks: list[Chunk] = field(default_factory=list)
+    digest_scheme: str = OLD_DIGEST  # jobs planned before schemes existed used blake2b-128
+
+    @property
+    def dir(self) -> JobDir:
+        return JobDir(Path(self.out_dir))
+
+    def shard_path(self, chunk: Chunk) -> Path:
+        return self.dir.shard_path(chunk.start, chunk.stop, chunk.digest, self.embedding)
+
+    def message(self, chunk: Chunk) -> ChunkMessage:
+        return ChunkMessage(
+            self.id, self.out_dir, self.source, chunk.start, chunk.stop, chunk.digest, self.embedding, digest_scheme=self.digest_scheme
+        )
+
+    def missing(self) -> list[Chunk]:
+        """Chunks that have no shard yet."""
+        return [c for c in self.chunks if not self.shard_path(c).exists()]
+
+    def failures(self) -> list[Failure]:
+        """Failure records of chunks this plan has and that have no shard: a chunk with its shard is
+        done, whatever was recorded before, and a record of rows the plan does not cut is stale."""
+        missing = {(c.start, c.stop) for c in self.missing()}
+        return [f for f in self.dir.failures() if (f.start, f.stop) in missing]
+
+    def save(self) -> None:
+        record = asdict(self)
+        record["chunks"] = [[c.start, c.stop, c.digest] for c in self.chunks]
+        write_json(self.dir.job_file, record)
+
+    @classmethod
+    def read(cls, path: Path) -> Job:
+        """The record in job.json at `path`, as written."""
+        try:
+            record = json.loads(path.read_text())
+            record["chunks"] = [Chunk(int(a), int(b), str(d)) for a, b, d in record["chunks"]]
+            return cls(**record)
+        except FileNotFoundError:
+            raise InputError(f"{path.parent}: not a job folder (no job.json); run `producer enqueue` first") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: corrupt job record ({type(e).__name__}: {e})") from e
+
+    @classmethod
+    def load(cls, out_dir: Path) -> Job:
+        """The job whose folder is `out_dir` (see found_at). Reads only: nothing is written."""
+        if not out_dir.is_dir():
+            raise InputError(f"{out_dir}: no such job folder")
+        return cls.read(JobDir(out_dir).job_file).found_at(out_dir)
+
+    def found_at(self, out_dir: Path) -> Job:
+        """The job as found in `out_dir`: a folder moved, renamed or copied since job.json was written
+        is this job's folder now, and inputs that were inside the old one are inside this one."""
+        here, then = Path(os.path.realpath(out_dir)), Path(self.out_dir)
+        if here == then:
+            return self
+        inside = lambda p: str(here / Path(p).relative_to(then)) if Path(p).is_relative_to(then) else p  # noqa: E731
+        return replace(self, out_dir=str(here), source=inside(self.source), csv=inside(self.csv))
+
+    @classmethod
+    def load_if_any(cls, out_dir: Path) -> Job | None:
+        """The job planned in `out_dir` before, or None if none was."""
+        return cls.load(out_dir) if JobDir(out_dir).job_file.exists() else None
+
+    @classmethod
+    def new_id(cls) -> str:
+        return uuid.uuid4().hex[:12]
