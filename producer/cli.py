@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from producer.run import DEFAULT_CSV
 from vggish_pipeline.core import package_version
 from vggish_pipeline.core.errors import EXIT_CODES, INTERRUPTED, JobFailed, UsageError, as_pipeline_error
-from vggish_pipeline.core.message import EMBEDDING_FORMS
+from vggish_pipeline.core.message import DEFAULT_EMBEDDING, EMBEDDING_FORMS
 from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings, add_tls_flags, variables_help
 
 if TYPE_CHECKING:
@@ -41,7 +41,8 @@ def add_job_commands(sub) -> None:
         p.add_argument("--csv", type=Path, help=f"the frame, one row per spectrogram (default: {DEFAULT_CSV} beside SPEC)")
         p.add_argument("--out", type=Path, help="job folder for shards and outputs (default: SPEC's folder)")
         p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: from job size and worker count)")
-        p.add_argument("--embedding", choices=EMBEDDING_FORMS, default="relu", help="128-d layer form (default relu, as the seed)")
+        p.add_argument("--embedding", choices=EMBEDDING_FORMS, default=DEFAULT_EMBEDDING,
+                       help=f"128-d layer form (default {DEFAULT_EMBEDDING}, as the seed)")
         p.add_argument("--checkpoint", type=Path, help=f"pin the job to this checkpoint (env {CHECKPOINT_ENV})")
 
     enqueue = sub.add_parser("enqueue", help="plan chunks and send one message per chunk that has no shard")
@@ -102,7 +103,8 @@ def add_clip_commands(sub) -> None:
     clip_options(watch)
     watch.add_argument("--out", type=Path, help="job folder (default: SPEC's folder)")
     watch.add_argument("--chunk-rows", type=int, help="rows per chunk (default: from job size and worker count)")
-    watch.add_argument("--embedding", choices=EMBEDDING_FORMS, default="relu", help="128-d layer form (default relu)")
+    watch.add_argument("--embedding", choices=EMBEDDING_FORMS, default=DEFAULT_EMBEDDING,
+                       help=f"128-d layer form (default {DEFAULT_EMBEDDING})")
     watch.add_argument("--checkpoint", type=Path, help=f"checkpoint (env {CHECKPOINT_ENV})")
     watch.add_argument("--broker", help="use this broker's workers (env VGGISH_BROKER_URL); default: start local ones")
     add_tls_flags(watch)
@@ -123,7 +125,7 @@ def inputs(args: argparse.Namespace, settings: Settings) -> JobInputs:
     from producer.run import JobInputs
 
     return JobInputs.of(
-        args.spec, args.csv, getattr(args, "out", None), getattr(args, "embedding", "relu"), getattr(args, "chunk_rows", None),
+        args.spec, args.csv, getattr(args, "out", None), getattr(args, "embedding", DEFAULT_EMBEDDING), getattr(args, "chunk_rows", None),
         settings=settings,
     )
 

@@ -14,7 +14,7 @@ from producer.dataset import scan, validate
 from producer.outputs import Written
 from vggish_pipeline.core.errors import InputError
 from vggish_pipeline.core.job import Chunk, Job
-from vggish_pipeline.core.message import QUEUE, TASK_NAME
+from vggish_pipeline.core.message import DEFAULT_EMBEDDING, QUEUE, TASK_NAME
 from vggish_pipeline.core.spectrogram import NEW_DIGEST
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def plan_job(
     frame: Path,
     out_dir: Path,
     *,
-    embedding: str = "relu",
+    embedding: str = DEFAULT_EMBEDDING,
     chunk_rows: int | None = None,
     capacity: Capacity | None = None,
     model: str | None = None,

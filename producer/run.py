@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from producer.plan import Capacity
 from vggish_pipeline.core.errors import UsageError, redact
 from vggish_pipeline.core.identity import checkpoint_files, fingerprint, model_id
+from vggish_pipeline.core.message import DEFAULT_EMBEDDING
 from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class JobInputs:
     spec: Path
     csv: Path
     out: Path
-    embedding: str = "relu"
+    embedding: str = DEFAULT_EMBEDDING
     chunk_rows: int | None = None
     checkpoint: Path | None = None
     settings: Settings = field(default_factory=Settings)
@@ -45,7 +46,7 @@ class JobInputs:
         spec: str | os.PathLike,
         csv: str | os.PathLike | None = None,
         out: str | os.PathLike | None = None,
-        embedding: str = "relu",
+        embedding: str = DEFAULT_EMBEDDING,
         chunk_rows: int | None = None,
         checkpoint: str | os.PathLike | None = None,
         settings: Settings | None = None,

@@ -16,6 +16,7 @@ import numpy as np
 from producer import outputs
 from producer.run import JobInputs, run
 from vggish_pipeline.core.errors import as_pipeline_error
+from vggish_pipeline.core.message import DEFAULT_EMBEDDING
 from vggish_pipeline.core.settings import Settings
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def embed(
     out: PathLike | None = None,
     workers: int | None = None,
     broker: str | None = None,
-    embedding: str = "relu",
+    embedding: str = DEFAULT_EMBEDDING,
     pca_params: PathLike | None = None,
     chunk_rows: int | None = None,
     progress: bool = True,

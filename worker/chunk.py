@@ -19,6 +19,7 @@ from celery.worker.request import Request
 from vggish_pipeline.core.errors import ChunkRefused, InputError, PipelineError
 from vggish_pipeline.core.job import Failure, JobDir
 from vggish_pipeline.core.message import INFO_COMMAND, QUEUE, TASK_NAME, ChunkMessage, MessageError, WorkerInfo
+from vggish_pipeline.core.settings import VISIBILITY_DEFAULT
 from vggish_pipeline.core.shard import ShardMeta, write_shard
 from vggish_pipeline.core.spectrogram import RowReader, digest
 
@@ -212,7 +213,7 @@ class PatientRequest(Request):
     def acknowledge(self) -> None:
         if self.acknowledged:
             return
-        patience = self.app.conf.broker_transport_options.get("visibility_timeout", 3600)
+        patience = self.app.conf.broker_transport_options.get("visibility_timeout", VISIBILITY_DEFAULT)
         began, pause = time.monotonic(), 1.0
         while True:
             try:

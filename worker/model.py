@@ -13,6 +13,7 @@ import numpy as np
 from vggish_pipeline.core.errors import CheckpointError, DeviceError
 from vggish_pipeline.core.identity import checkpoint_prefix, fingerprint, model_id
 from vggish_pipeline.core.settings import CPU_FALLBACK_ENV
+from vggish_pipeline.core.shard import EMBEDDING_SIZE
 from vggish_pipeline.core.spectrogram import BANDS, FRAMES, aligned_empty
 from worker import checkpoint
 from worker.runtime import load_tensorflow, no_gpu_reason, tensorflow_gpus
@@ -222,7 +223,7 @@ class Embedder:
         if len(rows) != self.padded_rows(count) or rows.ctypes.data % 64:
             rows = self.prepare(rows[:count])
         self.loaded()
-        out = np.empty((count, 128), dtype=np.float32)
+        out = np.empty((count, EMBEDDING_SIZE), dtype=np.float32)
         for i in range(0, count, self.batch_size):
             batch = rows[i : i + self.batch_size]
             out[i : i + self.batch_size] = self._session.run(self._output, {self._input: batch})[: count - i]

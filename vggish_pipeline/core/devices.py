@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vggish_pipeline.core.errors import DeviceError
+from vggish_pipeline.core.settings import NVIDIA_SMI_TIMEOUT_DEFAULT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 15.0  # nvidia-smi without persistence mode can take seconds on a large machine
+DEFAULT_TIMEOUT = NVIDIA_SMI_TIMEOUT_DEFAULT
 
 GPU_LINE = re.compile(r"^GPU (\d+): (.*?) \(UUID: ([^)]+)\)")
 MIG_LINE = re.compile(r"^\s+MIG (\S+)\s+Device\s+(\d+): \(UUID: ([^)]+)\)")

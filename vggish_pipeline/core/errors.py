@@ -57,7 +57,13 @@ class JobFailed(PipelineError):
 
 
 class WorkersDied(JobFailed):
-    """Local workers died, and could not be started again."""
+    """Local workers died, and could not be started again: exit 1 once the job had begun; exit 3
+    (setup: a checkpoint, a GPU) when every one died before any was ready."""
+
+    def __init__(self, message: str, at_start: bool = False) -> None:
+        super().__init__(message)
+        if at_start:
+            self.exit_code = PipelineError.exit_code
 
 
 class TimedOut(PipelineError):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vggish_pipeline.core.devices import MEMORY_GROWTH_ENV, Device, threads_per_worker
-from vggish_pipeline.core.errors import PipelineError, WorkersDied
+from vggish_pipeline.core.errors import WorkersDied
 
 
 @dataclass
@@ -159,7 +159,8 @@ class Fleet:
     def dead(self) -> list[Member]:
         return [m for m in self.members if m.proc is not None and m.proc.poll() is not None]
 
-    def report_deaths(self, out=sys.stderr) -> None:
+    def report_deaths(self, out: TextIO | None = None) -> None:
+        out = out or sys.stderr
         for m in self.dead():
             if m.name not in self.reported:
                 self.reported.add(m.name)
@@ -170,7 +171,7 @@ class Fleet:
         unless `report` is off (while starting, when all may fail at once for the same reason)."""
         if self.members and len(self.dead()) == len(self.members):
             # Before any was ready, that is the setup's fault (a checkpoint, a GPU), not the job's: exit 3.
-            raise PipelineError(f"all workers exited; {self.members[0].name} said: {self.members[0].last_words()}")
+            raise WorkersDied(f"all workers exited; {self.members[0].name} said: {self.members[0].last_words()}", at_start=not report)
         if report:
             self.report_deaths()
 

@@ -16,6 +16,7 @@ TASK_NAME = "vggish.embed_chunk"
 QUEUE = "vggish"
 SCHEMA = 1
 EMBEDDING_FORMS = ("relu", "linear")
+DEFAULT_EMBEDDING = "relu"  # the seed notebook's form
 INFO_COMMAND = "vggish_info"
 
 

@@ -29,12 +29,17 @@ NVIDIA_SMI_TIMEOUT_ENV = "VGGISH_NVIDIA_SMI_TIMEOUT"
 CPU_FALLBACK_ENV = "VGGISH_ALLOW_CPU_FALLBACK"
 GPU_MEMORY_ENV = "VGGISH_GPU_MEMORY_LIMIT"
 
+VISIBILITY_DEFAULT = 3600  # seconds: kombu's default for Redis, and room for a chunk's first start on Hopper
+BROKER_TIMEOUT_DEFAULT = 10.0
+NVIDIA_SMI_TIMEOUT_DEFAULT = 15.0  # nvidia-smi without persistence mode can take seconds on a large machine
+
 # For `--help` and the README: every variable, what it sets, its default.
 VARIABLES = {
     BROKER_ENV: "broker URL, redis://[user[:password]@]host:port/db or redis+socket://PATH (flag --broker)",
     PASSWORD_FILE_ENV: "a file holding the broker password (one line), put into a URL given without one",
-    VISIBILITY_ENV: "seconds before Redis hands an unacknowledged chunk to another worker (default 3600)",
-    BROKER_TIMEOUT_ENV: "seconds the broker may stay silent before a connection counts as lost and is made again (default 10)",
+    VISIBILITY_ENV: f"seconds before Redis hands an unacknowledged chunk to another worker (default {VISIBILITY_DEFAULT})",
+    BROKER_TIMEOUT_ENV: "seconds the broker may stay silent before a connection counts as lost and is made again "
+    f"(default {BROKER_TIMEOUT_DEFAULT:g})",
     CA_ENV: "CA file that signed a rediss:// broker's certificate (flag --broker-ca; default: the system's CAs)",
     CERT_ENV: "client certificate, for a TLS broker that asks for one (flag --broker-cert)",
     KEY_ENV: "the client certificate's key (flag --broker-key)",
@@ -43,7 +48,7 @@ VARIABLES = {
     NAME_ENV: "a worker's name, e.g. gpu0@host (flag --name)",
     TF32_ENV: "1 lets workers compute in TF32 on Ampere and newer GPUs (flag --tf32; default 0)",
     CACHE_ENV: "what a machine keeps between starts: checkpoint digests and the fast V2 copy (default ~/.cache/vggish-pipeline)",
-    NVIDIA_SMI_TIMEOUT_ENV: "seconds nvidia-smi may take before it counts as hung (default 15)",
+    NVIDIA_SMI_TIMEOUT_ENV: f"seconds nvidia-smi may take before it counts as hung (default {NVIDIA_SMI_TIMEOUT_DEFAULT:g})",
     CPU_FALLBACK_ENV: "1 lets a worker pinned to a GPU that TensorFlow cannot see compute on the CPU, ~100x slower (flag "
     "--allow-cpu-fallback; default 0: it stops at start with TensorFlow's reason)",
     GPU_MEMORY_ENV: "MiB of GPU memory each worker may take (flag --gpu-memory-limit; default: what it needs, grown on demand)",
@@ -83,8 +88,8 @@ def positive(env: Mapping[str, str], name: str, default: float, unit: str = "sec
 class Settings:
     broker_url: str | None = None
     password_file: Path | None = None
-    visibility_timeout: int = 3600
-    broker_timeout: float = 10.0
+    visibility_timeout: int = VISIBILITY_DEFAULT
+    broker_timeout: float = BROKER_TIMEOUT_DEFAULT
     broker_ca: Path | None = None
     broker_cert: Path | None = None
     broker_key: Path | None = None
@@ -93,7 +98,7 @@ class Settings:
     worker_name: str | None = None
     tf32: bool = False
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "vggish-pipeline")
-    nvidia_smi_timeout: float = 15.0
+    nvidia_smi_timeout: float = NVIDIA_SMI_TIMEOUT_DEFAULT
     allow_cpu_fallback: bool = False
     gpu_memory_limit: int | None = None  # MiB
 
@@ -104,8 +109,8 @@ class Settings:
         return cls(
             broker_url=env.get(BROKER_ENV) or None,
             password_file=Path(env[PASSWORD_FILE_ENV]) if env.get(PASSWORD_FILE_ENV) else None,
-            visibility_timeout=round(positive(env, VISIBILITY_ENV, 3600)),
-            broker_timeout=positive(env, BROKER_TIMEOUT_ENV, 10.0),
+            visibility_timeout=round(positive(env, VISIBILITY_ENV, VISIBILITY_DEFAULT)),
+            broker_timeout=positive(env, BROKER_TIMEOUT_ENV, BROKER_TIMEOUT_DEFAULT),
             broker_ca=Path(env[CA_ENV]) if env.get(CA_ENV) else None,
             broker_cert=Path(env[CERT_ENV]) if env.get(CERT_ENV) else None,
             broker_key=Path(env[KEY_ENV]) if env.get(KEY_ENV) else None,
@@ -114,7 +119,7 @@ class Settings:
             worker_name=env.get(NAME_ENV) or None,
             tf32=flag(env, TF32_ENV),
             cache_dir=Path(cache),
-            nvidia_smi_timeout=positive(env, NVIDIA_SMI_TIMEOUT_ENV, 15.0),
+            nvidia_smi_timeout=positive(env, NVIDIA_SMI_TIMEOUT_ENV, NVIDIA_SMI_TIMEOUT_DEFAULT),
             allow_cpu_fallback=flag(env, CPU_FALLBACK_ENV),
             gpu_memory_limit=round(positive(env, GPU_MEMORY_ENV, 0, unit="MiB")) or None,
         )
