@@ -116,7 +116,7 @@ class Crew:
 
             first_ready(self.app, self.fleet)
 
-    def embed(self, job: Job, chunks: list[Chunk], progress: bool = True) -> None:
+    def enqueue_and_wait(self, job: Job, chunks: list[Chunk], progress: bool = True) -> None:
         """Enqueue `chunks` and wait for their shards, re-sending lost messages; a local worker that
         dies is started again (WorkersDied if it keeps dying)."""
         from producer.plan import enqueue
@@ -197,7 +197,7 @@ def run(
             on = team.fleet.summary() if team.fleet else redact(team.app.conf.broker_url)
             print(f"job {job.id}: {job.rows} rows, {len(planned.to_embed)} chunks to embed "
                   f"({sum(c.rows for c in planned.reused)} rows reused) on {on}", file=sys.stderr)
-        team.embed(job, planned.to_embed, progress)
+        team.enqueue_and_wait(job, planned.to_embed, progress)
         if team.fleet is not None:
             team.fleet.signal_stop()  # the workers wind down while finalize runs
         written = refresh(job, pca, parquet)

@@ -92,7 +92,7 @@ class Watcher:
         began = time.monotonic()
         planned = self.inputs.plan(team.capacity, model, unchanged_rows=embedded_rows)
         try:
-            team.embed(planned.job, planned.to_embed, progress=False)
+            team.enqueue_and_wait(planned.job, planned.to_embed, progress=False)
             refresh(planned.job, pca, self.parquet)
         except WorkersDied:
             raise
