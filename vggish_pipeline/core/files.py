@@ -195,12 +195,13 @@ def write_json(path: Path, obj: object) -> None:
 
 def create_json(path: Path, obj: object) -> bool:
     """Write `obj` to `path` only if no file is there yet; True if this call created it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, sort_keys=True))
+    fd, tmp = temp_beside(path)  # a name of its own: a worker's chunk threads may pin a job at once
     try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, sort_keys=True))
         os.link(tmp, path)
         return True
     except FileExistsError:
         return False
     finally:
-        tmp.unlink()
+        os.unlink(tmp)
