@@ -88,6 +88,22 @@ class RedisServer:
         redis.Redis.from_url(self.url).flushall()
 
 
+STANDIN = ROOT / "tests" / "standin"
+
+
+@pytest.fixture(params=["this-machine", "4-standin-gpus"])
+def machine(request, monkeypatch) -> str:
+    """The machine a test runs on, named by every test whose code asks nvidia-smi for GPUs (a
+    `producer run`, `watch` or API call that starts local workers): once on this machine as it is,
+    once on a simulated 4-GPU one, so that one pass covers both shapes and no test may assume
+    there is no GPU. Behind the stand-in `nvidia-smi` (tests/standin) TensorFlow sees no GPU, so
+    the workers compute on the CPU only because VGGISH_ALLOW_CPU_FALLBACK=1 allows it."""
+    if request.param == "4-standin-gpus":
+        monkeypatch.setenv("PATH", f"{STANDIN}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("VGGISH_ALLOW_CPU_FALLBACK", "1")
+    return request.param
+
+
 @pytest.fixture(scope="session", autouse=True)
 def fingerprint_cache(tmp_path_factory) -> Path:
     """Checkpoint digests are cached per test session, not in the home folder; subprocesses inherit it."""

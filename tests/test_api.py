@@ -15,7 +15,7 @@ from test_faults import alive, descendants, shards, wait_for
 import vggish_pipeline as vp
 
 
-def test_errors_are_the_projects_exceptions(sample, model_files, tmp_path, monkeypatch):
+def test_errors_are_the_projects_exceptions(sample, model_files, tmp_path, monkeypatch, machine):
     with pytest.raises(vp.InputError, match="no such file"):
         vp.embed(tmp_path / "missing.dat", checkpoint=model_files["checkpoint"])
     monkeypatch.delenv("VGGISH_CHECKPOINT", raising=False)
@@ -31,7 +31,7 @@ def test_errors_are_the_projects_exceptions(sample, model_files, tmp_path, monke
     assert issubclass(vp.WorkersDied, vp.JobFailed) and issubclass(vp.JobFailed, vp.PipelineError)
 
 
-def test_an_interrupted_embed_stops_all_it_started_and_keeps_its_shards(sample, model_files, expected):
+def test_an_interrupted_embed_stops_all_it_started_and_keeps_its_shards(sample, model_files, expected, machine):
     """As a notebook's interrupt button does: SIGINT (KeyboardInterrupt) in the middle of embed()."""
     from outputs import check_outputs
 

@@ -84,7 +84,7 @@ def test_a_new_pair_is_created_and_a_failed_first_add_leaves_none(tmp_path):
     assert again.returncode == 0 and spec.stat().st_size == ROW_BYTES  # from another folder: the same name, nothing twice
 
 
-def test_an_append_cut_off_mid_write_is_refused_then_rolled_back(sample, tmp_path, model_files):
+def test_an_append_cut_off_mid_write_is_refused_then_rolled_back(sample, tmp_path, model_files, machine):
     from producer.clips import commit
 
     before = sample["spec"].read_bytes(), sample["csv"].read_bytes()
@@ -159,7 +159,7 @@ def wait_for_log(proc: subprocess.Popen, log: Path, text: str, count: int, timeo
     raise AssertionError(f"timed out waiting for {count}x {text!r}:\n{log.read_text(errors='replace')}")
 
 
-def test_watch_embeds_new_files_only_and_never_reads_a_file_half_written(sample, model_files, weights, expected, tmp_path):
+def test_watch_embeds_new_files_only_and_never_reads_a_file_half_written(sample, model_files, weights, expected, tmp_path, machine):
     inbox, log = tmp_path / "inbox", tmp_path / "watch.log"
     inbox.mkdir()
     proc = run_watch(sample, inbox, model_files, log)
@@ -218,7 +218,7 @@ def test_watch_once_with_running_workers_adds_and_embeds_then_exits(sample, work
     check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)]))
 
 
-def test_watch_replaces_a_dead_worker_and_stops_with_its_error_when_it_keeps_dying(sample, model_files, weights, expected, tmp_path):
+def test_watch_replaces_a_dead_worker_and_stops_with_its_error_when_it_keeps_dying(sample, model_files, weights, expected, tmp_path, machine):
     from test_faults import descendants
 
     inbox, log = tmp_path / "inbox", tmp_path / "watch.log"

@@ -74,7 +74,7 @@ def test_enqueue_refuses_bad_input(case, fragment, sample, redis_url, tmp_path):
     assert outputs(sample["dir"]) == []
 
 
-def test_run_refuses_bad_checkpoint_and_pca_before_starting_anything(sample, model_files, tmp_path):
+def test_run_refuses_bad_checkpoint_and_pca_before_starting_anything(sample, model_files, tmp_path, machine):
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"garbage" * 1000)
     result = cli("producer", "run", str(sample["spec"]), "--checkpoint", str(corrupt))
@@ -94,7 +94,7 @@ def test_worker_refuses_a_missing_checkpoint_at_start(redis_url, tmp_path):
     assert "no such checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_unreadable_weights_stop_the_worker_before_it_takes_work(sample, redis_url, tmp_path):
+def test_unreadable_weights_stop_the_worker_before_it_takes_work(sample, redis_url, tmp_path, machine):
     """The index checks out but the data does not: the worker leaves with one line, `run` pins nothing."""
     from worker import checkpoint
 

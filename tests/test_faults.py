@@ -270,7 +270,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_a_rerun_finishes(sample, model_files, expected, small_disk):
+def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_a_rerun_finishes(sample, model_files, expected, small_disk, machine):
     args = ["producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]), "--out", str(small_disk),
             "--chunk-rows", "100", "--workers", "1"]
     full = cli(*args)
@@ -348,7 +348,7 @@ def test_a_crash_between_finalizes_renames_never_leaves_files_of_two_sets(sample
     check_outputs(sample["dir"], sample["csv"], expected["relu"])  # the new set, whole
 
 
-def test_a_job_folder_renamed_or_copied_is_the_job_where_it_is_now(sample, model_files, expected):
+def test_a_job_folder_renamed_or_copied_is_the_job_where_it_is_now(sample, model_files, expected, machine):
     import shutil
 
     run = cli("producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]), "--chunk-rows", "50")

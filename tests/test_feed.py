@@ -36,7 +36,7 @@ def test_a_message_without_a_scheme_is_an_old_producers_blake2b():
     assert ChunkMessage.decode({**payload, "digest_scheme": "xxh3-128"}).digest_scheme == "xxh3-128"
 
 
-def test_a_job_planned_with_the_old_scheme_keeps_it_and_its_shards(sample, model_files, expected):
+def test_a_job_planned_with_the_old_scheme_keeps_it_and_its_shards(sample, model_files, expected, machine):
     """A job.json from before schemes existed names none: its chunks are blake2b-128 digests."""
     from producer.plan import plan_job
 

@@ -13,7 +13,7 @@ from worker import checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_example_notebook_runs_in_a_kernel_and_its_numbers_equal_the_reference(tmp_path, monkeypatch):
+def test_the_example_notebook_runs_in_a_kernel_and_its_numbers_equal_the_reference(tmp_path, monkeypatch, machine):
     import nbformat
     from nbclient import NotebookClient
 

@@ -31,7 +31,7 @@ def seed_loop(checkpoint_path, spectrograms: np.ndarray) -> np.ndarray:
         return np.concatenate([sess.run(embedding, {features: b}) for b in np.array_split(spectrograms, 20)])
 
 
-def test_run_with_two_workers_writes_all_three_outputs_equal_to_reference(sample, model_files, expected):
+def test_run_with_two_workers_writes_all_three_outputs_equal_to_reference(sample, model_files, expected, machine):
     result = cli(
         "producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]),
         "--workers", "2", "--pca-params", str(model_files["pca"]), "--chunk-rows", "48", "--json",
@@ -82,7 +82,7 @@ def test_enqueue_to_running_workers_then_wait_and_finalize(sample, workers, redi
     assert again["model"]  # pinned by the workers that embedded it
 
 
-def test_appended_rows_embed_only_new_chunks(sample, model_files, expected):
+def test_appended_rows_embed_only_new_chunks(sample, model_files, expected, machine):
     from vggish_pipeline.core.spectrogram import ROW_BYTES
 
     data, lines = sample["spec"].read_bytes(), sample["csv"].read_text().splitlines(keepends=True)
@@ -123,7 +123,7 @@ def grow_in_two_steps(sample, model_files) -> tuple[list[str], dict[str, bytes]]
     return args, outputs
 
 
-def test_a_grown_job_appends_to_its_outputs_in_place_equal_to_a_full_finalize(sample, model_files, expected):
+def test_a_grown_job_appends_to_its_outputs_in_place_equal_to_a_full_finalize(sample, model_files, expected, machine):
     args, before = grow_in_two_steps(sample, model_files)
     inodes = {p.name: p.stat().st_ino for p in sample["dir"].glob("wavfile_embed*.dat")}
     second = cli("producer", *args)
@@ -142,7 +142,7 @@ def test_a_grown_job_appends_to_its_outputs_in_place_equal_to_a_full_finalize(sa
 
 
 @pytest.mark.parametrize("dies", [False, True], ids=["write-refused", "killed-mid-append"])
-def test_an_append_cut_short_leaves_the_old_outputs_and_a_rerun_finishes(sample, model_files, expected, dies):
+def test_an_append_cut_short_leaves_the_old_outputs_and_a_rerun_finishes(sample, model_files, expected, dies, machine):
     """A real file-size limit (RLIMIT_FSIZE) stops the append a few rows into the .dat: refused
     (EFBIG, as Python sees it), or killed by SIGXFSZ with the .dat torn."""
     import resource
@@ -171,7 +171,7 @@ def test_an_append_cut_short_leaves_the_old_outputs_and_a_rerun_finishes(sample,
     check_outputs(sample["dir"], sample["csv"], expected["relu"], model_files["pca"])
 
 
-def test_parquet_output_reads_back_equal_to_the_csv_and_follows_a_grown_job(sample, model_files, expected):
+def test_parquet_output_reads_back_equal_to_the_csv_and_follows_a_grown_job(sample, model_files, expected, machine):
     import pandas as pd
 
     args, _ = grow_in_two_steps(sample, model_files)
