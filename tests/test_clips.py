@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import SAMPLE_ROWS, cli, merged_env
 from outputs import check_outputs
 from reference import upstream_examples, vggish
@@ -84,6 +85,21 @@ def test_a_new_pair_is_created_and_a_failed_first_add_leaves_none(tmp_path):
     assert again.returncode == 0 and spec.stat().st_size == ROW_BYTES  # from another folder: the same name, nothing twice
 
 
+CRASH_BEFORE_CSV = """
+import builtins, os, sys
+from pathlib import Path
+from producer.clips import commit
+spec, frame, staged = map(Path, sys.argv[1:4])
+real_open = builtins.open
+def crash(path, mode="r", *args, **kwargs):
+    if Path(path) == frame and "a" in mode:
+        os._exit(9)  # the .dat got its rows, then the process died
+    return real_open(path, mode, *args, **kwargs)
+builtins.open = crash
+commit(spec, frame, staged, b"200,x.wav,x,False\\n")
+"""
+
+
 def test_an_append_cut_off_mid_write_is_refused_then_rolled_back(sample, tmp_path, model_files, machine):
     from producer.clips import commit
 
@@ -91,20 +107,23 @@ def test_an_append_cut_off_mid_write_is_refused_then_rolled_back(sample, tmp_pat
     staged = tmp_path / "staged"
     staged.write_bytes(b"\0" * ROW_BYTES)
 
-    def crash_before_csv(path, mode="r", *args, **kwargs):  # the .dat got its rows, then the process died
+    def interrupted_before_csv(path, mode="r", *args, **kwargs):  # Ctrl-C between the two files: rolled back at once
         if Path(path) == sample["csv"] and "a" in mode:
             raise KeyboardInterrupt
         return real_open(path, mode, *args, **kwargs)
 
     import builtins
 
-    real_open, builtins.open = builtins.open, crash_before_csv
+    real_open, builtins.open = builtins.open, interrupted_before_csv
     try:
-        commit(sample["spec"], sample["csv"], staged, b"200,x.wav,x,False\n")
-    except KeyboardInterrupt:
-        pass
+        with pytest.raises(KeyboardInterrupt):
+            commit(sample["spec"], sample["csv"], staged, b"200,x.wav,x,False\n")
     finally:
         builtins.open = real_open
+    assert (sample["spec"].read_bytes(), sample["csv"].read_bytes()) == before
+
+    died = subprocess.run([sys.executable, "-c", CRASH_BEFORE_CSV, str(sample["spec"]), str(sample["csv"]), str(staged)])
+    assert died.returncode == 9
     assert sample["spec"].stat().st_size == len(before[0]) + ROW_BYTES  # out of step on disk, journal present
 
     refused = cli("producer", "run", str(sample["spec"]), "--checkpoint", str(model_files["checkpoint"]))

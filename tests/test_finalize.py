@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 from outputs import E_COLUMNS
 
-from producer.finalize import OUTPUT_CSV, OUTPUT_DAT, finalize
+from producer.finalize import finalize
+from producer.outputs import OUTPUT_CSV, OUTPUT_DAT
 from vggish_pipeline.core.job import Chunk, Job
 from vggish_pipeline.core.shard import ShardMeta, read_shard, write_shard
 
