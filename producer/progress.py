@@ -11,23 +11,8 @@ from typing import TextIO
 
 from vggish_pipeline.core.errors import JobFailed, TimedOut
 from vggish_pipeline.core.job import Failure, Job
+from vggish_pipeline.core.message import Throughput
 from vggish_pipeline.core.shard import read_meta
-
-
-@dataclass
-class Share:
-    """One worker's part in a job, from its shards: chunks, rows and the seconds they took."""
-
-    chunks: int = 0
-    rows: int = 0
-    seconds: float = 0.0
-
-    @property
-    def rows_per_s(self) -> float | None:
-        return round(self.rows / self.seconds, 1) if self.seconds else None
-
-    def to_dict(self) -> dict:
-        return {"chunks": self.chunks, "rows": self.rows, "seconds": round(self.seconds, 2), "rows_per_s": self.rows_per_s}
 
 
 @dataclass
@@ -38,7 +23,7 @@ class Status:
     chunks_total: int
     chunks_done: int
     failed: list[Failure] = field(default_factory=list)
-    workers: dict[str, Share] = field(default_factory=dict)  # by worker name, with per_worker
+    workers: dict[str, Throughput] = field(default_factory=dict)  # by worker name, with per_worker
 
     @property
     def done(self) -> bool:
@@ -50,7 +35,7 @@ class Status:
 
 def job_status(job: Job, per_worker: bool = False) -> Status:
     status = Status(job.id, job.rows, 0, len(job.chunks), 0, failed=job.failures())
-    workers: dict[str, Share] = defaultdict(Share)
+    workers: dict[str, Throughput] = defaultdict(Throughput)
     for chunk in job.chunks:
         path = job.shard_path(chunk)
         if not path.exists():

@@ -73,7 +73,7 @@ class ChunkRunner:
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self.worker = worker
         self.stopping = stopping
-        self.stats = WorkerInfo(model.device, pinned, model.fingerprint)
+        self.stats = WorkerInfo(device=model.device, pinned=pinned, model=model.fingerprint)
         self._model_lock = threading.Lock()
         self._model_free_since: float | None = None  # when the model last finished a chunk
         self._stats_lock = threading.Lock()

@@ -72,12 +72,9 @@ class ChunkMessage:
 
 
 @dataclass
-class WorkerInfo:
-    """A worker about itself (remote control INFO_COMMAND, `producer status`): device, model, throughput."""
+class Throughput:
+    """Chunks and rows embedded, and the seconds they took: a worker's, or its part in one job."""
 
-    device: str  # what TensorFlow runs on
-    pinned: str | None  # the GPU or MIG slice the worker was pinned to, if any
-    model: str
     chunks: int = 0
     rows: int = 0
     seconds: float = 0.0
@@ -85,6 +82,19 @@ class WorkerInfo:
     @property
     def rows_per_s(self) -> float | None:
         return round(self.rows / self.seconds, 1) if self.seconds else None
+
+    def to_dict(self) -> dict:
+        """For `status --json`: the fields (seconds to 0.01 s) and rows_per_s."""
+        return {**asdict(self), "seconds": round(self.seconds, 2), "rows_per_s": self.rows_per_s}
+
+
+@dataclass(kw_only=True)
+class WorkerInfo(Throughput):
+    """A worker about itself (remote control INFO_COMMAND, `producer status`): device, model, throughput."""
+
+    device: str  # what TensorFlow runs on
+    pinned: str | None  # the GPU or MIG slice the worker was pinned to, if any
+    model: str
 
     def encode(self) -> dict:
         return asdict(self)
@@ -96,7 +106,3 @@ class WorkerInfo:
         if not isinstance(reply, dict) or not {"device", "model"} <= set(reply):
             return None
         return cls(**{k: v for k, v in reply.items() if k in names})
-
-    def to_dict(self) -> dict:
-        """For `status --json`: the fields and rows_per_s."""
-        return {**asdict(self), "rows_per_s": self.rows_per_s}
