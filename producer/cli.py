@@ -38,7 +38,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def add_job_commands(sub) -> None:
     def job_inputs(p: argparse.ArgumentParser) -> None:
         p.add_argument("spec", type=Path, help="spectrograms: raw float64, N x 96 x 64 (e.g. wavfile_spec.dat)")
-        p.add_argument("--csv", type=Path, help=f"the frame, one row per spectrogram (default: {DEFAULT_CSV} beside SPEC)")
+        p.add_argument("--csv", type=Path, help=f"the csv_path, one row per spectrogram (default: {DEFAULT_CSV} beside SPEC)")
         p.add_argument("--out", type=Path, help="job folder for shards and outputs (default: SPEC's folder)")
         p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: from job size and worker count)")
         p.add_argument("--embedding", choices=EMBEDDING_FORMS, default=DEFAULT_EMBEDDING,
@@ -57,7 +57,7 @@ def add_job_commands(sub) -> None:
         "--workers", type=int, help="at most this many local workers (default: one per granted GPU or MIG slice; with none, 1 CPU worker)"
     )
     run.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
-    run.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the frame plus e0..e127)")
+    run.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the csv_path plus e0..e127)")
     run.add_argument("--broker", help="use this broker's workers instead of starting local ones (no environment fallback: "
                      "a VGGISH_BROKER_URL set for workers does not move a run off this machine)")
     add_tls_flags(run)
@@ -80,14 +80,14 @@ def add_follow_commands(sub) -> None:
     finalize = sub.add_parser("finalize", help="merge the shards into wavfile_embed.csv / .dat")
     finalize.add_argument("dir", type=Path, help="the job folder; every chunk must have its shard")
     finalize.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
-    finalize.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the frame plus e0..e127)")
+    finalize.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the csv_path plus e0..e127)")
     finalize.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
 def add_clip_commands(sub) -> None:
     def clip_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--spec", type=Path, required=True, help="the .dat to append to (created with the CSV if neither exists)")
-        p.add_argument("--csv", type=Path, help=f"the frame to append to (default: {DEFAULT_CSV} beside SPEC)")
+        p.add_argument("--csv", type=Path, help=f"the csv_path to append to (default: {DEFAULT_CSV} beside SPEC)")
         p.add_argument("--label", help="label for every clip")
         p.add_argument("--label-from-folder", action="store_true", help="label each clip by its folder (LABEL/clip.wav)")
         p.add_argument("--valid", action="store_true", help="mark the new rows as validation rows (valid=True)")
@@ -249,20 +249,20 @@ def clip_options(args: argparse.Namespace) -> ClipOptions:
 def cmd_add_clips(args: argparse.Namespace, settings: Settings) -> int:
     from producer.clips import add_files, locked, roll_back
 
-    spec, frame = args.spec, inputs(args, settings).csv
+    spec, csv_path = args.spec, inputs(args, settings).csv
     if not args.recordings:
-        with locked(spec, frame):
-            repaired = roll_back(spec, frame)
+        with locked(spec, csv_path):
+            repaired = roll_back(spec, csv_path)
         print(f"rolled back a cut-off append to {spec}" if repaired else f"{spec}: nothing to repair", file=sys.stderr)
         return 0
-    report(add_files(spec, frame, args.recordings, clip_options(args), sys.stderr), args.json)
+    report(add_files(spec, csv_path, args.recordings, clip_options(args), sys.stderr), args.json)
     return 0
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.watcher import Watcher
+    from producer.watcher import WatchLoop
 
-    watcher = Watcher(
+    watcher = WatchLoop(
         inputs=inputs(args, settings), inbox=args.inbox, clips=clip_options(args), workers=args.workers,
         pca_params=args.pca_params, parquet=args.parquet, settle=args.settle, poll=args.poll,
     )
@@ -278,8 +278,8 @@ def cmd_sample(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.rows < 1:
         raise UsageError("--rows must be at least 1")
-    spec, frame = write_sample(args.out_dir, args.rows, args.seed)
-    print(f"wrote {args.rows} synthetic spectrograms to {spec} and {frame}")
+    spec, csv_path = write_sample(args.out_dir, args.rows, args.seed)
+    print(f"wrote {args.rows} synthetic spectrograms to {spec} and {csv_path}")
     return 0
 
 

@@ -48,7 +48,7 @@ class Added:
     duplicate: bool = False  # its file_name is already in the CSV
 
 
-def roll_back(spec: Path, frame: Path) -> bool:
+def roll_back(spec: Path, csv_path: Path) -> bool:
     """Undo an append that was cut off, and drop its staged rows; True if there was one. Needs `locked`."""
     leftovers = list(spec.parent.glob(f".{spec.name}.*{STAGED}"))
     for staged in leftovers:
@@ -57,20 +57,20 @@ def roll_back(spec: Path, frame: Path) -> bool:
     with contextlib.suppress(OSError, ValueError):  # a journal of an older release: both sizes by name
         old = json.loads(journal.read_text())
         if "spec_bytes" in old:
-            write_json(journal, {"sizes": {str(spec): old["spec_bytes"], str(frame): old["csv_bytes"]}})
+            write_json(journal, {"sizes": {str(spec): old["spec_bytes"], str(csv_path): old["csv_bytes"]}})
     return settle_append(journal) or bool(leftovers)
 
 
 @contextlib.contextmanager
-def locked(spec: Path, frame: Path) -> Iterator[None]:
+def locked(spec: Path, csv_path: Path) -> Iterator[None]:
     """Hold the pair for one writer; create an empty pair (with a ,file_name,label,valid header) if neither exists."""
-    if spec.exists() != frame.exists():
-        missing = frame if spec.exists() else spec
+    if spec.exists() != csv_path.exists():
+        missing = csv_path if spec.exists() else spec
         raise InputError(f"{missing}: no such file (the .dat and the CSV are created together or not at all)")
     created = not spec.exists()
     if created:
         spec.parent.mkdir(parents=True, exist_ok=True)
-        with open(frame, "x", newline="") as f:
+        with open(csv_path, "x", newline="") as f:
             csv.writer(f).writerow(NEW_HEADER)
         spec.touch()
     try:
@@ -83,17 +83,17 @@ def locked(spec: Path, frame: Path) -> Iterator[None]:
     finally:
         if created and spec.stat().st_size == 0:  # nothing was added: leave no empty pair behind
             spec.unlink()
-            frame.unlink()
+            csv_path.unlink()
 
 
-def known_names(frame: Path) -> set[str]:
+def known_names(csv_path: Path) -> set[str]:
     """file_name values already in the CSV, so a clip is never added twice."""
-    header = csv_header(frame)
+    header = csv_header(csv_path)
     if "file_name" not in header:
         return set()
     column = f"_{header.index('file_name')}"
     names: set[str] = set()
-    for batch in csv_reader(frame):
+    for batch in csv_reader(csv_path):
         names.update(pc.unique(batch.column(column)).to_pylist())
     return names
 
@@ -101,13 +101,13 @@ def known_names(frame: Path) -> set[str]:
 class CsvRows:
     """Builds CSV lines in the existing frame's column order: an unnamed index column counts on."""
 
-    def __init__(self, frame: Path, start_row: int) -> None:
-        self.header = csv_header(frame)
+    def __init__(self, csv_path: Path, start_row: int) -> None:
+        self.header = csv_header(csv_path)
         if "file_name" not in self.header or "label" not in self.header:
-            raise InputError(f"{frame}: needs file_name and label columns to take new clips")
+            raise InputError(f"{csv_path}: needs file_name and label columns to take new clips")
         self.next_index = start_row
         self.valid_words = ("True", "False")
-        with open(frame, newline="") as f:
+        with open(csv_path, newline="") as f:
             reader = csv.reader(f)
             next(reader, None)
             first = next(reader, None)
@@ -125,18 +125,18 @@ class CsvRows:
 
 
 def append_clips(
-    spec: Path, frame: Path, clips: list[Clip], valid: bool, pad: bool, skip: set[str], partial: bool = False
+    spec: Path, csv_path: Path, clips: list[Clip], valid: bool, pad: bool, skip: set[str], partial: bool = False
 ) -> list[Added]:
     """Convert `clips` and append their rows to the pair; the caller holds `locked`.
 
     Clips whose file_name is in `skip` are left out, so re-running the same add is harmless. If a
     file is refused, nothing is appended, unless `partial` (then the other files still are).
     """
-    roll_back(spec, frame)
+    roll_back(spec, csv_path)
     if spec.stat().st_size:
-        rows_before = validate(spec, frame)
-    elif csv_rows(frame):
-        raise InputError(f"{spec} is empty but {frame} has rows; they must match one to one")
+        rows_before = validate(spec, csv_path)
+    elif csv_rows(csv_path):
+        raise InputError(f"{spec} is empty but {csv_path} has rows; they must match one to one")
     else:
         rows_before = 0
     seen = set(skip)
@@ -146,7 +146,7 @@ def append_clips(
         seen.add(clip.file_name)
     fd, staged = tempfile.mkstemp(dir=spec.parent, prefix=f".{spec.name}.", suffix=STAGED)
     try:
-        builder = CsvRows(frame, rows_before)
+        builder = CsvRows(csv_path, rows_before)
         text = []
         with os.fdopen(fd, "wb") as out:
             for added in results:
@@ -163,19 +163,19 @@ def append_clips(
         if any(a.error for a in results) and not partial:
             return results
         if any(a.rows for a in results):
-            commit(spec, frame, Path(staged), "".join(text).encode())
+            commit(spec, csv_path, Path(staged), "".join(text).encode())
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staged)
     return results
 
 
-def commit(spec: Path, frame: Path, staged: Path, csv_bytes: bytes) -> None:
+def commit(spec: Path, csv_path: Path, staged: Path, csv_bytes: bytes) -> None:
     """Append the staged rows to the .dat and their lines to the CSV as one journaled step."""
-    with open(frame, "rb") as f:
-        f.seek(max(frame.stat().st_size - 1, 0))
+    with open(csv_path, "rb") as f:
+        f.seek(max(csv_path.stat().st_size - 1, 0))
         needs_newline = f.read(1) not in (b"\n", b"")
-    append_together([(spec, staged), (frame, (b"\n" if needs_newline else b"") + csv_bytes)], journal_path(spec))
+    append_together([(spec, staged), (csv_path, (b"\n" if needs_newline else b"") + csv_bytes)], journal_path(spec))
 
 
 @dataclass(frozen=True)
@@ -213,15 +213,15 @@ def gather(paths: list[Path], label: str | None, base: Path) -> list[Clip]:
     return clips
 
 
-def add_files(spec: Path, frame: Path, paths: list[Path], options: ClipOptions, out: TextIO | None = None) -> dict:
+def add_files(spec: Path, csv_path: Path, paths: list[Path], options: ClipOptions, out: TextIO | None = None) -> dict:
     """`add-clips`: the recordings in `paths` (files or folders) as rows of SPEC and FRAME, all or
     nothing; one line per file to `out`. Returns the summary; InputError if any file is refused."""
     options.check()
-    clips = gather(paths, options.label, frame.parent)
+    clips = gather(paths, options.label, csv_path.parent)
     if not clips:
         raise InputError("no recordings found in " + ", ".join(map(str, paths)))
-    with locked(spec, frame):
-        results = append_clips(spec, frame, clips, options.valid, options.pad, known_names(frame))
+    with locked(spec, csv_path):
+        results = append_clips(spec, csv_path, clips, options.valid, options.pad, known_names(csv_path))
     refused = [r for r in results if r.error]
     added = [r for r in results if r.rows]
     for r in results:
@@ -233,7 +233,7 @@ def add_files(spec: Path, frame: Path, paths: list[Path], options: ClipOptions, 
         raise InputError(f"{len(refused)} of {len(results)} files refused ({reasons}); nothing was added")
     return {
         "spec": str(spec),
-        "csv": str(frame),
+        "csv": str(csv_path),
         "files_added": len(added),
         "files_skipped": sum(r.duplicate for r in results),
         "rows_added": sum(r.rows for r in added),

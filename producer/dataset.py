@@ -68,20 +68,20 @@ def journal_path(spec: Path) -> Path:
     return spec.with_name(f".{spec.name}.append-journal")
 
 
-def validate(spec: Path, frame: Path) -> int:
+def validate(spec: Path, csv_path: Path) -> int:
     """Row count of a matching .dat/CSV pair, or an InputError naming what does not match."""
     if journal_path(spec).exists():
         raise InputError(
-            f"{spec}: an add-clips run was cut off mid-append; run `producer add-clips --spec {spec} --csv {frame}` "
+            f"{spec}: an add-clips run was cut off mid-append; run `producer add-clips --spec {spec} --csv {csv_path}` "
             "with no files to roll it back"
         )
     rows = row_count(spec)
-    header = csv_header(frame)
+    header = csv_header(csv_path)
     if any(name.startswith("e") and name[1:].isdigit() for name in header):
-        raise InputError(f"{frame}: already has embedding columns (e0...); give the input frame, not an output")
-    n = csv_rows(frame)
+        raise InputError(f"{csv_path}: already has embedding columns (e0...); give the input csv_path, not an output")
+    n = csv_rows(csv_path)
     if n != rows:
-        raise InputError(f"{frame} has {n} rows but {spec} has {rows} spectrograms; they must match one to one")
+        raise InputError(f"{csv_path} has {n} rows but {spec} has {rows} spectrograms; they must match one to one")
     return rows
 
 
@@ -112,7 +112,7 @@ def write_sample(out_dir: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
     """Synthetic log-mel-like spectrograms and a matching frame, in the seed notebook's layout."""
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec, frame = out_dir / "wavfile_spec.dat", out_dir / "wavfile_df.csv"
+    spec, csv_path = out_dir / "wavfile_spec.dat", out_dir / "wavfile_df.csv"
     labels = ["yes", "no", "up", "down", "left", "right", "on", "off"]
     with open(spec, "wb") as f:
         for start in range(0, rows, 1024):
@@ -122,9 +122,9 @@ def write_sample(out_dir: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
             data = bands + 2.0 * np.exp(-0.5 * ((np.arange(64) - tone) / 3.0) ** 2) + rng.normal(0, 0.5, (n, 96, 64))
             data.astype("<f8").tofile(f)
     label = rng.integers(0, len(labels), rows)
-    with open(frame, "w", newline="") as f:
+    with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["", "file_name", "label", "valid"])
         for i in range(rows):
             w.writerow([i, f"{labels[label[i]]}/clip_{i // 2:06d}.wav", labels[label[i]], bool(rng.random() < 0.2)])
-    return spec, frame
+    return spec, csv_path

@@ -133,8 +133,8 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> Wr
     check_complete(job)
     out = Path(job.out_dir)
     repair(out)
-    frame = Path(job.csv)
-    names = csv_header(frame)
+    csv_path = Path(job.csv)
+    names = csv_header(csv_path)
     taker = RowTaker(shard_rows(job))
     threads = threads or usable_cores()
     rows = 0
@@ -144,7 +144,7 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> Wr
         quantized = files[2] if pca else None
         table_csv.write(header_line(names))
         pending: deque[Future] = deque()
-        for batch in csv_reader(frame, block_size=BLOCK_BYTES):
+        for batch in csv_reader(csv_path, block_size=BLOCK_BYTES):
             embeddings = taker.take(batch.num_rows)
             embeddings.tofile(dat)
             if quantized is not None and pca is not None:
@@ -156,7 +156,7 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> Wr
         while pending:
             table_csv.write(pending.popleft().result())
         if rows != job.rows or not taker.exhausted():
-            raise InputError(f"{frame} has {rows} rows but the job has {job.rows}: the CSV changed since enqueue")
+            raise InputError(f"{csv_path} has {rows} rows but the job has {job.rows}: the CSV changed since enqueue")
         sizes = {p.name: f.tell() for p, f in zip(paths, files, strict=False)}  # files[-1]: the manifest
         csv_bytes, csv_hash = input_csv(job)
         files[-1].write(manifest(job, pca, sizes, csv_bytes, csv_hash.hexdigest()))

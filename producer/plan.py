@@ -129,7 +129,7 @@ class Plan:
 
 def plan_job(
     spec: Path,
-    frame: Path,
+    csv_path: Path,
     out_dir: Path,
     *,
     embedding: str = DEFAULT_EMBEDDING,
@@ -148,8 +148,8 @@ def plan_job(
     `before_writing` runs after the inputs are checked and scanned and before anything is written
     (e.g. to wait until the model is known good).
     """
-    spec, frame, out_dir = (Path(os.path.realpath(p)) for p in (spec, frame, out_dir))
-    rows = validate(spec, frame)
+    spec, csv_path, out_dir = (Path(os.path.realpath(p)) for p in (spec, csv_path, out_dir))
+    rows = validate(spec, csv_path)
     check_writable(out_dir)
     old = Job.load_if_any(out_dir)
     if chunk_rows is None:
@@ -159,7 +159,7 @@ def plan_job(
         id=old.id if old else Job.new_id(),
         out_dir=str(out_dir),
         source=str(spec),
-        csv=str(frame),
+        csv=str(csv_path),
         rows=rows,
         chunk_rows=chunk_rows,
         embedding=embedding,

@@ -1,6 +1,6 @@
 """A watched inbox: recordings that land in it are added to the .dat and CSV, embedded (only the
 new rows) and appended to the outputs, until stopped. The CLI's `producer watch` and the Python
-API's `watch` both run a Watcher."""
+API's `watch` both run a WatchLoop."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 
 @dataclass(kw_only=True)
-class Watcher:
-    """A watch of one inbox for one job; `run` it (in a thread for the API's Watch)."""
+class WatchLoop:
+    """The loop of a watch: one inbox, one job; `run` it (the API's `Watch` runs one in a thread)."""
 
     inputs: JobInputs  # its settings name the broker whose workers embed (none: start local ones)
     inbox: Path
@@ -59,14 +59,14 @@ class Watcher:
         app = broker.optional_app(self.inputs.settings)
         model = self.inputs.model()
         pca = PCA(self.pca_params) if self.pca_params else None
-        frame = self.inputs.csv
-        with locked(self.inputs.spec, frame), crew(self.inputs, app, self.workers) as team:
+        csv_path = self.inputs.csv
+        with locked(self.inputs.spec, csv_path), crew(self.inputs, app, self.workers) as team:
             team.ready()  # the checkpoint is good before any job is pinned to it
             if team.fleet is not None:
                 self.say(f"workers: {team.fleet.summary()}")
             warm_up()  # resampy and numba now, not on the first clip
-            names = known_names(frame)
-            self.say(f"watching {self.inbox} for recordings ({len(names)} clips already in {frame})")
+            names = known_names(csv_path)
+            self.say(f"watching {self.inbox} for recordings ({len(names)} clips already in {csv_path})")
             self.follow(team, model, pca, names, once)
 
     def follow(self, team: Crew, model: str | None, pca: PCA | None, names: set[str], once: bool) -> None:
@@ -119,11 +119,11 @@ class Watcher:
                 clips.append(Clip(path, inbox.file_name(path), label))
         if not clips:
             return 0
-        frame = self.inputs.csv
-        results = append_clips(self.inputs.spec, frame, clips, self.clips.valid, self.clips.pad, names, partial=True)
+        csv_path = self.inputs.csv
+        results = append_clips(self.inputs.spec, csv_path, clips, self.clips.valid, self.clips.pad, names, partial=True)
         for r in results:
             if r.duplicate:
-                r.error = f"a clip named {r.clip.file_name} is already in {frame}; rename the file to add it"
+                r.error = f"a clip named {r.clip.file_name} is already in {csv_path}; rename the file to add it"
             moved = inbox.move(r.clip.path, r.error)
             names.add(r.clip.file_name)
             self.say(f"{r.clip.file_name}: {r.error or f'{r.rows} rows added'} -> {moved}")

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from producer.plan import RunSummary
     from producer.progress import Status
-    from producer.watcher import Watcher
+    from producer.watcher import WatchLoop
 
 PathLike = str | os.PathLike
 F = TypeVar("F", bound=Callable[..., Any])
@@ -140,7 +140,7 @@ def status(out_dir: PathLike) -> Status:
 class Watch:
     """A `producer watch` running in a background thread, to start and stop from notebook cells."""
 
-    def __init__(self, watcher: Watcher) -> None:
+    def __init__(self, watcher: WatchLoop) -> None:
         self.watcher = watcher
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="vggish-watch", daemon=True)
@@ -196,10 +196,10 @@ def watch(
 ) -> Watch:
     """Start `producer watch` on INBOX in the background and return at once; `.stop()` ends it."""
     from producer.clips import ClipOptions
-    from producer.watcher import Watcher
+    from producer.watcher import WatchLoop
 
     inputs = JobInputs.of(spec, csv, out, checkpoint=checkpoint, settings=Settings.from_env().given(broker_url=broker))
-    watcher = Watcher(
+    watcher = WatchLoop(
         inputs=inputs, inbox=Path(inbox), clips=ClipOptions(label, label_from_folder, valid, pad), workers=workers,
         pca_params=Path(pca_params) if pca_params else None, parquet=parquet, settle=settle, poll=poll,
     )
