@@ -2,7 +2,9 @@
 
 A file is ready when its size and mtime have not changed for `settle` seconds and, if its RIFF
 header states a length, the file has reached it; a header that never completes counts as ready
-after `stall` seconds so that its error gets reported. Handled files move to `added/` or
+after `stall` seconds so that its error gets reported. A file whose mtime is already `settle`
+seconds old when it is first seen has settled: a `watch --once` from cron takes the finished
+recordings it finds, and leaves (and names) those still being written. Handled files move to `added/` or
 `failed/` (with `<name>.error.txt`) under the inbox, keeping their relative path.
 """
 
@@ -35,6 +37,7 @@ class Inbox:
         self.settle = settle
         self.stall = stall
         self._seen: dict[Path, tuple[tuple[int, int], float]] = {}
+        self.pending: dict[Path, float] = {}  # after ready(): recordings not ready yet, and how long they have been quiet
 
     def recordings(self) -> list[Path]:
         found = []
@@ -46,8 +49,8 @@ class Inbox:
 
     def ready(self) -> list[Path]:
         """Recordings that are done being written, oldest first seen first."""
-        now = time.monotonic()
-        seen, ready = {}, []
+        now, wall = time.monotonic(), time.time()
+        seen, ready, pending = {}, [], {}
         for path in self.recordings():
             try:
                 st = path.stat()
@@ -55,12 +58,14 @@ class Inbox:
                 prev = self._seen.get(path)
                 since = prev[1] if prev and prev[0] == key else now
                 seen[path] = (key, since)
-                quiet = now - since
+                quiet = max(now - since, wall - st.st_mtime)  # unchanged since seen, or since last written
                 if quiet >= self.stall or (quiet >= self.settle and riff_complete(path, st.st_size)):
                     ready.append(path)
+                else:
+                    pending[path] = max(quiet, 0.0)
             except FileNotFoundError:
                 continue  # renamed or removed under us
-        self._seen = seen
+        self._seen, self.pending = seen, pending
         return ready
 
     def file_name(self, path: Path) -> str:

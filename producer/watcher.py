@@ -79,6 +79,9 @@ class WatchLoop:
                 embedded_rows = self.refresh(team, model, pca, embedded_rows)
             first = False
             if once:
+                for path, quiet in inbox.pending.items():
+                    self.say(f"{inbox.file_name(path)}: still being written (unchanged for {quiet:.1f} s of the "
+                             f"{self.settle:g} s --settle asks); left for the next look")
                 return
             self.stopping.wait(self.poll)
             if team.fleet is not None:

@@ -196,6 +196,7 @@ def test_watch_embeds_new_files_only_and_never_reads_a_file_half_written(sample,
             f.write(whole[len(whole) // 2 :])
         (inbox / "loose.wav").write_bytes(wav_bytes(tone(1.0), 16000))  # no label folder
         wait_for_log(proc, log, f"outputs refreshed: {SAMPLE_ROWS + 4} rows", 1)
+        wait_for_log(proc, log, "loose.wav: refused", 1)  # settled a moment after slow.wav: perhaps the next look
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
@@ -224,15 +225,21 @@ def test_watch_embeds_new_files_only_and_never_reads_a_file_half_written(sample,
 
 
 def test_watch_once_with_running_workers_adds_and_embeds_then_exits(sample, workers, redis_url, weights, expected, tmp_path):
+    """As from cron: a finished recording found in the inbox (last written two minutes ago) is
+    taken at once, with the settle time a watch has; one written just now is left, and named."""
     inbox = tmp_path / "inbox"
     write_wav(inbox / "left" / "a.wav", tone(2.0, 900, rate=32000), 32000)
+    old = time.time() - 120
+    os.utime(inbox / "left" / "a.wav", (old, old))
     workers.start("w1", [sample["dir"]])
+    write_wav(inbox / "left" / "b.wav", tone(1.0, 500, rate=32000), 32000)
     result = cli(
         "producer", "watch", str(inbox), "--label-from-folder", "--spec", str(sample["spec"]), "--broker", redis_url,
-        "--settle", "0", "--once",
+        "--settle", "60", "--once",
     )
     assert result.returncode == 0, result.stderr
     assert "left/a.wav: 2 rows added" in result.stderr and f"outputs refreshed: {SAMPLE_ROWS + 2} rows" in result.stderr
+    assert "left/b.wav: still being written" in result.stderr and (inbox / "left" / "b.wav").exists()
     new = audio.file_examples(inbox / "added" / "left" / "a.wav")
     check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)]))
 
