@@ -114,9 +114,10 @@ sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from bench.feed import PacedModel
 from vggish_pipeline.core.broker import make_app, poll_briefly
+from vggish_pipeline.core.settings import Settings
 from bench.feed import in_flight
 from worker.chunk import ChunkRunner, serve
-app = make_app(sys.argv[2]); poll_briefly(app)
+app = make_app(sys.argv[2], Settings()); poll_briefly(app)
 runner = ChunkRunner(PacedModel(float(sys.argv[4]), Path(sys.argv[3]) / "times.txt"), [Path(sys.argv[3])], "bench@paced", "stand-in")
 serve(app, runner, "bench@paced", "warning", in_flight())
 """
@@ -131,11 +132,12 @@ def overhead(work: Path, rows: int, chunk_rows: int, rate: float = GPU_RATE) -> 
     from producer.local import LocalRedis
     from producer.plan import enqueue
     from vggish_pipeline.core.broker import make_app
+    from vggish_pipeline.core.settings import Settings
 
     job = make_job(work / "overhead", rows, chunk_rows)
     (work / "times.txt").unlink(missing_ok=True)
     redis = LocalRedis().start()
-    app = make_app(redis.url)
+    app = make_app(redis.url, Settings())
     log = open(work / "paced-worker.log", "wb")
     worker = subprocess.Popen([sys.executable, "-c", SERVE, str(ROOT), redis.url, str(work), str(rate)], stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -162,6 +162,7 @@ def dispatch(work: Path, py: str, env: dict, ckpt: Path, chunks: int = 300, mess
     from vggish_pipeline.core.broker import make_app
     from vggish_pipeline.core.job import Job
     from vggish_pipeline.core.message import QUEUE
+    from vggish_pipeline.core.settings import Settings
     from vggish_pipeline.core.shard import read_meta
 
     directory = work / "dispatch"
@@ -178,7 +179,7 @@ def dispatch(work: Path, py: str, env: dict, ckpt: Path, chunks: int = 300, mess
         inside = [read_meta(p).seconds for p in shards]
         written = sorted(p.stat().st_mtime for p in shards)
 
-        app = make_app(redis.url)
+        app = make_app(redis.url, Settings())
         job = Job.load(directory)
         chunk = job.chunks[0]
         began = time.perf_counter()

@@ -38,7 +38,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def add_job_commands(sub) -> None:
     def job_inputs(p: argparse.ArgumentParser) -> None:
         p.add_argument("spec", type=Path, help="spectrograms: raw float64, N x 96 x 64 (e.g. wavfile_spec.dat)")
-        p.add_argument("--csv", type=Path, help=f"the csv_path, one row per spectrogram (default: {DEFAULT_CSV} beside SPEC)")
+        p.add_argument("--csv", type=Path, help=f"the frame, one row per spectrogram (default: {DEFAULT_CSV} beside SPEC)")
         p.add_argument("--out", type=Path, help="job folder for shards and outputs (default: SPEC's folder)")
         p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: from job size and worker count)")
         p.add_argument("--embedding", choices=EMBEDDING_FORMS, default=DEFAULT_EMBEDDING,
@@ -57,7 +57,7 @@ def add_job_commands(sub) -> None:
         "--workers", type=int, help="at most this many local workers (default: one per granted GPU or MIG slice; with none, 1 CPU worker)"
     )
     run.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
-    run.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the csv_path plus e0..e127)")
+    run.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the frame plus e0..e127)")
     run.add_argument("--broker", help="use this broker's workers instead of starting local ones (no environment fallback: "
                      "a VGGISH_BROKER_URL set for workers does not move a run off this machine)")
     add_tls_flags(run)
@@ -80,14 +80,14 @@ def add_follow_commands(sub) -> None:
     finalize = sub.add_parser("finalize", help="merge the shards into wavfile_embed.csv / .dat")
     finalize.add_argument("dir", type=Path, help="the job folder; every chunk must have its shard")
     finalize.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
-    finalize.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the csv_path plus e0..e127)")
+    finalize.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the frame plus e0..e127)")
     finalize.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
 def add_clip_commands(sub) -> None:
     def clip_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--spec", type=Path, required=True, help="the .dat to append to (created with the CSV if neither exists)")
-        p.add_argument("--csv", type=Path, help=f"the csv_path to append to (default: {DEFAULT_CSV} beside SPEC)")
+        p.add_argument("--csv", type=Path, help=f"the frame to append to (default: {DEFAULT_CSV} beside SPEC)")
         p.add_argument("--label", help="label for every clip")
         p.add_argument("--label-from-folder", action="store_true", help="label each clip by its folder (LABEL/clip.wav)")
         p.add_argument("--valid", action="store_true", help="mark the new rows as validation rows (valid=True)")

@@ -78,7 +78,7 @@ def validate(spec: Path, csv_path: Path) -> int:
     rows = row_count(spec)
     header = csv_header(csv_path)
     if any(name.startswith("e") and name[1:].isdigit() for name in header):
-        raise InputError(f"{csv_path}: already has embedding columns (e0...); give the input csv_path, not an output")
+        raise InputError(f"{csv_path}: already has embedding columns (e0...); give the input frame, not an output")
     n = csv_rows(csv_path)
     if n != rows:
         raise InputError(f"{csv_path} has {n} rows but {spec} has {rows} spectrograms; they must match one to one")

@@ -130,7 +130,7 @@ def local_workers(
         common = ["--broker", redis.url, "--checkpoint", str(checkpoint), *(f"--data-root={r}" for r in roots)]
         fleet = local_fleet(workers, common, log_dir, settings.nvidia_smi_timeout)
         fleet.needs.append(redis.revive)
-        yield make_app(redis.url), fleet.start()
+        yield make_app(redis.url, settings), fleet.start()
     finally:
         if fleet:
             fleet.stop()

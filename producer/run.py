@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from producer.plan import Capacity
 from vggish_pipeline.core.errors import UsageError, redact
 from vggish_pipeline.core.identity import checkpoint_files, fingerprint, model_id
 from vggish_pipeline.core.message import DEFAULT_EMBEDDING
@@ -21,7 +20,7 @@ from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings
 if TYPE_CHECKING:
     from celery import Celery
 
-    from producer.plan import Plan, RunSummary
+    from producer.plan import Capacity, Plan, RunSummary
     from vggish_pipeline.core.fleet import Fleet
     from vggish_pipeline.core.job import Chunk, Job
 
@@ -145,7 +144,7 @@ def crew(inputs: JobInputs, app: Celery | None = None, workers: int | None = Non
     """The broker's workers when `app` is given (checked reachable first), else this machine's own:
     a private Redis and one worker per granted GPU (at most `workers`; with none, CPU workers),
     which end with the block however it ends (Ctrl-C included)."""
-    from producer.plan import check_writable
+    from producer.plan import Capacity, check_writable
 
     if app is not None:
         from vggish_pipeline.core import broker
@@ -164,6 +163,7 @@ def crew(inputs: JobInputs, app: Celery | None = None, workers: int | None = Non
 
 def remote_capacity(app: Celery) -> Capacity:
     """The broker's live workers: how many, and the rows/s to size chunks for (measured, or a guess for GPUs)."""
+    from producer.plan import Capacity
     from vggish_pipeline.core import broker
 
     live = broker.live_workers(app).values()
@@ -183,6 +183,9 @@ def run(
     this machine's own (see `crew`). Returns the summary; shards are kept however it ends."""
     from vggish_pipeline.core.postprocess import PCA
 
+    if app is None:  # usage first, then the files, then the workers
+        check_workers(workers)
+        inputs.required_checkpoint()
     pca = PCA(pca_params) if pca_params else None
     with crew(inputs, app, workers) as team:
         # The plan scans the inputs while local workers start. A worker checks the checkpoint as

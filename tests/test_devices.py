@@ -322,11 +322,12 @@ def stop_up(up: subprocess.Popen) -> str:
 def test_worker_up_pins_each_process_to_its_device_and_cpus(redis_url, model_files, tmp_path):
     """Read from the live processes themselves: their environment and their CPU affinity."""
     from vggish_pipeline.core.broker import make_app
+    from vggish_pipeline.core.settings import Settings
 
     near = near_halves()
     up = start_up(["--gpus", "all"], gpu_env(), redis_url, model_files["checkpoint"], tmp_path)
     try:
-        app = make_app(redis_url)
+        app = make_app(redis_url, Settings())
         wait_for(lambda: len(app.control.ping(timeout=0.5)) == 4, timeout=180, what="four workers ready")
         pins = {}
         for pid in children(up.pid):

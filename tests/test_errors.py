@@ -145,6 +145,7 @@ def test_source_changed_after_enqueue_is_refused_not_mixed(sample, redis_url, wo
 def test_hostile_messages_are_refused_and_touch_nothing(sample, redis_url, workers, tmp_path):
     from vggish_pipeline.core.broker import make_app
     from vggish_pipeline.core.message import QUEUE, TASK_NAME
+    from vggish_pipeline.core.settings import Settings
 
     enqueued = cli("producer", "enqueue", str(sample["spec"]), "--broker", redis_url, "--chunk-rows", "200", "--json")
     job = json.loads(enqueued.stdout)
@@ -163,7 +164,7 @@ def test_hostile_messages_are_refused_and_touch_nothing(sample, redis_url, worke
         {**good, "embedding": "sigmoid"},
         {"source": "/etc/passwd"},
     ]
-    app = make_app(redis_url)
+    app = make_app(redis_url, Settings())
     for payload in hostile:
         app.send_task(TASK_NAME, kwargs=payload, queue=QUEUE)
     app.send_task(TASK_NAME, args=["/etc/passwd"], queue=QUEUE)

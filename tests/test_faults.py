@@ -139,10 +139,11 @@ def test_a_chunk_delivered_twice_gives_one_valid_shard(sample, workers, redis_ur
     from producer import plan
     from vggish_pipeline.core.broker import make_app
     from vggish_pipeline.core.job import Job
+    from vggish_pipeline.core.settings import Settings
 
     enqueue(sample, redis_url, 50)
     job = Job.load(sample["dir"])
-    plan.enqueue(make_app(redis_url), job, job.chunks)  # every chunk a second time, as a redelivery would
+    plan.enqueue(make_app(redis_url, Settings()), job, job.chunks)  # every chunk a second time, as a redelivery would
     workers.start("w1", [sample["dir"]])
     workers.start("w2", [sample["dir"]])
     finish(sample, redis_url, expected)
@@ -289,6 +290,7 @@ def test_messages_the_job_never_planned_do_not_poison_it(sample, workers, redis_
     from vggish_pipeline.core.broker import make_app
     from vggish_pipeline.core.job import Job
     from vggish_pipeline.core.message import QUEUE, TASK_NAME
+    from vggish_pipeline.core.settings import Settings
 
     enqueue(sample, redis_url, 64)
     job = Job.load(sample["dir"])
@@ -300,7 +302,7 @@ def test_messages_the_job_never_planned_do_not_poison_it(sample, workers, redis_
         {**planned, "digest": "0" * 32},  # a stale message: rows the plan no longer has
         {**planned, "stop": 50},  # a range the plan never cut
     ]
-    app = make_app(redis_url)
+    app = make_app(redis_url, Settings())
     for payload in forged:
         app.send_task(TASK_NAME, kwargs=payload, queue=QUEUE)
     workers.start("w1", [sample["dir"]])

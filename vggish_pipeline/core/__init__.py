@@ -1,6 +1,6 @@
 """The shared core: what the producer and the workers both speak, and what the API stands on.
 
-The message (`message`), the shard format (`shard`), the job folder (`jobdir`), spectrogram I/O
+The message (`message`), the shard format (`shard`), the job and its folder (`job`), spectrogram I/O
 (`spectrogram`), files written whole and journaled appends (`files`), settings from the
 environment (`settings`), the broker's Celery app (`broker`), PCA post-processing
 (`postprocess`), the errors (`errors`), device discovery and pinning (`devices`), local worker

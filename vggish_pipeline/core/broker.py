@@ -80,10 +80,9 @@ def transport_options(settings: Settings) -> dict:
     }
 
 
-def make_app(url: str, settings: Settings | None = None) -> Celery:
+def make_app(url: str, settings: Settings) -> Celery:
     from celery import Celery  # here, so a worker can read its URL before Celery loads (see worker.cli)
 
-    settings = settings or Settings.from_env()
 
     app = Celery("vggish", broker=url, set_as_current=False)
     app.conf.update(

@@ -93,7 +93,7 @@ class WorkerInfo(Throughput):
     """A worker about itself (remote control INFO_COMMAND, `producer status`): device, model, throughput."""
 
     device: str  # what TensorFlow runs on
-    pinned: str | None  # the GPU or MIG slice the worker was pinned to, if any
+    pinned: str | None = None  # the GPU or MIG slice the worker was pinned to, if any
     model: str
 
     def encode(self) -> dict:
