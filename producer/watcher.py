@@ -35,6 +35,7 @@ class WatchLoop:
     out: TextIO = field(default_factory=lambda: sys.stderr)  # where its lines go: stderr as the call finds it
     stopping: threading.Event = field(default_factory=threading.Event)
     refreshes: int = 0  # how many times the outputs were brought up to date
+    rows: int = 0  # the rows the outputs hold after the last refresh
 
     def say(self, line: str) -> None:
         self.out.write(line + "\n")
@@ -103,6 +104,7 @@ class WatchLoop:
             self.say(f"producer: error: {e} (still watching)")
             return embedded_rows
         self.refreshes += 1
+        self.rows = planned.job.rows
         summary = planned.summary()
         self.say(
             f"outputs refreshed: {planned.job.rows} rows ({summary.enqueued_rows} embedded, "

@@ -161,6 +161,12 @@ class Watch:
         """How many times the outputs were brought up to date so far."""
         return self.watcher.refreshes
 
+    @property
+    def rows(self) -> int:
+        """The rows the outputs hold after the last refresh (0 before the first): wait on this for a
+        recording's rows, since a recording found at the first look is in the first refresh."""
+        return self.watcher.rows
+
     def stop(self, timeout: float | None = 300) -> None:
         """Stop after the current step; everything the watch started ends. Raises what stopped it, if anything did."""
         self.watcher.stop()
