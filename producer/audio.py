@@ -9,6 +9,7 @@ examples of 96 frames.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,7 @@ def hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
     return 1127.0 * np.log1p(np.asarray(hz) / 700.0)
 
 
+@functools.cache  # a constant: made once per process, not per clip (a third of a clip's log-mel)
 def mel_matrix() -> np.ndarray:
     """(257, 64) triangular weights from FFT bins to mel bands, as in VGGish's mel_features."""
     bins_mel = hz_to_mel(np.linspace(0.0, SAMPLE_RATE / 2, FFT // 2 + 1))
@@ -93,6 +95,7 @@ def mel_matrix() -> np.ndarray:
     falling = (upper - bins_mel[:, None]) / (upper - center)
     weights = np.maximum(0.0, np.minimum(rising, falling))
     weights[0, :] = 0.0
+    weights.flags.writeable = False  # shared by every call
     return weights
 
 
@@ -114,19 +117,24 @@ def examples(waveform: np.ndarray) -> np.ndarray:
     return features[: rows * FRAMES].reshape(rows, FRAMES, BANDS)
 
 
-def file_examples(path: Path, pad: bool = False) -> np.ndarray:
+def file_examples(path: Path, pad: bool = False, rows: int | None = None) -> np.ndarray:
     """The VGGish examples of one recording; InputError if it is unreadable or gives no example.
 
     With pad, a clip shorter than 0.975 s is zero-padded to one example instead of refused
-    (the speech-commands set has many clips just under a second).
+    (the speech-commands set has many clips just under a second). With `rows`, the first `rows`
+    examples at most, and a short clip padded to one: `rows=1` is one row per file whatever its
+    length, as the seed's frame has. The waveform is cut after resampling, so those rows are the
+    first rows of the whole file's examples.
     """
     samples, rate = read_audio(path)
     mono = resample(samples.mean(axis=1), rate)
     if len(mono) < MIN_SAMPLES:
-        if not pad:
+        if not pad and rows is None:
             raise InputError(
                 f"{path}: too short ({len(mono) / SAMPLE_RATE:.3f} s); one row needs "
                 f"{MIN_SAMPLES / SAMPLE_RATE:.3f} s (use --pad to zero-pad short clips)"
             )
         mono = np.concatenate([mono, np.zeros(MIN_SAMPLES - len(mono))])
+    if rows is not None:
+        mono = mono[: WINDOW + (rows * FRAMES - 1) * HOP]
     return examples(mono)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from producer.run import DEFAULT_CSV
 from vggish_pipeline.core import package_version
-from vggish_pipeline.core.errors import EXIT_CODES, INTERRUPTED, JobFailed, UsageError, as_pipeline_error
+from vggish_pipeline.core.errors import EXIT_CODES, INTERRUPTED, SKIPPED, JobFailed, UsageError, as_pipeline_error
 from vggish_pipeline.core.message import DEFAULT_EMBEDDING, EMBEDDING_FORMS
 from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings, add_tls_flags, variables_help
 
@@ -92,10 +92,20 @@ def add_clip_commands(sub) -> None:
         p.add_argument("--label-from-folder", action="store_true", help="label each clip by its folder (LABEL/clip.wav)")
         p.add_argument("--valid", action="store_true", help="mark the new rows as validation rows (valid=True)")
         p.add_argument("--pad", action="store_true", help="zero-pad clips shorter than 0.975 s to one row")
+        p.add_argument("--rows-per-file", type=int, metavar="N",
+                       help="the first N rows (0.96 s examples) of each file, a shorter clip zero-padded to one; "
+                            "1: one row per file, as Speech Commands' frame (default: every full example)")
+        p.add_argument("--valid-list", type=Path, metavar="FILE",
+                       help="valid=True for the files FILE names (paths from FILE's folder, as Speech Commands' "
+                            "validation_list.txt), False for the rest")
 
     add = sub.add_parser("add-clips", help="append recordings (WAV, FLAC, OGG, MP3, AIFF…) to SPEC and its CSV as VGGish log-mel rows")
     add.add_argument("recordings", type=Path, nargs="*", help="audio files or folders; none: only repair a cut-off append")
     clip_options(add)
+    add.add_argument("--bad-files", type=Path, metavar="REPORT",
+                     help="add what can be read, list the files refused (file,reason) in REPORT, and exit 5 if any were "
+                          "(default: one refused file refuses the whole add)")
+    add.add_argument("--jobs", type=int, metavar="N", help="processes converting recordings (default: every CPU this process may use)")
     add.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     watch = sub.add_parser("watch", help="add recordings landing in INBOX, embed only the new rows, refresh outputs")
@@ -243,7 +253,7 @@ def cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
 def clip_options(args: argparse.Namespace) -> ClipOptions:
     from producer.clips import ClipOptions
 
-    return ClipOptions(args.label, args.label_from_folder, args.valid, args.pad)
+    return ClipOptions(args.label, args.label_from_folder, args.valid, args.pad, args.rows_per_file, args.valid_list)
 
 
 def cmd_add_clips(args: argparse.Namespace, settings: Settings) -> int:
@@ -255,7 +265,12 @@ def cmd_add_clips(args: argparse.Namespace, settings: Settings) -> int:
             repaired = roll_back(spec, csv_path)
         print(f"rolled back a cut-off append to {spec}" if repaired else f"{spec}: nothing to repair", file=sys.stderr)
         return 0
-    report(add_files(spec, csv_path, args.recordings, clip_options(args), sys.stderr), args.json)
+    summary = add_files(spec, csv_path, args.recordings, clip_options(args), sys.stderr, bad_files=args.bad_files, jobs=args.jobs)
+    report(summary, args.json)
+    if summary["files_refused"]:
+        n = summary["files_refused"]
+        print(f"{n} file{'s' * (n != 1)} skipped, listed in {args.bad_files}", file=sys.stderr)
+        return SKIPPED
     return 0
 
 

@@ -1,9 +1,12 @@
 """Adding recorded clips to the user's .dat/CSV pair, so that the two never get out of step.
 
-An append converts every file first (into a temp .dat beside the spectrograms), so one bad file
-leaves the pair untouched. Then it writes a journal holding both files' old sizes, appends to the
-.dat and the CSV, fsyncs, and removes the journal. A journal found later means an append was cut
-off: both files are truncated back to the sizes it holds. A lock on the .dat keeps two appends apart.
+An append first writes a journal holding both files' old sizes. Then the recordings are converted
+(on every usable core, see pool.py) and their rows appended to the .dat in file order as they
+come; then their lines to the CSV; both are fsynced and the journal removed. A refused file cuts
+both back to their old sizes, so one bad file leaves the pair untouched, unless in corpus mode
+(`--bad-files`) it is listed in a report while the rest go in. A journal found later means an
+append was cut off (a crash, kill -9): both files are truncated back to the sizes it holds. A
+lock on the .dat keeps two appends apart.
 """
 
 from __future__ import annotations
@@ -14,20 +17,22 @@ import fcntl
 import io
 import json
 import os
-import tempfile
-from collections.abc import Iterator
+import posixpath
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
 import pyarrow.compute as pc
 
-from producer.audio import file_examples, is_recording
+from producer.audio import is_recording
 from producer.dataset import csv_header, csv_reader, csv_rows, journal_path, validate
-from vggish_pipeline.core.errors import InputError, PipelineError, UsageError
-from vggish_pipeline.core.files import append_together, settle_append, write_json
-from vggish_pipeline.core.spectrogram import DTYPE, ROW_BYTES
+from producer.pool import Pool, usable_cores
+from producer.progress import Display, counted
+from vggish_pipeline.core.errors import InputError, UsageError
+from vggish_pipeline.core.files import appending, atomic_write, settle_append, write_json
+from vggish_pipeline.core.spectrogram import ROW_BYTES
 
 NEW_HEADER = ["", "file_name", "label", "valid"]  # "": the unnamed index column pandas writes and reads back with index_col=0
 STAGED = ".staged"
@@ -38,6 +43,7 @@ class Clip:
     path: Path  # the recording
     file_name: str  # what the CSV's file_name column gets
     label: str
+    valid: bool = False
 
 
 @dataclass
@@ -49,7 +55,8 @@ class Added:
 
 
 def roll_back(spec: Path, csv_path: Path) -> bool:
-    """Undo an append that was cut off, and drop its staged rows; True if there was one. Needs `locked`."""
+    """Undo an append that was cut off (and drop the staged rows of an older release's); True if
+    there was one. Needs `locked`."""
     leftovers = list(spec.parent.glob(f".{spec.name}.*{STAGED}"))
     for staged in leftovers:
         staged.unlink()
@@ -125,12 +132,20 @@ class CsvRows:
 
 
 def append_clips(
-    spec: Path, csv_path: Path, clips: list[Clip], valid: bool, pad: bool, skip: set[str], partial: bool = False
+    spec: Path,
+    csv_path: Path,
+    clips: list[Clip],
+    options: ClipOptions,
+    skip: set[str],
+    partial: bool = False,
+    pool: Pool | None = None,
+    done: Callable[[Added], None] | None = None,
 ) -> list[Added]:
-    """Convert `clips` and append their rows to the pair; the caller holds `locked`.
+    """Convert `clips` (in `pool`, or here) and append their rows to the pair; the caller holds `locked`.
 
     Clips whose file_name is in `skip` are left out, so re-running the same add is harmless. If a
     file is refused, nothing is appended, unless `partial` (then the other files still are).
+    `done` is told of each file as its rows are written, in order.
     """
     roll_back(spec, csv_path)
     if spec.stat().st_size:
@@ -144,58 +159,88 @@ def append_clips(
     for clip in clips:  # a name already in the CSV, or twice in this call, is added once
         results.append(Added(clip, duplicate=clip.file_name in seen))
         seen.add(clip.file_name)
-    fd, staged = tempfile.mkstemp(dir=spec.parent, prefix=f".{spec.name}.", suffix=STAGED)
+    todo = [a for a in results if not a.duplicate]
+    if done is not None:
+        for added in results:
+            if added.duplicate:
+                done(added)
+    builder = CsvRows(csv_path, rows_before)
+    lines = []
+    refused = False
     try:
-        builder = CsvRows(csv_path, rows_before)
-        text = []
-        with os.fdopen(fd, "wb") as out:
-            for added in results:
-                if added.duplicate:
-                    continue
-                try:
-                    examples = file_examples(added.clip.path, pad)
-                except PipelineError as e:
-                    added.error = str(e)
-                    continue
-                np.ascontiguousarray(examples, dtype=DTYPE).tofile(out)
-                added.rows = len(examples)
-                text.append(builder.lines(added.clip.file_name, added.clip.label, valid, added.rows))
-        if any(a.error for a in results) and not partial:
-            return results
-        if any(a.rows for a in results):
-            commit(spec, csv_path, Path(staged), "".join(text).encode())
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staged)
+        with appending([spec, csv_path], journal_path(spec)) as (rows, frame), contextlib.ExitStack() as stack:
+            pool = pool or stack.enter_context(Pool(1))
+            converted = pool.convert([a.clip.path for a in todo], options.pad, options.rows_per_file)
+            for added, result in zip(todo, converted, strict=True):
+                added.error = result.error
+                refused = refused or result.error is not None
+                if result.examples is not None:
+                    added.rows = len(result.examples)
+                    if partial or not refused:
+                        rows.write(memoryview(result.examples))
+                        lines.append(builder.lines(added.clip.file_name, added.clip.label, added.clip.valid, added.rows))
+                if done is not None:
+                    done(added)
+            if refused and not partial:
+                raise NothingAdded
+            if lines:
+                frame.write((("\n" if needs_newline(csv_path) else "") + "".join(lines)).encode())
+    except NothingAdded:  # `appending` has cut both files back
+        for added in results:
+            added.rows = 0
     return results
 
 
-def commit(spec: Path, csv_path: Path, staged: Path, csv_bytes: bytes) -> None:
-    """Append the staged rows to the .dat and their lines to the CSV as one journaled step."""
+class NothingAdded(Exception):
+    """A file was refused in an all-or-nothing add: the rows written so far are cut off again."""
+
+
+def needs_newline(csv_path: Path) -> bool:
     with open(csv_path, "rb") as f:
         f.seek(max(csv_path.stat().st_size - 1, 0))
-        needs_newline = f.read(1) not in (b"\n", b"")
-    append_together([(spec, staged), (csv_path, (b"\n" if needs_newline else b"") + csv_bytes)], journal_path(spec))
+        return f.read(1) not in (b"\n", b"")
 
 
 @dataclass(frozen=True)
 class ClipOptions:
-    """How recordings become rows: one label for all or each its folder's, the valid flag, padding."""
+    """How recordings become rows: one label for all or each its folder's, the valid flag (or a
+    list of the valid files), padding, and how many rows a file gives."""
 
     label: str | None = None
     label_from_folder: bool = False
     valid: bool = False
     pad: bool = False  # zero-pad a clip shorter than one example to one row
+    rows_per_file: int | None = None  # the first N examples of each file, short ones padded (default: all)
+    valid_list: Path | None = None  # Speech Commands' validation_list.txt: the files it names are valid
 
     def check(self) -> None:
         if (self.label is None) == (not self.label_from_folder):
             raise UsageError("give exactly one of --label LABEL or --label-from-folder")
+        if self.valid and self.valid_list is not None:
+            raise UsageError("give --valid (every new row) or --valid-list FILE (the files it names), not both")
+        if self.rows_per_file is not None and self.rows_per_file < 1:
+            raise UsageError(f"--rows-per-file must be 1 or more, not {self.rows_per_file}")
+        self.valid_flags([])  # a list that cannot be read is refused before any work
+
+    def valid_flags(self, paths: list[Path]) -> list[bool]:
+        """Each file's `valid`: --valid's, or whether the list names it by its path from the list's folder
+        (the corpus root, where Speech Commands keeps validation_list.txt)."""
+        if self.valid_list is None:
+            return [self.valid] * len(paths)
+        try:
+            text = self.valid_list.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{self.valid_list}: cannot read the list ({getattr(e, 'strerror', None) or e})") from e
+        listed = {posixpath.normpath(line.strip()) for line in text.splitlines() if line.strip()}
+        root = os.path.abspath(self.valid_list.parent)
+        return [Path(os.path.relpath(os.path.abspath(p), root)).as_posix() in listed for p in paths]
 
 
-def gather(paths: list[Path], label: str | None, base: Path) -> list[Clip]:
+def gather(paths: list[Path], options: ClipOptions, base: Path) -> list[Clip]:
     """Clips for the given files and folders (searched for recordings, see audio.is_recording),
-    labelled `label` or, without one, by their folder; file_name is the path relative to `base`
-    (the CSV's folder), or absolute outside it, so it does not depend on the folder a command runs in."""
+    labelled --label or by their folder (as the path names it: a symlink's, not its target's);
+    file_name is the path relative to `base` (the CSV's folder), or absolute outside it, so it
+    does not depend on the folder a command runs in."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -204,38 +249,88 @@ def gather(paths: list[Path], label: str | None, base: Path) -> list[Clip]:
             files.append(path)
         else:
             raise InputError(f"{path}: no such file")
-    here = Path(os.path.realpath(base))
+    here = Path(os.path.abspath(base))
     clips = []
-    for path in files:
-        absolute = path.resolve()
+    for path, valid in zip(files, options.valid_flags(files), strict=True):
+        absolute = Path(os.path.abspath(path))
         name = absolute.relative_to(here).as_posix() if absolute.is_relative_to(here) else absolute.as_posix()
-        clips.append(Clip(path, name, label if label is not None else absolute.parent.name))
+        clips.append(Clip(path, name, options.label if options.label is not None else absolute.parent.name, valid))
     return clips
 
 
-def add_files(spec: Path, csv_path: Path, paths: list[Path], options: ClipOptions, out: TextIO | None = None) -> dict:
-    """`add-clips`: the recordings in `paths` (files or folders) as rows of SPEC and FRAME, all or
-    nothing; one line per file to `out`. Returns the summary; InputError if any file is refused."""
+LINES_UP_TO = 100  # files an add names one by one; above, progress instead (refused and skipped files always)
+
+
+def add_files(
+    spec: Path,
+    csv_path: Path,
+    paths: list[Path],
+    options: ClipOptions,
+    out: TextIO | None = None,
+    *,
+    bad_files: Path | None = None,
+    jobs: int | None = None,
+) -> dict:
+    """`add-clips`: the recordings in `paths` (files or folders) as rows of SPEC and FRAME, converted
+    on `jobs` processes (default: every usable core); progress and a line per file to `out`.
+
+    All or nothing (InputError if any file is refused), unless `bad_files`: then the refused files
+    are listed there (file, reason) and the rest are added; the summary's files_refused counts them.
+    """
     options.check()
-    clips = gather(paths, options.label, csv_path.parent)
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"--jobs must be 1 or more, not {jobs}")
+    if bad_files is not None and not bad_files.parent.is_dir():
+        raise InputError(f"{bad_files}: no folder {bad_files.parent} to write the report in")
+    clips = gather(paths, options, csv_path.parent)
     if not clips:
         raise InputError("no recordings found in " + ", ".join(map(str, paths)))
-    with locked(spec, csv_path):
-        results = append_clips(spec, csv_path, clips, options.valid, options.pad, known_names(csv_path))
+    display = Display(out or io.StringIO(), out is not None and len(clips) > LINES_UP_TO, len(clips), unit="files")
+    began = time.monotonic()
+    finished = 0
+
+    def done(added: Added) -> None:
+        nonlocal finished
+        finished += 1
+        if added.error or added.duplicate or (out is not None and len(clips) <= LINES_UP_TO):
+            what = "already in the CSV, skipped" if added.duplicate else f"{added.rows} row{'s' * (added.rows != 1)}"
+            display.write(added.error or f"{added.clip.path}: {what}")
+        rate = finished / max(time.monotonic() - began, 1e-9)
+        display.update(finished, "", counted(finished, len(clips), "files", rate), final=finished == len(clips))
+
+    try:
+        with Pool(min(jobs or usable_cores(), len(clips))) as pool, locked(spec, csv_path):
+            results = append_clips(spec, csv_path, clips, options, known_names(csv_path), bad_files is not None, pool, done)
+            if bad_files is not None:
+                write_report(bad_files, [r for r in results if r.error])
+    finally:
+        display.close()
     refused = [r for r in results if r.error]
-    added = [r for r in results if r.rows]
-    for r in results:
-        what = "already in the CSV, skipped" if r.duplicate else f"{r.rows} row{'s' * (r.rows != 1)}"
-        if out is not None:
-            out.write((r.error or f"{r.clip.path}: {what}") + "\n")
-    if refused:
+    if refused and bad_files is None:
         reasons = "listed above" if out else "; ".join(r.error for r in refused[:3] if r.error)
-        raise InputError(f"{len(refused)} of {len(results)} files refused ({reasons}); nothing was added")
+        raise InputError(
+            f"{len(refused)} of {len(results)} files refused ({reasons}); nothing was added "
+            "(--bad-files REPORT adds the rest and lists these)"
+        )
+    added = [r for r in results if r.rows]
     return {
         "spec": str(spec),
         "csv": str(csv_path),
         "files_added": len(added),
         "files_skipped": sum(r.duplicate for r in results),
+        "files_refused": len(refused),
         "rows_added": sum(r.rows for r in added),
         "rows": spec.stat().st_size // ROW_BYTES if spec.exists() else 0,
+        **({"bad_files": str(bad_files)} if bad_files is not None else {}),
     }
+
+
+def write_report(path: Path, refused: list[Added]) -> None:
+    """The refused files, as CSV: file (its path as given) and reason."""
+    with atomic_write(path, "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["file", "reason"])
+        for r in refused:
+            reason = r.error or ""
+            prefix = f"{r.clip.path}: "
+            writer.writerow([str(r.clip.path), reason[len(prefix) :] if reason.startswith(prefix) else reason])

@@ -72,8 +72,8 @@ def validate(spec: Path, csv_path: Path) -> int:
     """Row count of a matching .dat/CSV pair, or an InputError naming what does not match."""
     if journal_path(spec).exists():
         raise InputError(
-            f"{spec}: an add-clips run was cut off mid-append; run `producer add-clips --spec {spec} --csv {csv_path}` "
-            "with no files to roll it back"
+            f"{spec}: an add-clips is appending to it, or was cut off mid-append; if none runs, "
+            f"`producer add-clips --spec {spec} --csv {csv_path}` with no files rolls it back"
         )
     rows = row_count(spec)
     header = csv_header(csv_path)

@@ -77,13 +77,14 @@ def duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def counted(done: int, total: int, unit: str, rate: float) -> str:
+    """"1,234/5,000 files (25%)  12.3 files/s  ETA 5m02s"."""
+    eta = duration((total - done) / rate) if rate > 0 else "?"
+    return f"{done:,}/{total:,} {unit} ({100 * done / max(total, 1):.0f}%)  {rate:.1f} {unit}/s  ETA {eta}"
+
+
 def progress_line(status: Status, rate: float, workers: int | None = None) -> str:
-    left = status.rows_total - status.rows_done
-    eta = duration(left / rate) if rate > 0 else "?"
-    line = (
-        f"{status.rows_done:,}/{status.rows_total:,} rows ({100 * status.rows_done / status.rows_total:.0f}%)"
-        f"  {rate:.1f} rows/s  ETA {eta}  chunks {status.chunks_done}/{status.chunks_total}"
-    )
+    line = counted(status.rows_done, status.rows_total, "rows", rate) + f"  chunks {status.chunks_done}/{status.chunks_total}"
     if workers is not None:
         line += f"  {workers} worker{'s' * (workers != 1)} active"
     if status.failed:
@@ -95,7 +96,7 @@ class Display:
     """Where progress goes: a tqdm bar (tqdm.auto: a widget in Jupyter, a bar on a terminal), or,
     for logs and pipes, a plain line every 10 s; or nowhere."""
 
-    def __init__(self, out: TextIO, show: bool, total: int, done: int) -> None:
+    def __init__(self, out: TextIO, show: bool, total: int, done: int = 0, unit: str = "rows") -> None:
         self.out = out
         self.show = show
         self.last = 0.0
@@ -103,17 +104,24 @@ class Display:
         if show and (out.isatty() or "ipykernel" in sys.modules):
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=done, unit="rows", unit_scale=True, file=out, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, unit=unit, unit_scale=True, file=out, dynamic_ncols=True)
 
-    def update(self, status: Status, rate: float, workers: int, final: bool = False) -> None:
+    def update(self, done: int, postfix: str, line: str, final: bool = False) -> None:
+        """`done` so far; `postfix` beside the bar; `line` the plain line for a log."""
         if self.bar is not None:
-            self.bar.update(status.rows_done - self.bar.n)
-            postfix = f"chunks {status.chunks_done}/{status.chunks_total}, {workers} worker{'s' * (workers != 1)} active"
-            self.bar.set_postfix_str(postfix + (f", failed {len(status.failed)}" if status.failed else ""), refresh=False)
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(postfix, refresh=False)
         elif self.show and (final or time.monotonic() - self.last >= 10):
-            self.out.write(progress_line(status, rate, workers) + "\n")
+            self.out.write(line + "\n")
             self.out.flush()
             self.last = time.monotonic()
+
+    def write(self, line: str) -> None:
+        """A line of its own, above the bar."""
+        if self.bar is not None:
+            self.bar.write(line, file=self.out)
+        else:
+            self.out.write(line + "\n")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -143,7 +151,10 @@ def wait(
             status = job_status(job)
             elapsed = time.monotonic() - began
             rate = (status.rows_done - first.rows_done) / elapsed if elapsed > 0 else 0.0
-            display.update(status, rate, activity.workers(), final=status.done)
+            workers = activity.workers()
+            postfix = f"chunks {status.chunks_done}/{status.chunks_total}, {workers} worker{'s' * (workers != 1)} active"
+            postfix += f", failed {len(status.failed)}" if status.failed else ""
+            display.update(status.rows_done, postfix, progress_line(status, rate, workers), final=status.done)
             if status.done:
                 return status
             if status.failed and status.chunks_done + len(status.failed) >= status.chunks_total:

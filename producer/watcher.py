@@ -115,17 +115,18 @@ class WatchLoop:
     def ingest(self, inbox: Inbox, names: set[str]) -> int:
         """Add the recordings that are ready; each moves to added/ or, with its reason, failed/. Rows added."""
         clips = []
-        for path in inbox.ready():
+        ready = inbox.ready()
+        for path, valid in zip(ready, self.clips.valid_flags(ready), strict=True):
             label = self.clips.label or inbox.label_folder(path)
             if label is None:
                 inbox.move(path, "no label: put the file in a LABEL/ folder, or start watch with --label")
                 self.say(f"{path}: refused, no label folder")
             else:
-                clips.append(Clip(path, inbox.file_name(path), label))
+                clips.append(Clip(path, inbox.file_name(path), label, valid))
         if not clips:
             return 0
         csv_path = self.inputs.csv
-        results = append_clips(self.inputs.spec, csv_path, clips, self.clips.valid, self.clips.pad, names, partial=True)
+        results = append_clips(self.inputs.spec, csv_path, clips, self.clips, names, partial=True)
         for r in results:
             if r.duplicate:
                 r.error = f"a clip named {r.clip.file_name} is already in {csv_path}; rename the file to add it"

@@ -43,10 +43,11 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-5) -
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
 
 
-def upstream_examples(path) -> np.ndarray:
+def upstream_examples(path, pad: bool = False) -> np.ndarray:
     """Upstream's `vggish_input.wavfile_to_examples`, step by step: soundfile's int16 read / 32768
     (float files as their floats: see producer/audio.py), the mean over channels, resampy to
-    16 kHz, and the log-mel by TensorFlow's tf.signal (STFT with periodic Hann, HTK mel matrix)."""
+    16 kHz, and the log-mel by TensorFlow's tf.signal (STFT with periodic Hann, HTK mel matrix).
+    `pad`: a waveform shorter than one example (0.975 s) is zero-padded to one first."""
     import resampy
     import soundfile
 
@@ -62,6 +63,8 @@ def upstream_examples(path) -> np.ndarray:
         data = np.mean(data, axis=1)
     if rate != 16000:
         data = resampy.resample(data, rate, 16000)
+    if pad and len(data) < 15600:
+        data = np.concatenate([data, np.zeros(15600 - len(data))])
     stft = tf.signal.stft(data, frame_length=400, frame_step=160, fft_length=512, window_fn=tf.signal.hann_window)
     mel = tf.signal.linear_to_mel_weight_matrix(64, 257, 16000, 125.0, 7500.0, dtype=tf.float64)
     log_mel = np.log(np.abs(stft.numpy()) @ mel.numpy() + 0.01)

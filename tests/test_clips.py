@@ -60,7 +60,7 @@ def test_a_bad_file_refuses_the_whole_add_and_changes_nothing(sample, tmp_path):
     result = add_clips(sample, str(tmp_path / "good.wav"), str(tmp_path / "short.wav"), str(tmp_path / "broken.wav"), "--label", "x")
     assert result.returncode == 3
     assert "short.wav: too short (0.500 s)" in result.stderr and "broken.wav: " in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "producer: error: 2 of 3 files refused (listed above); nothing was added"
+    assert result.stderr.strip().splitlines()[-1] == "producer: error: 2 of 3 files refused (listed above); nothing was added (--bad-files REPORT adds the rest and lists these)"
     assert "Traceback" not in result.stderr
     assert (sample["spec"].read_bytes(), sample["csv"].read_bytes()) == before
     assert sorted(p.name for p in sample["dir"].iterdir()) == ["wavfile_df.csv", "wavfile_spec.dat"]  # no temp left
@@ -86,43 +86,31 @@ def test_a_new_pair_is_created_and_a_failed_first_add_leaves_none(tmp_path):
 
 
 CRASH_BEFORE_CSV = """
-import builtins, os, sys
+import os, sys
 from pathlib import Path
-from producer.clips import commit
-spec, frame, staged = map(Path, sys.argv[1:4])
-real_open = builtins.open
-def crash(path, mode="r", *args, **kwargs):
-    if Path(path) == frame and "a" in mode:
-        os._exit(9)  # the .dat got its rows, then the process died
-    return real_open(path, mode, *args, **kwargs)
-builtins.open = crash
-commit(spec, frame, staged, b"200,x.wav,x,False\\n")
+from producer.dataset import journal_path
+from vggish_pipeline.core.files import appending
+spec, frame = map(Path, sys.argv[1:3])
+with appending([spec, frame], journal_path(spec)) as (rows, lines):
+    rows.write(bytes(int(sys.argv[3])))
+    rows.flush()
+    os._exit(9)  # the .dat got its rows, then the process died
 """
 
 
 def test_an_append_cut_off_mid_write_is_refused_then_rolled_back(sample, tmp_path, model_files, machine):
-    from producer.clips import commit
+    from producer.dataset import journal_path
+    from vggish_pipeline.core.files import appending
 
     before = sample["spec"].read_bytes(), sample["csv"].read_bytes()
-    staged = tmp_path / "staged"
-    staged.write_bytes(b"\0" * ROW_BYTES)
-
-    def interrupted_before_csv(path, mode="r", *args, **kwargs):  # Ctrl-C between the two files: rolled back at once
-        if Path(path) == sample["csv"] and "a" in mode:
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C between the two files: rolled back at once
+        with appending([sample["spec"], sample["csv"]], journal_path(sample["spec"])) as (rows, _):
+            rows.write(bytes(ROW_BYTES))
+            rows.flush()
             raise KeyboardInterrupt
-        return real_open(path, mode, *args, **kwargs)
-
-    import builtins
-
-    real_open, builtins.open = builtins.open, interrupted_before_csv
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            commit(sample["spec"], sample["csv"], staged, b"200,x.wav,x,False\n")
-    finally:
-        builtins.open = real_open
     assert (sample["spec"].read_bytes(), sample["csv"].read_bytes()) == before
 
-    died = subprocess.run([sys.executable, "-c", CRASH_BEFORE_CSV, str(sample["spec"]), str(sample["csv"]), str(staged)])
+    died = subprocess.run([sys.executable, "-c", CRASH_BEFORE_CSV, str(sample["spec"]), str(sample["csv"]), str(ROW_BYTES)])
     assert died.returncode == 9
     assert sample["spec"].stat().st_size == len(before[0]) + ROW_BYTES  # out of step on disk, journal present
 

@@ -118,14 +118,21 @@ def add_clips(
     label_from_folder: bool = False,
     valid: bool = False,
     pad: bool = False,
+    rows_per_file: int | None = None,
+    valid_list: PathLike | None = None,
+    bad_files: PathLike | None = None,
+    jobs: int | None = None,
 ) -> dict:
     """`producer add-clips`: append recordings (files or folders; WAV, FLAC, OGG, MP3…) to SPEC and
-    its CSV, all or nothing. Returns the summary (files and rows added)."""
+    its CSV, converted on `jobs` processes (default: every usable core). All or nothing, unless
+    `bad_files` names a report for the refused files (the summary's files_refused counts them).
+    Returns the summary (files and rows added)."""
     from producer.clips import ClipOptions, add_files
 
     paths = [Path(r) for r in (recordings if isinstance(recordings, list) else [recordings])]
     inputs = JobInputs.of(spec, csv)
-    return add_files(inputs.spec, inputs.csv, paths, ClipOptions(label, label_from_folder, valid, pad))
+    options = ClipOptions(label, label_from_folder, valid, pad, rows_per_file, Path(valid_list) if valid_list else None)
+    return add_files(inputs.spec, inputs.csv, paths, options, bad_files=Path(bad_files) if bad_files else None, jobs=jobs)
 
 
 @own_errors
@@ -193,6 +200,8 @@ def watch(
     label_from_folder: bool = False,
     valid: bool = False,
     pad: bool = False,
+    rows_per_file: int | None = None,
+    valid_list: PathLike | None = None,
     broker: str | None = None,
     workers: int | None = None,
     pca_params: PathLike | None = None,
@@ -205,8 +214,9 @@ def watch(
     from producer.watcher import WatchLoop
 
     inputs = JobInputs.of(spec, csv, out, checkpoint=checkpoint, settings=Settings.from_env().given(broker_url=broker))
+    clips = ClipOptions(label, label_from_folder, valid, pad, rows_per_file, Path(valid_list) if valid_list else None)
     watcher = WatchLoop(
-        inputs=inputs, inbox=Path(inbox), clips=ClipOptions(label, label_from_folder, valid, pad), workers=workers,
+        inputs=inputs, inbox=Path(inbox), clips=clips, workers=workers,
         pca_params=Path(pca_params) if pca_params else None, parquet=parquet, settle=settle, poll=poll,
     )
     return Watch(watcher)

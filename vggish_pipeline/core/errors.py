@@ -4,7 +4,8 @@ error's code; bugs keep their traceback.
 Exit codes, the same for `producer` and `worker` (EXIT_CODES is their --help text):
 0 done; 1 the job failed (chunks failed for good, workers kept dying, the job is not complete);
 2 usage (a flag missing or out of range); 3 bad input or setup (a file, the checkpoint, the
-broker, a GPU, the disk); 4 timed out (`wait --timeout`); 130 interrupted (Ctrl-C, SIGTERM).
+broker, a GPU, the disk); 4 timed out (`wait --timeout`); 5 done, but recordings were skipped
+(`add-clips --bad-files`: listed in the report); 130 interrupted (Ctrl-C, SIGTERM).
 """
 
 import re
@@ -15,6 +16,7 @@ EXIT_CODES = """exit codes:
   2    usage: a flag missing or out of range
   3    bad input or setup: a file, the checkpoint, the broker, a GPU, the disk
   4    timed out (wait --timeout)
+  5    done, but recordings were skipped (add-clips --bad-files: listed in the report)
   130  interrupted (Ctrl-C or SIGTERM)"""
 
 
@@ -76,6 +78,7 @@ class ChunkRefused(PipelineError):
     """A chunk message this worker must not run: bad path, changed source, other model."""
 
 
+SKIPPED = 5
 INTERRUPTED = 130
 
 

@@ -7,7 +7,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,45 +117,51 @@ def finish_set(folder: Path) -> None:
     fsync_folder(folder)
 
 
-def append_together(appends: list[tuple[Path, bytes | Path]], journal: Path, commit: tuple[Path, bytes] | None = None) -> None:
-    """Append to several files of one folder as one step: bytes, or a file's whole content.
+@contextlib.contextmanager
+def appending(paths: list[Path], journal: Path, commit: tuple[Path, bytes] | None = None) -> Iterator[list[IO]]:
+    """Append to several files of one folder as one step: yields them open for appending.
 
     `journal` first notes each file's size (and the digest of `commit`'s record, when there is
     one). With a commit, the step is done once that record (what the files hold) replaces the
     commit file; without, once the journal is gone. A crash before that leaves the files cut back
     to their old sizes by `settle_append` (run by the next command on the files, and here at
-    once on a failure). Each file gets its bytes in one pass, fsynced: readers see whole rows arrive.
-    The one protocol for `add-clips` (the .dat and the CSV) and for outputs that grow in place.
+    once on an exception). The one protocol for `add-clips` (the .dat and the CSV) and for
+    outputs that grow in place.
     """
     settle_append(journal)
     folder = journal.parent
-    step: dict = {"sizes": {os.path.realpath(path): path.stat().st_size for path, _ in appends}}
+    step: dict = {"sizes": {os.path.realpath(path): path.stat().st_size for path in paths}}
     if commit is not None:
         step.update(commit=str(commit[0]), digest=hashlib.sha256(commit[1]).hexdigest())
     write_json(journal, step)
     fsync_folder(folder)
-    path = journal  # the file being written, for the error line
+    failing = journal  # the file being written, for the error line
     try:
-        for path, data in appends:
-            with open(path, "ab") as f:
-                if isinstance(data, Path):
-                    with open(data, "rb") as src:
-                        shutil.copyfileobj(src, f, 1 << 22)
-                else:
-                    f.write(data)
+        with contextlib.ExitStack() as stack:
+            files: list[IO] = [stack.enter_context(open(path, "ab")) for path in paths]
+            yield files
+            for path, f in zip(paths, files, strict=True):
+                failing = path
                 f.flush()
                 os.fsync(f.fileno())
         if commit is not None:
-            path = commit[0]
-            with atomic_write(commit[0]) as f:
-                f.write(commit[1])
+            failing = commit[0]
+            with atomic_write(commit[0]) as record:
+                record.write(commit[1])
             fsync_folder(folder)
         journal.unlink()
         fsync_folder(folder)
     except BaseException as e:
         with contextlib.suppress(OSError):
             settle_append(journal)
-        failed_write(e, path, [])
+        failed_write(e, failing, [])
+
+
+def append_together(appends: list[tuple[Path, bytes]], journal: Path, commit: tuple[Path, bytes] | None = None) -> None:
+    """`appending` these bytes, each file's in one write: readers see whole rows arrive."""
+    with appending([path for path, _ in appends], journal, commit) as files:
+        for f, (_, data) in zip(files, appends, strict=True):
+            f.write(data)
 
 
 def settle_append(journal: Path) -> bool:
