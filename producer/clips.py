@@ -177,7 +177,7 @@ def append_clips(
                 if result.examples is not None:
                     added.rows = len(result.examples)
                     if partial or not refused:
-                        rows.write(memoryview(result.examples))
+                        rows.write(result.examples.data)
                         lines.append(builder.lines(added.clip.file_name, added.clip.label, added.clip.valid, added.rows))
                 if done is not None:
                     done(added)
