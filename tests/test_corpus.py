@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cli
+from conftest import cli, unavailable
 from outputs import check_outputs
 from reference import upstream_examples, vggish
 from wavs import speech_like, tone, write_audio, write_wav
@@ -29,6 +30,8 @@ DAMAGED = "no/ffffffff_nohash_0.wav"
 def corpus(tmp_path_factory) -> Path:
     """Speech Commands v0.02's layout: label folders of one-word WAVs, a long recording in
     _background_noise_, the split lists at the root, and files that are not audio."""
+    if shutil.which("espeak-ng") is None:
+        unavailable("no espeak-ng (apt-get install espeak-ng): it speaks the test corpus's words")
     root = tmp_path_factory.mktemp("speech_commands")
     for label, stem, speed, pitch in WORDS:
         (root / label).mkdir(exist_ok=True)
