@@ -28,8 +28,9 @@ import pyarrow.compute as pc
 
 from producer.audio import is_recording
 from producer.dataset import csv_header, csv_reader, csv_rows, journal_path, validate
-from producer.pool import Pool, usable_cores
+from producer.pool import Pool
 from producer.progress import Display, counted
+from vggish_pipeline.core.devices import usable_cores
 from vggish_pipeline.core.errors import InputError, UsageError
 from vggish_pipeline.core.files import appending, atomic_write, settle_append, write_json
 from vggish_pipeline.core.spectrogram import ROW_BYTES

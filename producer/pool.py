@@ -33,11 +33,6 @@ BATCH_BYTES = 8 << 20  # of audio files: long recordings go a few at a time
 AHEAD = 2  # batches out per process
 
 
-def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity mask: a cgroup's cpuset, `taskset`), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @dataclass(frozen=True)
 class Converted:
     """One recording's rows, or why it gave none."""
