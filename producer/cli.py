@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from producer.compact import COMPACT_AFTER
 from producer.run import DEFAULT_CSV
 from vggish_pipeline.core import package_version
 from vggish_pipeline.core.errors import EXIT_CODES, INTERRUPTED, SKIPPED, JobFailed, UsageError, as_pipeline_error
@@ -77,6 +78,10 @@ def add_follow_commands(sub) -> None:
     add_tls_flags(status)
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
 
+    compact = sub.add_parser("compact", help="merge runs of small chunks (a watch's) into chunks of the job's size, re-embedding nothing")
+    compact.add_argument("dir", type=Path, help="the job folder; its outputs stay byte for byte as they are")
+    compact.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
     finalize = sub.add_parser("finalize", help="merge the shards into wavfile_embed.csv / .dat")
     finalize.add_argument("dir", type=Path, help="the job folder; every chunk must have its shard")
     finalize.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
@@ -112,6 +117,8 @@ def add_clip_commands(sub) -> None:
     watch.add_argument("inbox", type=Path, help="folder recordings land in (LABEL/clip.flac with --label-from-folder)")
     clip_options(watch)
     watch.add_argument("--out", type=Path, help="job folder (default: SPEC's folder)")
+    watch.add_argument("--compact-after", type=int, default=COMPACT_AFTER, metavar="N",
+                       help=f"merge the small chunks refreshes leave once there are N (default {COMPACT_AFTER}; 0: never)")
     watch.add_argument("--chunk-rows", type=int, help="rows per chunk (default: from job size and worker count)")
     watch.add_argument("--embedding", choices=EMBEDDING_FORMS, default=DEFAULT_EMBEDDING,
                        help=f"128-d layer form (default {DEFAULT_EMBEDDING})")
@@ -231,8 +238,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  {name}: {w.device}, {w.chunks} chunks, {w.rows_per_s} rows/s")
     if note:
         print(note)
+    if status.outputs_rows is not None:
+        print(f"outputs: {status.outputs_rows} rows (the last complete set)")
     if cut_short:
-        print(f"outputs: writing them was cut short; `producer finalize {args.dir}` completes it (status writes nothing)")
+        print(f"outputs: being written now, or that was cut short; if nothing runs, `producer finalize {args.dir}` "
+              "completes it (status writes nothing)")
     return JobFailed.exit_code if status.failed else 0  # scripts can tell a failed job
 
 
@@ -247,6 +257,13 @@ def cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
     if args.parquet:
         written = replace(written, outputs=[*written.outputs, str(write_parquet(job))])
     report(written.to_dict(), args.json)
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.compact import compact_job
+
+    report(compact_job(args.dir).to_dict(), args.json)
     return 0
 
 
@@ -279,7 +296,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
     watcher = WatchLoop(
         inputs=inputs(args, settings), inbox=args.inbox, clips=clip_options(args), workers=args.workers,
-        pca_params=args.pca_params, parquet=args.parquet, settle=args.settle, poll=args.poll,
+        pca_params=args.pca_params, parquet=args.parquet, settle=args.settle, poll=args.poll, compact_after=args.compact_after,
     )
     try:
         watcher.run(once=args.once)
@@ -304,6 +321,7 @@ COMMANDS = {
     "wait": cmd_wait,
     "status": cmd_status,
     "finalize": cmd_finalize,
+    "compact": cmd_compact,
     "sample-data": cmd_sample,
     "add-clips": cmd_add_clips,
     "watch": cmd_watch,

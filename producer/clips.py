@@ -27,7 +27,7 @@ from typing import TextIO
 import pyarrow.compute as pc
 
 from producer.audio import is_recording
-from producer.dataset import csv_header, csv_reader, csv_rows, journal_path, validate
+from producer.dataset import Known, csv_header, csv_reader, csv_rows, journal_path, validate
 from producer.pool import Pool
 from producer.progress import Display, counted
 from vggish_pipeline.core.devices import usable_cores
@@ -141,16 +141,18 @@ def append_clips(
     partial: bool = False,
     pool: Pool | None = None,
     done: Callable[[Added], None] | None = None,
+    known: Known | None = None,
 ) -> list[Added]:
     """Convert `clips` (in `pool`, or here) and append their rows to the pair; the caller holds `locked`.
 
     Clips whose file_name is in `skip` are left out, so re-running the same add is harmless. If a
     file is refused, nothing is appended, unless `partial` (then the other files still are).
-    `done` is told of each file as its rows are written, in order.
+    `done` is told of each file as its rows are written, in order. `known`: the pair's rows as its
+    one writer (a watch) knows them, kept up to date here (see dataset.Known).
     """
     roll_back(spec, csv_path)
     if spec.stat().st_size:
-        rows_before = validate(spec, csv_path)
+        rows_before = validate(spec, csv_path, known)
     elif csv_rows(csv_path):
         raise InputError(f"{spec} is empty but {csv_path} has rows; they must match one to one")
     else:
@@ -186,6 +188,8 @@ def append_clips(
                 raise NothingAdded
             if lines:
                 frame.write((("\n" if needs_newline(csv_path) else "") + "".join(lines)).encode())
+        if known is not None:
+            known.rows = builder.next_index
     except NothingAdded:  # `appending` has cut both files back
         for added in results:
             added.rows = 0

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import xxhash
 
 from vggish_pipeline.core.errors import InputError
 from vggish_pipeline.core.job import Chunk
@@ -68,20 +70,58 @@ def journal_path(spec: Path) -> Path:
     return spec.with_name(f".{spec.name}.append-journal")
 
 
-def validate(spec: Path, csv_path: Path) -> int:
-    """Row count of a matching .dat/CSV pair, or an InputError naming what does not match."""
+@dataclass
+class Known:
+    """What the one writer of a pair (a watch, holding its lock) knows of it without reading it again:
+    its rows, and the running xxh3-128 of the CSV's first `csv_bytes` bytes. Trusted while the pair
+    has no append journal: the lock keeps other add-clips and watches out, and every append goes
+    through it. A fresh Known knows nothing, and everything is read."""
+
+    rows: int | None = None
+    csv_bytes: int = 0
+    csv_hash: Any = None  # xxhash.xxh3_128, or None before the CSV was first read
+
+    def csv_digest(self, csv_path: Path, size: int | None = None) -> tuple[int, Any]:
+        """The CSV's first `size` bytes (default: all): their count and xxh3-128, reading only the
+        bytes past those known (all of them when the known ones are more than `size`)."""
+        done, h = 0, xxhash.xxh3_128()
+        if self.csv_hash is not None and (size is None or self.csv_bytes <= size):
+            done, h = self.csv_bytes, self.csv_hash.copy()
+        with open(csv_path, "rb") as f:
+            f.seek(done)
+            while size is None or done < size:
+                block = f.read(min(1 << 22, size - done) if size is not None else 1 << 22)
+                if not block:
+                    break
+                h.update(block)
+                done += len(block)
+        return done, h
+
+    def remember(self, csv_bytes: int, csv_hash: Any) -> None:
+        self.csv_bytes, self.csv_hash = csv_bytes, csv_hash.copy()
+
+
+def validate(spec: Path, csv_path: Path, known: Known | None = None) -> int:
+    """Row count of a matching .dat/CSV pair, or an InputError naming what does not match. With
+    `known` rows, only the .dat's size is checked against them (the CSV is not read again)."""
     if journal_path(spec).exists():
         raise InputError(
             f"{spec}: an add-clips is appending to it, or was cut off mid-append; if none runs, "
             f"`producer add-clips --spec {spec} --csv {csv_path}` with no files rolls it back"
         )
     rows = row_count(spec)
+    if known is not None and known.rows is not None:
+        if rows != known.rows:
+            raise InputError(f"{spec} has {rows} rows, not the {known.rows} this watch wrote: something else changed it")
+        return rows
     header = csv_header(csv_path)
     if any(name.startswith("e") and name[1:].isdigit() for name in header):
         raise InputError(f"{csv_path}: already has embedding columns (e0...); give the input frame, not an output")
     n = csv_rows(csv_path)
     if n != rows:
         raise InputError(f"{csv_path} has {n} rows but {spec} has {rows} spectrograms; they must match one to one")
+    if known is not None:
+        known.rows = rows
     return rows
 
 

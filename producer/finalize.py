@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import xxhash
 
-from producer.dataset import csv_header, csv_reader, index_column
+from producer.dataset import Known, csv_header, csv_reader, index_column
 from producer.outputs import EMBEDDING_COLUMNS, MANIFEST, OUTPUT_PARQUET, Written, embeddings, output_paths
 from vggish_pipeline.core.devices import usable_cores
 from vggish_pipeline.core.errors import InputError, JobFailed
@@ -121,13 +120,13 @@ def warm_up() -> None:
     csv_lines(pa.record_batch([pa.array([""])], names=["_"]), np.zeros((1, EMBEDDING_SIZE)))
 
 
-def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> Written:
+def finalize(job: Job, pca: PCA | None = None, threads: int | None = None, known: Known | None = None) -> Written:
     """Write wavfile_embed.dat (N x 128 float64), wavfile_embed.csv (frame + e0..e127) and,
     with PCA params, wavfile_embed_pca.dat (N x 128 uint8), and their manifest. Returns a summary.
 
     Formatting 13.5 M floats as text is most of the work, so blocks of CSV are formatted on
     `threads` threads (default: one per core; Arrow releases the GIL) and written in order;
-    at most two blocks per thread wait in memory, whatever N is.
+    at most two blocks per thread wait in memory, whatever N is. `known`: see refresh.
     """
     began = time.perf_counter()
     check_complete(job)
@@ -158,24 +157,11 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None) -> Wr
         if rows != job.rows or not taker.exhausted():
             raise InputError(f"{csv_path} has {rows} rows but the job has {job.rows}: the CSV changed since enqueue")
         sizes = {p.name: f.tell() for p, f in zip(paths, files, strict=False)}  # files[-1]: the manifest
-        csv_bytes, csv_hash = input_csv(job)
+        known = known or Known()
+        csv_bytes, csv_hash = known.csv_digest(csv_path)
         files[-1].write(manifest(job, pca, sizes, csv_bytes, csv_hash.hexdigest()))
+    known.remember(csv_bytes, csv_hash)
     return Written(rows, [str(p) for p in paths], appended=False, seconds=round(time.perf_counter() - began, 3))
-
-
-def input_csv(job: Job, size: int | None = None) -> tuple[int, xxhash.xxh3_128]:
-    """The input CSV's first `size` bytes (default: all): their count, and their xxh3-128 hash,
-    which can go on to take more bytes."""
-    h = xxhash.xxh3_128()
-    done = 0
-    with open(job.csv, "rb") as f:
-        while size is None or done < size:
-            block = f.read(min(1 << 22, size - done) if size is not None else 1 << 22)
-            if not block:
-                break
-            h.update(block)
-            done += len(block)
-    return done, h
 
 
 def manifest(job: Job, pca: PCA | None, sizes: dict[str, int], csv_bytes: int, csv_digest: str) -> bytes:
@@ -192,12 +178,15 @@ def manifest(job: Job, pca: PCA | None, sizes: dict[str, int], csv_bytes: int, c
     return json.dumps(record, separators=(",", ":")).encode()
 
 
-def refresh(job: Job, pca: PCA | None = None, parquet: bool = False) -> Written:
+def refresh(job: Job, pca: PCA | None = None, parquet: bool = False, known: Known | None = None) -> Written:
     """The outputs for the job as it is now: new rows appended in place when the job only grew
     since the outputs were made (see the module's doc), else a full finalize. With `parquet`,
-    also wavfile_embed.parquet, written whole each time (a Parquet file cannot grow in place)."""
+    also wavfile_embed.parquet, written whole each time (a Parquet file cannot grow in place).
+    `known`: the input CSV's digest so far, kept by the pair's one writer (a watch), so that only
+    the bytes it appended since are read; without it the whole CSV is read to check it."""
     repair(Path(job.out_dir))
-    written = extend(job, pca) or finalize(job, pca)
+    known = known or Known()
+    written = extend(job, pca, known) or finalize(job, pca, known=known)
     if parquet:
         written = replace(written, outputs=[*written.outputs, str(write_parquet(job))])
     return written
@@ -228,7 +217,7 @@ def write_parquet(job: Job) -> Path:
     return path
 
 
-def extend(job: Job, pca: PCA | None) -> Written | None:
+def extend(job: Job, pca: PCA | None, known: Known) -> Written | None:
     """Append the rows of the chunks the outputs lack; None if they are not a prefix of the job."""
     began = time.perf_counter()
     out = Path(job.out_dir)
@@ -247,9 +236,10 @@ def extend(job: Job, pca: PCA | None) -> Written | None:
     )
     if not same:
         return None
-    csv_bytes, csv_hash = input_csv(job, held["csv_bytes"])
+    csv_bytes, csv_hash = known.csv_digest(Path(job.csv), held["csv_bytes"])
     if (csv_bytes, csv_hash.hexdigest()) != (held["csv_bytes"], held["csv_digest"]):
         return None
+    known.remember(csv_bytes, csv_hash)
     check_complete(job)
     def done() -> Written:
         return Written(job.rows, [str(p) for p in paths], appended=True, seconds=round(time.perf_counter() - began, 3))
@@ -270,6 +260,7 @@ def extend(job: Job, pca: PCA | None) -> Written | None:
         appends.append((paths[2], pca.quantize(embeddings).tobytes()))
     sizes = {p.name: held["sizes"][p.name] + len(data) for p, (_, data) in zip(paths, appends, strict=True)}
     append_together(appends, out / APPEND_JOURNAL, (out / MANIFEST, manifest(job, pca, sizes, csv_bytes + len(tail), csv_hash.hexdigest())))
+    known.remember(csv_bytes + len(tail), csv_hash)
     return done()
 
 

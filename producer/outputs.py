@@ -7,11 +7,19 @@ params `wavfile_embed_pca.dat` (N x 128 uint8), with --parquet `wavfile_embed.pa
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from vggish_pipeline.core.errors import InputError
+from vggish_pipeline.core.files import SET_JOURNAL
 from vggish_pipeline.core.shard import EMBEDDING_SIZE
 
 OUTPUT_DAT = "wavfile_embed.dat"
@@ -50,3 +58,81 @@ def pca_codes(out: Path, rows: int) -> np.ndarray | None:
     """N x 128 uint8 from wavfile_embed_pca.dat, if the job wrote one."""
     path = out / OUTPUT_PCA
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(rows, EMBEDDING_SIZE)) if path.exists() else None
+
+
+class Prefix(io.RawIOBase):
+    """The first `size` bytes of an open file, read with pread: what a snapshot holds of a file that may grow."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.fd, self.size, self.pos = f.fileno(), size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        data = os.pread(self.fd, min(len(buffer), self.size - self.pos), self.pos) if self.pos < self.size else b""
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+@dataclass
+class Snapshot:
+    """One complete set of a job's outputs, as its manifest names it, held open: the rows it has
+    read the same while a watch appends to the files (they are read only as far as the manifest
+    says) or a finalize replaces them (the open files are the old set's). Close it when done."""
+
+    out: Path
+    rows: int
+    sizes: dict[str, int]
+    files: dict[str, BinaryIO]
+
+    def embeddings(self) -> np.ndarray:
+        """N x 128 float64, memory-mapped read-only from this set's wavfile_embed.dat."""
+        if not self.rows:
+            return np.zeros((0, EMBEDDING_SIZE))
+        return np.memmap(self.files[OUTPUT_DAT], dtype="<f8", mode="r", shape=(self.rows, EMBEDDING_SIZE))
+
+    def pca_codes(self) -> np.ndarray | None:
+        if OUTPUT_PCA not in self.files or not self.rows:
+            return None
+        return np.memmap(self.files[OUTPUT_PCA], dtype=np.uint8, mode="r", shape=(self.rows, EMBEDDING_SIZE))
+
+    def csv(self) -> BinaryIO:
+        """This set's wavfile_embed.csv, as far as the manifest says it goes, from its start."""
+        return io.BufferedReader(Prefix(self.files[OUTPUT_CSV], self.sizes[OUTPUT_CSV]))
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def snapshot(out: Path, timeout: float = 30.0) -> Snapshot:
+    """The outputs in `out` as one complete set (see Snapshot), whatever is writing them now.
+
+    The manifest is read, the files it names are opened, and the manifest is read again: if it is
+    the same and no set is being published (its journal absent, before and after), the open files
+    are the set it describes. Else, a moment later, again.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        publishing = (out / SET_JOURNAL).exists()
+        try:
+            manifest = (out / MANIFEST).read_bytes()
+        except FileNotFoundError:
+            raise InputError(f"{out}: no outputs yet (no {MANIFEST}); run `producer finalize {out}`") from None
+        record = json.loads(manifest)
+        files: dict[str, BinaryIO] = {}
+        with contextlib.ExitStack() as opened:
+            with contextlib.suppress(FileNotFoundError):
+                for name in record["sizes"]:
+                    files[name] = opened.enter_context(open(out / name, "rb"))
+            whole = len(files) == len(record["sizes"]) and all(
+                os.fstat(f.fileno()).st_size >= record["sizes"][name] for name, f in files.items()
+            )
+            if not publishing and whole and (out / MANIFEST).read_bytes() == manifest and not (out / SET_JOURNAL).exists():
+                opened.pop_all()
+                return Snapshot(out, int(record["rows"]), dict(record["sizes"]), files)
+        if time.monotonic() > deadline:
+            raise InputError(f"{out}: the outputs kept changing for {timeout:g} s; no complete set to read")
+        time.sleep(0.01)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from producer.dataset import scan, validate
+from producer.dataset import Known, scan, validate
 from producer.outputs import Written
 from vggish_pipeline.core.errors import InputError
 from vggish_pipeline.core.job import Chunk, Job
@@ -137,6 +137,7 @@ def plan_job(
     capacity: Capacity | None = None,
     model: str | None = None,
     unchanged_rows: int = 0,
+    known: Known | None = None,
     before_writing: Callable[[], None] | None = None,
 ) -> Plan:
     """Validate the inputs, record the job in out_dir, and work out which chunks need a worker.
@@ -144,12 +145,13 @@ def plan_job(
     A chunk keeps its shard when its rows' bytes, the embedding form and the model are unchanged,
     so re-running on grown or edited inputs sends only what changed. A caller that itself only
     appended to the source passes `unchanged_rows`: chunks below it keep the digests in job.json
-    instead of being read and hashed again. Without `chunk_rows`, chunks are sized for `capacity`.
+    instead of being read and hashed again, and `known` (the pair's rows, kept by its one writer)
+    spares reading the CSV to count them. Without `chunk_rows`, chunks are sized for `capacity`.
     `before_writing` runs after the inputs are checked and scanned and before anything is written
     (e.g. to wait until the model is known good).
     """
     spec, csv_path, out_dir = (Path(os.path.realpath(p)) for p in (spec, csv_path, out_dir))
-    rows = validate(spec, csv_path)
+    rows = validate(spec, csv_path, known)
     check_writable(out_dir)
     old = Job.load_if_any(out_dir)
     if chunk_rows is None:

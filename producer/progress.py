@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TextIO
 
+from producer.outputs import MANIFEST
 from vggish_pipeline.core.errors import JobFailed, TimedOut
 from vggish_pipeline.core.job import Failure, Job
 from vggish_pipeline.core.message import Throughput
@@ -24,6 +27,7 @@ class Status:
     chunks_done: int
     failed: list[Failure] = field(default_factory=list)
     workers: dict[str, Throughput] = field(default_factory=dict)  # by worker name, with per_worker
+    outputs_rows: int | None = None  # the rows of the last complete set of outputs (its manifest's); None: none yet
 
     @property
     def done(self) -> bool:
@@ -49,7 +53,16 @@ def job_status(job: Job, per_worker: bool = False) -> Status:
             share.rows += chunk.rows
             share.seconds += meta.seconds
     status.workers = dict(workers)
+    status.outputs_rows = outputs_rows(Path(job.out_dir))
     return status
+
+
+def outputs_rows(out: Path) -> int | None:
+    """The rows the outputs' manifest names: written whole, it is the last complete set's, even mid-append."""
+    try:
+        return int(json.loads((out / MANIFEST).read_bytes())["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class Activity:

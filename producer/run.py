@@ -20,6 +20,7 @@ from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings
 if TYPE_CHECKING:
     from celery import Celery
 
+    from producer.dataset import Known
     from producer.plan import Capacity, Plan, RunSummary
     from vggish_pipeline.core.fleet import Fleet
     from vggish_pipeline.core.job import Chunk, Job
@@ -84,14 +85,15 @@ class JobInputs:
         return sorted({Path(os.path.realpath(self.spec.parent)), Path(os.path.realpath(self.out))})
 
     def plan(
-        self, capacity: Capacity, model: str | None, *, unchanged_rows: int = 0, before_writing: Callable[[], None] | None = None
+        self, capacity: Capacity, model: str | None, *, unchanged_rows: int = 0, known: Known | None = None,
+        before_writing: Callable[[], None] | None = None,
     ) -> Plan:
         """Plan the job for `capacity` (chunk sizes follow it unless chunk_rows is given)."""
         from producer.plan import plan_job
 
         return plan_job(
             self.spec, self.csv, self.out, embedding=self.embedding, chunk_rows=self.chunk_rows, capacity=capacity, model=model,
-            unchanged_rows=unchanged_rows, before_writing=before_writing,
+            unchanged_rows=unchanged_rows, known=known, before_writing=before_writing,
         )
 
 

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from producer.clips import Clip, ClipOptions, append_clips, known_names, locked
+from producer.compact import COMPACT_AFTER, compact, small_chunks
+from producer.dataset import Known
 from producer.inbox import Inbox
 from producer.run import Crew, JobInputs, check_workers
-from vggish_pipeline.core.errors import InputError, PipelineError, WorkersDied
+from vggish_pipeline.core.errors import InputError, PipelineError, UsageError, WorkersDied
 
 if TYPE_CHECKING:
     from vggish_pipeline.core.postprocess import PCA
@@ -32,8 +34,10 @@ class WatchLoop:
     parquet: bool = False
     settle: float = 1.0
     poll: float = 0.5
+    compact_after: int = COMPACT_AFTER  # small chunks (one per refresh) merged once there are this many; 0: never
     out: TextIO = field(default_factory=lambda: sys.stderr)  # where its lines go: stderr as the call finds it
     stopping: threading.Event = field(default_factory=threading.Event)
+    known: Known = field(default_factory=Known)  # the pair as this watch (its one writer) left it: not read again each refresh
     refreshes: int = 0  # how many times the outputs were brought up to date
     rows: int = 0  # the rows the outputs hold after the last refresh
 
@@ -54,6 +58,8 @@ class WatchLoop:
         from vggish_pipeline.core.postprocess import PCA
 
         self.clips.check()
+        if self.compact_after < 0:
+            raise UsageError(f"--compact-after must be 0 (never) or more, not {self.compact_after}")
         if not self.inbox.is_dir():
             raise InputError(f"{self.inbox}: no such folder")
         check_workers(self.workers)
@@ -94,10 +100,10 @@ class WatchLoop:
         from producer.finalize import refresh
 
         began = time.monotonic()
-        planned = self.inputs.plan(team.capacity, model, unchanged_rows=embedded_rows)
+        planned = self.inputs.plan(team.capacity, model, unchanged_rows=embedded_rows, known=self.known)
         try:
             team.enqueue_and_wait(planned.job, planned.to_embed, progress=False)
-            refresh(planned.job, pca, self.parquet)
+            refresh(planned.job, pca, self.parquet, self.known)
         except WorkersDied:
             raise
         except PipelineError as e:
@@ -110,6 +116,14 @@ class WatchLoop:
             f"outputs refreshed: {planned.job.rows} rows ({summary.enqueued_rows} embedded, "
             f"{summary.reused_rows} reused) in {time.monotonic() - began:.1f} s"
         )
+        if self.compact_after and small_chunks(planned.job) >= self.compact_after:
+            try:
+                done = compact(planned.job)
+            except PipelineError as e:
+                self.say(f"producer: error: compacting: {e} (still watching)")
+            else:
+                merged = f"{done.chunks_before} chunks to {done.chunks_after}, {done.merged_rows} rows merged"
+                self.say(f"compacted: {merged}, none embedded again")
         return planned.job.rows
 
     def ingest(self, inbox: Inbox, names: set[str]) -> int:
@@ -126,7 +140,7 @@ class WatchLoop:
         if not clips:
             return 0
         csv_path = self.inputs.csv
-        results = append_clips(self.inputs.spec, csv_path, clips, self.clips, names, partial=True)
+        results = append_clips(self.inputs.spec, csv_path, clips, self.clips, names, partial=True, known=self.known)
         for r in results:
             if r.duplicate:
                 r.error = f"a clip named {r.clip.file_name} is already in {csv_path}; rename the file to add it"

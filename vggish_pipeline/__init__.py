@@ -4,6 +4,7 @@
     result = embed("wavfile_spec.dat", checkpoint="vggish_model.ckpt")
     result.embeddings      # N x 128 float64, memory-mapped from wavfile_embed.dat
     result.frame()         # the input columns, then e0..e127
+    result("out/")         # a job's outputs as one complete set, while a watch appends to them
 
 Its names load on first use, so that a worker importing the core (`vggish_pipeline.core`, which
 both roles stand on) does not load the producer.
@@ -26,7 +27,7 @@ from vggish_pipeline.core.errors import (
     WriteError,
 )
 
-API = ("embed", "add_clips", "status", "watch", "Result", "Watch")
+API = ("embed", "add_clips", "status", "watch", "result", "Result", "Watch")
 
 __all__ = [
     *API,

@@ -7,7 +7,6 @@ import functools
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -46,36 +45,54 @@ def own_errors(call: F) -> F:
     return wrapped  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
 class Result:
-    """A finished job's outputs, read lazily from its folder."""
+    """A job's outputs as one complete set (outputs.Snapshot), held open: what it reads stays the
+    same while a watch appends to the files or a finalize replaces them. `rows` is the set's."""
 
-    out_dir: Path
-    rows: int
-    summary: RunSummary
+    def __init__(self, snapshot: outputs.Snapshot, summary: RunSummary | None = None) -> None:
+        self.snapshot = snapshot
+        self.out_dir = snapshot.out
+        self.rows = snapshot.rows
+        self.summary = summary  # what the run did, for a Result that `embed` returns
 
     @property
     def embeddings(self) -> np.ndarray:
         """N x 128 float64, memory-mapped from wavfile_embed.dat (read-only)."""
-        return outputs.embeddings(self.out_dir, self.rows)
+        return self.snapshot.embeddings()
 
     @property
     def pca(self) -> np.ndarray | None:
         """N x 128 uint8 from wavfile_embed_pca.dat, if the job wrote one."""
-        return outputs.pca_codes(self.out_dir, self.rows)
+        return self.snapshot.pca_codes()
 
     def frame(self) -> pd.DataFrame:
         """The seed's DataFrame: the input frame's columns (its unnamed index column as the index),
         then e0..e127, taken from the .dat so they equal it bit for bit."""
+        import csv
+        import io
+
         import pandas as pd
 
-        from producer.dataset import csv_header, index_column
-
-        path = self.out_dir / outputs.OUTPUT_CSV
-        inputs = [i for i, name in enumerate(csv_header(path)) if name not in outputs.EMBEDDING_COLUMNS]
-        frame = pd.read_csv(path, usecols=inputs, index_col=index_column(path))
+        header = next(csv.reader(io.TextIOWrapper(self.snapshot.csv(), newline="")))
+        inputs = [i for i, name in enumerate(header) if name not in outputs.EMBEDDING_COLUMNS]
+        frame = pd.read_csv(self.snapshot.csv(), usecols=inputs, index_col=0 if header[0] == "" else None)
         embeddings = pd.DataFrame(np.asarray(self.embeddings), columns=outputs.EMBEDDING_COLUMNS, index=frame.index)
         return pd.concat([frame, embeddings], axis=1)
+
+    def close(self) -> None:
+        self.snapshot.close()
+
+    def __enter__(self) -> Result:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@own_errors
+def result(out_dir: PathLike) -> Result:
+    """The outputs in `out_dir` as one complete set, safe to read while a watch appends to them."""
+    return Result(outputs.snapshot(Path(out_dir)))
 
 
 @own_errors
@@ -105,7 +122,7 @@ def embed(
     app = make_app(broker_url(settings), settings) if broker else None
     pca = Path(pca_params) if pca_params else None
     summary = run(inputs, app=app, workers=workers, pca_params=pca, progress=progress, parquet=parquet)
-    return Result(Path(summary.out_dir), summary.rows, summary)
+    return Result(outputs.snapshot(Path(summary.out_dir)), summary)
 
 
 @own_errors
@@ -174,6 +191,10 @@ class Watch:
         recording's rows, since a recording found at the first look is in the first refresh."""
         return self.watcher.rows
 
+    def result(self) -> Result:
+        """The outputs as they are now, one complete set, while the watch goes on appending."""
+        return result(self.watcher.inputs.out)
+
     def stop(self, timeout: float | None = 300) -> None:
         """Stop after the current step; everything the watch started ends. Raises what stopped it, if anything did."""
         self.watcher.stop()
@@ -208,6 +229,7 @@ def watch(
     parquet: bool = False,
     settle: float = 1.0,
     poll: float = 0.5,
+    compact_after: int = 32,
 ) -> Watch:
     """Start `producer watch` on INBOX in the background and return at once; `.stop()` ends it."""
     from producer.clips import ClipOptions
@@ -217,6 +239,6 @@ def watch(
     clips = ClipOptions(label, label_from_folder, valid, pad, rows_per_file, Path(valid_list) if valid_list else None)
     watcher = WatchLoop(
         inputs=inputs, inbox=Path(inbox), clips=clips, workers=workers,
-        pca_params=Path(pca_params) if pca_params else None, parquet=parquet, settle=settle, poll=poll,
+        pca_params=Path(pca_params) if pca_params else None, parquet=parquet, settle=settle, poll=poll, compact_after=compact_after,
     )
     return Watch(watcher)
