@@ -117,8 +117,27 @@ def finish_set(folder: Path) -> None:
     fsync_folder(folder)
 
 
+class Appender:
+    """One file of an `appending` step: a failed write is one WriteError naming the file."""
+
+    def __init__(self, path: Path, f: IO) -> None:
+        self.path, self.file = path, f
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self.file.write(data)
+        except OSError as e:
+            failed_write(e, self.path, [])
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as e:
+            failed_write(e, self.path, [])
+
+
 @contextlib.contextmanager
-def appending(paths: list[Path], journal: Path, commit: tuple[Path, bytes] | None = None) -> Iterator[list[IO]]:
+def appending(paths: list[Path], journal: Path, commit: tuple[Path, bytes] | None = None) -> Iterator[list[Appender]]:
     """Append to several files of one folder as one step: yields them open for appending.
 
     `journal` first notes each file's size (and the digest of `commit`'s record, when there is
@@ -138,8 +157,8 @@ def appending(paths: list[Path], journal: Path, commit: tuple[Path, bytes] | Non
     failing = journal  # the file being written, for the error line
     try:
         with contextlib.ExitStack() as stack:
-            files: list[IO] = [stack.enter_context(open(path, "ab")) for path in paths]
-            yield files
+            files = [stack.enter_context(open(path, "ab")) for path in paths]
+            yield [Appender(path, f) for path, f in zip(paths, files, strict=True)]
             for path, f in zip(paths, files, strict=True):
                 failing = path
                 f.flush()
