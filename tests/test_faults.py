@@ -71,6 +71,7 @@ def test_sigterm_finishes_the_current_chunk_and_loses_nothing(sample, workers, r
     assert workers.procs["leaving"].wait(120) == 0
     assert len(shards(sample["dir"])) == 1  # it finished the chunk it had, and took no other
     assert "the worker is stopping; handed back before the model" in workers.log("leaving")  # the spare went back
+    assert "Traceback" not in workers.log("leaving"), workers.log("leaving")  # an expected hand-back is a line
     workers.start("staying", [sample["dir"]])
     finish(sample, redis_url, expected)
     per_worker = status(sample["dir"])["workers"]

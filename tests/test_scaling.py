@@ -54,3 +54,4 @@ def test_a_worker_with_another_model_hands_chunks_back_to_one_with_the_jobs(samp
     finish(sample, redis_url, expected)
     per_worker = json.loads(cli("producer", "status", str(sample["dir"]), "--json").stdout)["workers"]
     assert set(per_worker) == {"a@test"}
+    assert "Traceback" not in workers.log("b"), workers.log("b")

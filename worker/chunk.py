@@ -272,8 +272,11 @@ def serve(
     after an unrecoverable error (Celery's own CLI would lose it)."""
     from celery.signals import worker_init
 
+    from worker.consumer import quiet_expected_failures
+
     register(app, runner)
     app.conf.worker_consumer = "worker.consumer:Consumer"
+    quiet_expected_failures()
     started: list = []
     runner.stopping = lambda: told_to_stop(started[0] if started else None)
 
