@@ -19,6 +19,7 @@ import json
 import os
 import posixpath
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,16 +161,16 @@ def append_clips(
     seen = set(skip)
     results = []
     for clip in clips:  # a name already in the CSV, or twice in this call, is added once
-        results.append(Added(clip, duplicate=clip.file_name in seen))
+        results.append(Added(clip, duplicate=clip.file_name in seen, error=unfit_name(clip)))
         seen.add(clip.file_name)
-    todo = [a for a in results if not a.duplicate]
+    todo = [a for a in results if not a.duplicate and not a.error]
     if done is not None:
         for added in results:
-            if added.duplicate:
+            if added.duplicate or added.error:
                 done(added)
     builder = CsvRows(csv_path, rows_before)
     lines = []
-    refused = False
+    refused = any(a.error for a in results)
     try:
         with appending([spec, csv_path], journal_path(spec)) as (rows, frame), contextlib.ExitStack() as stack:
             pool = pool or stack.enter_context(Pool(1))
@@ -198,6 +199,20 @@ def append_clips(
 
 class NothingAdded(Exception):
     """A file was refused in an all-or-nothing add: the rows written so far are cut off again."""
+
+
+def unfit_name(clip: Clip) -> str | None:
+    """Why a file name cannot be a file_name value every CSV reader reads alike: a line break or
+    another control character (Arrow's reader, like many, takes a line per row), or bytes that are
+    not UTF-8. Commas and quotes are fine: the CSV quotes them."""
+    name = clip.file_name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{clip.path!r}: its name is not UTF-8; rename it to add it"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return f"{clip.path!r}: its name has a line break or another control character; rename it to add it"
+    return None
 
 
 def needs_newline(csv_path: Path) -> bool:

@@ -6,6 +6,10 @@ after `stall` seconds so that its error gets reported. A file whose mtime is alr
 seconds old when it is first seen has settled: a `watch --once` from cron takes the finished
 recordings it finds, and leaves (and names) those still being written. Handled files move to `added/` or
 `failed/` (with `<name>.error.txt`) under the inbox, keeping their relative path.
+
+A symlink is read only if its target lies inside the inbox; one that points out of it (or at
+nothing) goes to failed/ with that reason, and its target is never opened. Folders reached
+through a symlink are not entered.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ class Inbox:
         now, wall = time.monotonic(), time.time()
         seen, ready, pending = {}, [], {}
         for path in self.recordings():
+            if self.refusal(path):
+                ready.append(path)  # refused at once, its target never opened
+                continue
             try:
                 st = path.stat()
                 key = (st.st_size, st.st_mtime_ns)
@@ -68,6 +75,17 @@ class Inbox:
         self._seen, self.pending = seen, pending
         return ready
 
+    def refusal(self, path: Path) -> str | None:
+        """Why a ready recording must not be read: a symlink out of the inbox, or to nothing."""
+        if not path.is_symlink():
+            return None
+        target = Path(os.path.realpath(path))
+        if not target.exists():
+            return f"{self.file_name(path)}: a symlink to nothing ({os.readlink(path)})"
+        if not target.is_relative_to(os.path.realpath(self.root)):
+            return f"{self.file_name(path)}: a symlink to {target}, outside the inbox; copy or move the recording in instead"
+        return None
+
     def file_name(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
@@ -80,7 +98,7 @@ class Inbox:
         target = (self.failed if error else self.added) / path.relative_to(self.root)
         target.parent.mkdir(parents=True, exist_ok=True)
         n = 0
-        while target.exists():  # a second recording under the same name: never overwrite the first
+        while os.path.lexists(target):  # a second recording under the same name: never overwrite the first
             n += 1
             target = target.with_name(f"{path.stem}.{n}{path.suffix}")
         os.replace(path, target)

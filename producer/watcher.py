@@ -132,7 +132,10 @@ class WatchLoop:
         ready = inbox.ready()
         for path, valid in zip(ready, self.clips.valid_flags(ready), strict=True):
             label = self.clips.label or inbox.label_folder(path)
-            if label is None:
+            refusal = inbox.refusal(path)
+            if refusal is not None:
+                self.say(f"{refusal} -> {inbox.move(path, refusal)}")
+            elif label is None:
                 inbox.move(path, "no label: put the file in a LABEL/ folder, or start watch with --label")
                 self.say(f"{path}: refused, no label folder")
             else:

@@ -311,3 +311,38 @@ def test_watch_embeds_a_flac_and_moves_an_unreadable_recording_to_failed(sample,
     new = upstream_examples(inbox / "added" / "take.flac")
     np.testing.assert_allclose(np.fromfile(sample["spec"]).reshape(-1, 96, 64)[SAMPLE_ROWS:], new, rtol=0, atol=1e-6)
     check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, audio.file_examples(inbox / "added" / "take.flac"), relu_embedding=True)]))
+
+
+def test_watch_takes_odd_names_and_inside_symlinks_and_refuses_what_a_service_must_not_read(sample, workers, redis_url, weights, expected, tmp_path):
+    """Commas and quotes in a name are quoted in the CSV; a symlink to a file inside the inbox is
+    read; a symlink out of the inbox or to nothing, a name with a line break and a name that is not
+    UTF-8 go to failed/ with their reason, and no symlink's target outside is ever touched."""
+    inbox = tmp_path / "inbox"
+    real = write_wav(inbox / "yes" / "real.wav", tone(1.0, 700))
+    write_wav(inbox / "yes" / 'a,b "c".wav', tone(1.0, 900))
+    (inbox / "yes" / "link.wav").symlink_to("real.wav")
+    secret = write_wav(tmp_path / "elsewhere" / "secret.wav", tone(1.0, 1100))
+    (inbox / "yes" / "out.wav").symlink_to(secret)
+    (inbox / "yes" / "dangling.wav").symlink_to(tmp_path / "nothing.wav")
+    write_wav(inbox / "yes" / "line\nbreak.wav", tone(1.0, 1300))
+    bad_bytes = os.fsencode(inbox / "yes") + b"/caf\xe9.wav"  # Latin-1, not UTF-8
+    with open(bad_bytes, "wb") as f:
+        f.write(wav_bytes(tone(1.0, 1500), 16000))
+    old = time.time() - 120
+    for path in (inbox / "yes").iterdir():
+        os.utime(path, (old, old), follow_symlinks=False)
+    workers.start("w1", [sample["dir"], inbox])
+    result = cli("producer", "watch", str(inbox), "--label-from-folder", "--spec", str(sample["spec"]), "--broker", redis_url, "--once")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    frame = pd.read_csv(sample["csv"], index_col=0)
+    assert frame["file_name"].tolist()[SAMPLE_ROWS:] == ['yes/a,b "c".wav', "yes/link.wav", "yes/real.wav"]
+    failed = sorted(p.name for p in (inbox / "failed" / "yes").iterdir() if not p.name.endswith(".error.txt"))
+    assert failed == sorted(["out.wav", "dangling.wav", "line\nbreak.wav", os.fsdecode(b"caf\xe9.wav")])
+    assert "outside the inbox" in (inbox / "failed" / "yes" / "out.wav.error.txt").read_text()
+    assert "a symlink to nothing" in (inbox / "failed" / "yes" / "dangling.wav.error.txt").read_text()
+    assert "line break" in (inbox / "failed" / "yes" / "line\nbreak.wav.error.txt").read_text()
+    assert secret.read_bytes() == wav_bytes(tone(1.0, 1100), 16000)  # untouched, still where it was
+    added = [audio.file_examples(p) for p in (inbox / "added" / "yes" / 'a,b "c".wav', real.parent.parent / "added" / "yes" / "link.wav", inbox / "added" / "yes" / "real.wav")]
+    new = np.concatenate(added)
+    check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)]))
