@@ -114,7 +114,7 @@ def compact(job: Job) -> Compacted:
         merged[run[0].start] = chunk
         replaced[run[0].start] = run
     if not merged:
-        drop_unused(job)  # a crash's leftovers: small shards of chunks job.json no longer names
+        job.drop_unused_shards()  # a crash's leftovers: small shards of chunks job.json no longer names
         return Compacted(len(job.chunks), len(job.chunks), 0)
     gone = {c.start for run in replaced.values() for c in run}
     chunks = []
@@ -130,13 +130,6 @@ def compact(job: Job) -> Compacted:
         record["chunks"] = [[c.start, c.stop, c.digest] for c in chunks if c.stop <= within[-1].stop]
         with atomic_write(out / MANIFEST) as f:
             f.write(json.dumps(record, separators=(",", ":")).encode())
-    drop_unused(compacted)
+    compacted.drop_unused_shards()
     return Compacted(len(job.chunks), len(chunks), sum(c.rows for c in merged.values()))
 
-
-def drop_unused(job: Job) -> None:
-    """Remove the shards of chunks `job` does not name (as a plan does)."""
-    wanted = {job.shard_path(c).name for c in job.chunks}
-    for shard in job.dir.shards.glob("*.npz"):
-        if shard.name not in wanted:
-            shard.unlink(missing_ok=True)

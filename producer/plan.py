@@ -173,10 +173,7 @@ def plan_job(
     jobdir = job.dir
     jobdir.ensure()
     dropped = jobdir.repin_model(model) if model else False
-    wanted = {job.shard_path(c).name for c in job.chunks}
-    for stale in jobdir.shards.glob("*.npz"):
-        if stale.name not in wanted:
-            stale.unlink()
+    job.drop_unused_shards()
     to_embed = job.missing()
     for failure in jobdir.failures():  # every chunk without a shard gets a fresh try
         jobdir.clear_failure(failure.start, failure.stop)

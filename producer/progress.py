@@ -40,14 +40,14 @@ class Status:
 def job_status(job: Job, per_worker: bool = False) -> Status:
     status = Status(job.id, job.rows, 0, len(job.chunks), 0, failed=job.failures())
     workers: dict[str, Throughput] = defaultdict(Throughput)
+    present = job.shard_names()
     for chunk in job.chunks:
-        path = job.shard_path(chunk)
-        if not path.exists():
+        if not job.done(chunk, present):
             continue
         status.rows_done += chunk.rows
         status.chunks_done += 1
         if per_worker:
-            meta = read_meta(path)
+            meta = read_meta(job.shard_path(chunk))
             share = workers[meta.worker]
             share.chunks += 1
             share.rows += chunk.rows
@@ -71,13 +71,15 @@ class Activity:
     def __init__(self, job: Job, window: float = 60.0) -> None:
         self.job = job
         self.window = window
-        self.seen = {c.start for c in job.chunks if job.shard_path(c).exists()}  # earlier runs' shards
+        present = job.shard_names()
+        self.seen = {c.start for c in job.chunks if job.done(c, present)}  # earlier runs' shards
         self.last_shard: dict[str, float] = {}
 
     def workers(self) -> int:
         now = time.monotonic()
+        present = self.job.shard_names()
         for chunk in self.job.chunks:
-            if chunk.start not in self.seen and self.job.shard_path(chunk).exists():
+            if chunk.start not in self.seen and self.job.done(chunk, present):
                 self.seen.add(chunk.start)
                 self.last_shard[read_meta(self.job.shard_path(chunk)).worker] = now
         return sum(1 for t in self.last_shard.values() if now - t <= self.window)

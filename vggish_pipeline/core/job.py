@@ -137,17 +137,39 @@ class Job:
     def dir(self) -> JobDir:
         return JobDir(Path(self.out_dir))
 
+    def shard_name(self, chunk: Chunk) -> str:
+        return shard_name(chunk.start, chunk.stop, chunk.digest, self.embedding)
+
     def shard_path(self, chunk: Chunk) -> Path:
-        return self.dir.shard_path(chunk.start, chunk.stop, chunk.digest, self.embedding)
+        return self.dir.shards / self.shard_name(chunk)
 
     def message(self, chunk: Chunk) -> ChunkMessage:
         return ChunkMessage(
             self.id, self.out_dir, self.source, chunk.start, chunk.stop, chunk.digest, self.embedding, digest_scheme=self.digest_scheme
         )
 
+    def shard_names(self) -> set[str]:
+        """The shards in the job's folder now, by name: one listing, however many chunks (a stat each
+        was most of a watch's refresh at 1,000,000 rows)."""
+        try:
+            return set(os.listdir(self.dir.shards))
+        except FileNotFoundError:
+            return set()
+
+    def done(self, chunk: Chunk, present: set[str]) -> bool:
+        """Whether `chunk` has its shard among `present` (from shard_names)."""
+        return self.shard_name(chunk) in present
+
+    def drop_unused_shards(self) -> None:
+        """Remove the shards of chunks this plan does not cut (an earlier plan's, a crash's leftovers)."""
+        for name in self.shard_names() - {self.shard_name(c) for c in self.chunks}:
+            if name.endswith(".npz"):  # not a shard being written (.tmp)
+                (self.dir.shards / name).unlink(missing_ok=True)
+
     def missing(self) -> list[Chunk]:
         """Chunks that have no shard yet."""
-        return [c for c in self.chunks if not self.shard_path(c).exists()]
+        present = self.shard_names()
+        return [c for c in self.chunks if not self.done(c, present)]
 
     def failures(self) -> list[Failure]:
         """Failure records of chunks this plan has and that have no shard: a chunk with its shard is
