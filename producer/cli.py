@@ -286,7 +286,7 @@ def cmd_add_clips(args: argparse.Namespace, settings: Settings) -> int:
     report(summary, args.json)
     if summary["files_refused"]:
         n = summary["files_refused"]
-        print(f"{n} file{'s' * (n != 1)} skipped, listed in {args.bad_files}", file=sys.stderr)
+        print(f"{n} file{'s' * (n != 1)} refused and skipped, listed in {args.bad_files}", file=sys.stderr)
         return SKIPPED
     return 0
 

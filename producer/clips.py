@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import functools
 import io
 import json
 import os
@@ -191,6 +192,7 @@ def append_clips(
                 frame.write((("\n" if needs_newline(csv_path) else "") + "".join(lines)).encode())
         if known is not None:
             known.rows = builder.next_index
+            known.wrote(csv_path)
     except NothingAdded:  # `appending` has cut both files back
         for added in results:
             added.rows = 0
@@ -209,9 +211,9 @@ def unfit_name(clip: Clip) -> str | None:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        return f"{clip.path!r}: its name is not UTF-8; rename it to add it"
+        return f"{str(clip.path)!r}: its name is not UTF-8; rename it to add it"
     if any(unicodedata.category(c) == "Cc" for c in name):
-        return f"{clip.path!r}: its name has a line break or another control character; rename it to add it"
+        return f"{str(clip.path)!r}: its name has a line break or another control character; rename it to add it"
     return None
 
 
@@ -240,26 +242,32 @@ class ClipOptions:
             raise UsageError("give --valid (every new row) or --valid-list FILE (the files it names), not both")
         if self.rows_per_file is not None and self.rows_per_file < 1:
             raise UsageError(f"--rows-per-file must be 1 or more, not {self.rows_per_file}")
-        self.valid_flags([])  # a list that cannot be read is refused before any work
+        _ = self.listed  # a list that cannot be read is refused before any work
+
+    @functools.cached_property
+    def listed(self) -> set[str]:
+        """The paths --valid-list names, read once (a watch does not read it again each look)."""
+        if self.valid_list is None:
+            return set()
+        try:
+            text = self.valid_list.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{self.valid_list}: cannot read the list ({getattr(e, 'strerror', None) or e})") from e
+        return {posixpath.normpath(line.strip()) for line in text.splitlines() if line.strip()}
 
     def valid_flags(self, paths: list[Path]) -> list[bool]:
         """Each file's `valid`: --valid's, or whether the list names it by its path from the list's folder
         (the corpus root, where Speech Commands keeps validation_list.txt)."""
         if self.valid_list is None:
             return [self.valid] * len(paths)
-        try:
-            text = self.valid_list.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"{self.valid_list}: cannot read the list ({getattr(e, 'strerror', None) or e})") from e
-        listed = {posixpath.normpath(line.strip()) for line in text.splitlines() if line.strip()}
         root = os.path.abspath(self.valid_list.parent)
-        return [Path(os.path.relpath(os.path.abspath(p), root)).as_posix() in listed for p in paths]
+        return [Path(os.path.relpath(os.path.abspath(p), root)).as_posix() in self.listed for p in paths]
 
 
 def gather(paths: list[Path], options: ClipOptions, base: Path) -> list[Clip]:
     """Clips for the given files and folders (searched for recordings, see audio.is_recording),
     labelled --label or by their folder (as the path names it: a symlink's, not its target's);
-    file_name is the path relative to `base` (the CSV's folder), or absolute outside it, so it
+    file_name is the real path relative to `base` (the CSV's folder), or absolute outside it, so it
     does not depend on the folder a command runs in."""
     files: list[Path] = []
     for path in paths:
@@ -269,12 +277,13 @@ def gather(paths: list[Path], options: ClipOptions, base: Path) -> list[Clip]:
             files.append(path)
         else:
             raise InputError(f"{path}: no such file")
-    here = Path(os.path.abspath(base))
+    here = Path(os.path.realpath(base))
     clips = []
     for path, valid in zip(files, options.valid_flags(files), strict=True):
-        absolute = Path(os.path.abspath(path))
-        name = absolute.relative_to(here).as_posix() if absolute.is_relative_to(here) else absolute.as_posix()
-        clips.append(Clip(path, name, options.label if options.label is not None else absolute.parent.name, valid))
+        real = path.resolve()  # as earlier releases named files: a re-run adds nothing twice
+        name = real.relative_to(here).as_posix() if real.is_relative_to(here) else real.as_posix()
+        label = options.label if options.label is not None else Path(os.path.abspath(path)).parent.name
+        clips.append(Clip(path, name, label, valid))
     return clips
 
 
@@ -300,12 +309,11 @@ def add_files(
     options.check()
     if jobs is not None and jobs < 1:
         raise UsageError(f"--jobs must be 1 or more, not {jobs}")
-    if bad_files is not None and not bad_files.parent.is_dir():
-        raise InputError(f"{bad_files}: no folder {bad_files.parent} to write the report in")
+    if bad_files is not None:
+        check_report(bad_files)
     clips = gather(paths, options, csv_path.parent)
     if not clips:
         raise InputError("no recordings found in " + ", ".join(map(str, paths)))
-    display = Display(out or io.StringIO(), out is not None and len(clips) > LINES_UP_TO, len(clips), unit="files")
     began = time.monotonic()
     finished = 0
 
@@ -318,13 +326,15 @@ def add_files(
         rate = finished / max(time.monotonic() - began, 1e-9)
         display.update(finished, "", counted(finished, len(clips), "files", rate), final=finished == len(clips))
 
-    try:
-        with Pool(min(jobs or usable_cores(), len(clips))) as pool, locked(spec, csv_path):
-            results = append_clips(spec, csv_path, clips, options, known_names(csv_path), bad_files is not None, pool, done)
-            if bad_files is not None:
-                write_report(bad_files, [r for r in results if r.error])
-    finally:
-        display.close()
+    with Pool(min(jobs or usable_cores(), len(clips))) as pool:  # forked first: before a lock, a bar's thread
+        display = Display(out or io.StringIO(), out is not None and len(clips) > LINES_UP_TO, len(clips), unit="files")
+        try:
+            with locked(spec, csv_path):
+                results = append_clips(spec, csv_path, clips, options, known_names(csv_path), bad_files is not None, pool, done)
+                if bad_files is not None:
+                    write_report(bad_files, [r for r in results if r.error])
+        finally:
+            display.close()
     refused = [r for r in results if r.error]
     if refused and bad_files is None:
         reasons = "listed above" if out else "; ".join(r.error for r in refused[:3] if r.error)
@@ -343,6 +353,16 @@ def add_files(
         "rows": spec.stat().st_size // ROW_BYTES if spec.exists() else 0,
         **({"bad_files": str(bad_files)} if bad_files is not None else {}),
     }
+
+
+def check_report(path: Path) -> None:
+    """A report that could not be written is refused before any row is added."""
+    if path.is_dir():
+        raise UsageError(f"--bad-files {path}: is a folder; give a file name for the report")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: no folder {path.parent} to write the report in")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{path}: cannot write the report there (permission denied)")
 
 
 def write_report(path: Path, refused: list[Added]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -73,19 +74,30 @@ def journal_path(spec: Path) -> Path:
 @dataclass
 class Known:
     """What the one writer of a pair (a watch, holding its lock) knows of it without reading it again:
-    its rows, and the running xxh3-128 of the CSV's first `csv_bytes` bytes. Trusted while the pair
-    has no append journal: the lock keeps other add-clips and watches out, and every append goes
-    through it. A fresh Known knows nothing, and everything is read."""
+    its rows, and the running xxh3-128 of the CSV's first `csv_bytes` bytes. Trusted only while the
+    CSV is as this writer left it (inode, size and mtime as it noted them after its own last write:
+    an edit by anything else, which the lock on the .dat does not stop, makes it read everything
+    again). A fresh Known knows nothing, and everything is read."""
 
     rows: int | None = None
     csv_bytes: int = 0
     csv_hash: Any = None  # xxhash.xxh3_128, or None before the CSV was first read
+    csv_stat: tuple[int, int, int] | None = None  # the CSV as last seen: (inode, size, mtime ns)
+
+    def as_left(self, csv_path: Path) -> bool:
+        """The CSV is as this writer last saw it."""
+        return self.csv_stat is not None and self.csv_stat == stat_key(csv_path)
+
+    def wrote(self, csv_path: Path) -> None:
+        """Note the CSV as this writer's own append left it."""
+        self.csv_stat = stat_key(csv_path)
 
     def csv_digest(self, csv_path: Path, size: int | None = None) -> tuple[int, Any]:
         """The CSV's first `size` bytes (default: all): their count and xxh3-128, reading only the
-        bytes past those known (all of them when the known ones are more than `size`)."""
+        bytes past those known (all of them when the known ones are more than `size`, or the CSV
+        is not as this writer left it)."""
         done, h = 0, xxhash.xxh3_128()
-        if self.csv_hash is not None and (size is None or self.csv_bytes <= size):
+        if self.csv_hash is not None and (size is None or self.csv_bytes <= size) and self.as_left(csv_path):
             done, h = self.csv_bytes, self.csv_hash.copy()
         with open(csv_path, "rb") as f:
             f.seek(done)
@@ -97,8 +109,14 @@ class Known:
                 done += len(block)
         return done, h
 
-    def remember(self, csv_bytes: int, csv_hash: Any) -> None:
+    def remember(self, csv_path: Path, csv_bytes: int, csv_hash: Any) -> None:
         self.csv_bytes, self.csv_hash = csv_bytes, csv_hash.copy()
+        self.wrote(csv_path)
+
+
+def stat_key(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def validate(spec: Path, csv_path: Path, known: Known | None = None) -> int:
@@ -110,7 +128,7 @@ def validate(spec: Path, csv_path: Path, known: Known | None = None) -> int:
             f"`producer add-clips --spec {spec} --csv {csv_path}` with no files rolls it back"
         )
     rows = row_count(spec)
-    if known is not None and known.rows is not None:
+    if known is not None and known.rows is not None and known.as_left(csv_path):
         if rows != known.rows:
             raise InputError(f"{spec} has {rows} rows, not the {known.rows} this watch wrote: something else changed it")
         return rows

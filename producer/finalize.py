@@ -160,7 +160,7 @@ def finalize(job: Job, pca: PCA | None = None, threads: int | None = None, known
         known = known or Known()
         csv_bytes, csv_hash = known.csv_digest(csv_path)
         files[-1].write(manifest(job, pca, sizes, csv_bytes, csv_hash.hexdigest()))
-    known.remember(csv_bytes, csv_hash)
+    known.remember(csv_path, csv_bytes, csv_hash)
     return Written(rows, [str(p) for p in paths], appended=False, seconds=round(time.perf_counter() - began, 3))
 
 
@@ -239,7 +239,7 @@ def extend(job: Job, pca: PCA | None, known: Known) -> Written | None:
     csv_bytes, csv_hash = known.csv_digest(Path(job.csv), held["csv_bytes"])
     if (csv_bytes, csv_hash.hexdigest()) != (held["csv_bytes"], held["csv_digest"]):
         return None
-    known.remember(csv_bytes, csv_hash)
+    known.remember(Path(job.csv), csv_bytes, csv_hash)
     check_complete(job)
     def done() -> Written:
         return Written(job.rows, [str(p) for p in paths], appended=True, seconds=round(time.perf_counter() - began, 3))
@@ -260,7 +260,7 @@ def extend(job: Job, pca: PCA | None, known: Known) -> Written | None:
         appends.append((paths[2], pca.quantize(embeddings).tobytes()))
     sizes = {p.name: held["sizes"][p.name] + len(data) for p, (_, data) in zip(paths, appends, strict=True)}
     append_together(appends, out / APPEND_JOURNAL, (out / MANIFEST, manifest(job, pca, sizes, csv_bytes + len(tail), csv_hash.hexdigest())))
-    known.remember(csv_bytes + len(tail), csv_hash)
+    known.remember(Path(job.csv), csv_bytes + len(tail), csv_hash)
     return done()
 
 

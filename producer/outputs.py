@@ -60,6 +60,16 @@ def pca_codes(out: Path, rows: int) -> np.ndarray | None:
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(rows, EMBEDDING_SIZE)) if path.exists() else None
 
 
+def read_manifest(out: Path) -> dict | None:
+    """What the outputs hold, from their manifest (written whole, so never half of one); None
+    without outputs or with an unreadable manifest (a finalize writes it again)."""
+    try:
+        record = json.loads((out / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class Prefix(io.RawIOBase):
     """The first `size` bytes of an open file, read with pread: what a snapshot holds of a file that may grow."""
 
@@ -119,20 +129,24 @@ def snapshot(out: Path, timeout: float = 30.0) -> Snapshot:
         publishing = (out / SET_JOURNAL).exists()
         try:
             manifest = (out / MANIFEST).read_bytes()
+            record = json.loads(manifest)
+            rows, sizes = int(record["rows"]), {str(name): int(size) for name, size in record["sizes"].items()}
         except FileNotFoundError:
             raise InputError(f"{out}: no outputs yet (no {MANIFEST}); run `producer finalize {out}`") from None
-        record = json.loads(manifest)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{out / MANIFEST}: unreadable ({type(e).__name__}: {e}); `producer finalize {out}` writes it again") from e
         files: dict[str, BinaryIO] = {}
         with contextlib.ExitStack() as opened:
             with contextlib.suppress(FileNotFoundError):
-                for name in record["sizes"]:
+                for name in sizes:
                     files[name] = opened.enter_context(open(out / name, "rb"))
-            whole = len(files) == len(record["sizes"]) and all(
-                os.fstat(f.fileno()).st_size >= record["sizes"][name] for name, f in files.items()
-            )
+            whole = len(files) == len(sizes) and all(os.fstat(f.fileno()).st_size >= sizes[name] for name, f in files.items())
             if not publishing and whole and (out / MANIFEST).read_bytes() == manifest and not (out / SET_JOURNAL).exists():
                 opened.pop_all()
-                return Snapshot(out, int(record["rows"]), dict(record["sizes"]), files)
+                return Snapshot(out, rows, sizes, files)
         if time.monotonic() > deadline:
-            raise InputError(f"{out}: the outputs kept changing for {timeout:g} s; no complete set to read")
+            raise InputError(
+                f"{out}: no complete set of outputs for {timeout:g} s: they kept changing, or a write of them was cut short "
+                f"(if nothing writes them, `producer finalize {out}` completes it)"
+            )
         time.sleep(0.01)

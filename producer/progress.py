@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import defaultdict
@@ -11,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from producer.outputs import MANIFEST
+from producer.outputs import read_manifest
 from vggish_pipeline.core.errors import JobFailed, TimedOut
 from vggish_pipeline.core.job import Failure, Job
 from vggish_pipeline.core.message import Throughput
@@ -58,11 +57,9 @@ def job_status(job: Job, per_worker: bool = False) -> Status:
 
 
 def outputs_rows(out: Path) -> int | None:
-    """The rows the outputs' manifest names: written whole, it is the last complete set's, even mid-append."""
-    try:
-        return int(json.loads((out / MANIFEST).read_bytes())["rows"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The rows the outputs' manifest names: the last complete set's, even mid-append."""
+    held = read_manifest(out)
+    return held.get("rows") if held is not None else None
 
 
 class Activity:

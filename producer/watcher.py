@@ -122,8 +122,9 @@ class WatchLoop:
             except PipelineError as e:
                 self.say(f"producer: error: compacting: {e} (still watching)")
             else:
-                merged = f"{done.chunks_before} chunks to {done.chunks_after}, {done.merged_rows} rows merged"
-                self.say(f"compacted: {merged}, none embedded again")
+                if done.merged_rows:
+                    merged = f"{done.chunks_before} chunks to {done.chunks_after}, {done.merged_rows} rows re-cut"
+                    self.say(f"compacted: {merged}, none embedded again")
         return planned.job.rows
 
     def ingest(self, inbox: Inbox, names: set[str]) -> int:

@@ -58,7 +58,7 @@ def test_a_watch_compacts_its_refreshes_small_chunks_and_its_outputs_equal_the_r
     check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)]))
 
 
-def synthetic_job(directory: Path, rows: int) -> Path:
+def synthetic_job(directory: Path, rows: int, bounds: list[tuple[int, int]] | None = None) -> Path:
     """A job of one-row chunks, as a long watch leaves it: its shards made by the project's own
     shard writer from made-up embeddings (row i's are i + k/128), then its outputs by finalize.
     What is tested is the file protocol, not the model."""
@@ -72,7 +72,7 @@ def synthetic_job(directory: Path, rows: int) -> Path:
     jobdir = JobDir(directory)
     jobdir.ensure()
     model = jobdir.pin_model("0" * 32)
-    bounds = [(s, s + 64) for s in range(0, 256, 64)] + [(i, i + 1) for i in range(256, rows)]  # 4 full chunks, then one row a refresh
+    bounds = bounds or [(s, s + 64) for s in range(0, 256, 64)] + [(i, i + 1) for i in range(256, rows)]  # 4 full chunks, then a row a refresh
     chunks = scan(spec, bounds, NEW_DIGEST)
     job = Job(Job.new_id(), str(directory), str(spec), str(frame), rows, 64, "relu", chunks, NEW_DIGEST)
     job.save()
@@ -89,29 +89,52 @@ def test_compact_merges_one_row_chunks_and_a_kill_9_at_any_moment_loses_nothing(
 
     made = synthetic_job(tmp_path / "made", 1800)
     before = {name: (made / name).read_bytes() for name in OUTPUTS}
-    assert len(Job.load(made).chunks) == 4 + 1544
-    midway = []
-    for delay in (0.5, 0.7, 0.8, 0.9, 1.0, 1.2):  # after the start-up (~0.5 s here), within the compaction (~0.6 s)
-        out = tmp_path / f"cut-{delay}"
+    small = 4 + 1544
+    assert len(Job.load(made).chunks) == small
+    moments = {  # when to kill it, by what its shard folder shows
+        "reading": lambda n, t: t > 0.3,
+        "merged shards written": lambda n, t: n > small,
+        "small shards half removed": lambda n, t: n < small // 2,
+    }
+    for moment, now in moments.items():
+        out = tmp_path / moment.replace(" ", "-")
         shutil.copytree(made, out)
         proc = subprocess.Popen([sys.executable, "-m", "producer", "compact", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        began = time.monotonic()
+        while not now(len(os.listdir(out / "shards")), time.monotonic() - began):
+            assert proc.poll() is None, f"compact ended before {moment}"
+            time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         job = Job.load(out)  # whole at every moment: every chunk it names has its shard
-        assert all(job.shard_path(c).exists() for c in job.chunks) and job.chunks[-1].stop == 1800
-        midway.append(len(shards(out)) not in (len(job.chunks), 4 + 1544))  # merged shards beside small ones: cut mid-way
+        assert all(job.shard_path(c).exists() for c in job.chunks) and job.chunks[-1].stop == 1800, moment
         done = cli("producer", "compact", str(out), "--json")
         assert done.returncode == 0, done.stderr
         job = Job.load(out)
-        assert [c.rows for c in job.chunks] == [64] * 28 + [8]  # 1,800 rows in chunks of the job's size
-        assert len(shards(out)) == len(job.chunks)
-        assert {name: (out / name).read_bytes() for name in OUTPUTS} == before  # byte for byte
+        assert [c.rows for c in job.chunks] == [64] * 28 + [8], moment  # 1,800 rows in chunks of the job's size
+        assert len(shards(out)) == len(job.chunks), moment
+        assert {name: (out / name).read_bytes() for name in OUTPUTS} == before, moment  # byte for byte
         assert refresh(job).appended  # the manifest names the merged chunks: the next refresh appends, rewrites nothing
         assert {name: (out / name).read_bytes() for name in OUTPUTS} == before
-    assert any(midway), "no kill landed inside a compaction"
     again = cli("producer", "compact", str(out), "--json")
     assert json.loads(again.stdout)["merged_rows"] == 0  # nothing left to merge
+
+
+def test_compact_re_cuts_the_short_tails_that_long_recordings_leave_between_full_chunks(tmp_path):
+    """A recording longer than a chunk gives a full chunk and a short one each refresh: the short
+    ones are never side by side, and are re-cut with the full ones after them."""
+    from vggish_pipeline.core.job import Job
+
+    sizes = [64, 56, 64, 56, 64, 56]
+    edges = np.cumsum([0, *sizes])
+    out = synthetic_job(tmp_path / "job", int(edges[-1]), list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True)))
+    before = {name: (out / name).read_bytes() for name in OUTPUTS}
+    done = cli("producer", "compact", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["merged_rows"] == 360 - 64
+    assert [c.rows for c in Job.load(out).chunks] == [64, 64, 64, 64, 64, 40]
+    assert {name: (out / name).read_bytes() for name in OUTPUTS} == before
+    assert len(shards(out)) == 6
 
 
 GROWER = """
@@ -163,3 +186,37 @@ def test_a_reader_during_a_stream_of_appends_sees_only_complete_sets(tmp_path):
     assert grower.returncode == 0, grower.stderr.read().decode()
     assert len(seen) >= 20, sorted(seen)  # it read while the outputs grew, many times
     assert vggish_pipeline.status(out).outputs_rows == 500
+
+
+def test_a_csv_edited_under_a_watch_is_read_again_not_trusted(tmp_path):
+    """The pair's one writer keeps the CSV's digest (dataset.Known) so that a refresh reads only what
+    it appended; an edit by anything else (the lock is on the .dat) must send it back to reading all."""
+    import pandas as pd
+    import xxhash
+
+    from producer.dataset import Known, scan
+    from producer.finalize import refresh
+    from vggish_pipeline.core.job import Job
+    from vggish_pipeline.core.shard import ShardMeta, write_shard
+
+    out = synthetic_job(tmp_path / "job", 300)
+    job, known = Job.load(out), Known()
+    assert refresh(job, known=known).appended and known.csv_hash is not None  # it knows the CSV now
+    csv = Path(job.csv)
+    text = csv.read_text().splitlines(keepends=True)
+    text[1] = text[1].replace(text[1].split(",")[2], "edited-label-longer-than-before")  # row 0's label, edited in place
+    csv.write_text("".join(text))
+    with open(job.source, "ab") as f:  # and one row more, as a watch adds it
+        np.zeros((1, 96, 64)).tofile(f)
+    with open(csv, "a") as f:
+        f.write("300,grown/c300.wav,yes,False\n")
+    chunk = scan(Path(job.source), [(300, 301)], job.digest_scheme)[0]
+    write_shard(job.dir.shards, ShardMeta(300, 301, chunk.digest, "relu", job.dir.pinned_model(), "made", 0.0),
+                (300 + np.arange(128) / 128)[None].astype(np.float32))
+    job.rows, job.chunks = 301, [*job.chunks, chunk]
+    job.save()
+    refresh(job, known=known)
+    table, frame = pd.read_csv(out / "wavfile_embed.csv", index_col=0), pd.read_csv(csv, index_col=0)
+    pd.testing.assert_frame_equal(table[frame.columns], frame)  # the edit is in the outputs, every row in place
+    manifest = json.loads((out / "wavfile_embed.manifest.json").read_text())
+    assert manifest["csv_digest"] == xxhash.xxh3_128(csv.read_bytes()).hexdigest()  # the digest of the CSV as it is

@@ -54,7 +54,7 @@ def test_a_speech_commands_folder_becomes_one_row_per_file_in_parallel_and_is_em
     spec = tmp_path / "par" / "wavfile_spec.dat"
     result = add_corpus(corpus, spec, "--bad-files", str(tmp_path / "bad.csv"), "--jobs", "2", "--json")
     assert result.returncode == 5, result.stderr  # done, and some were skipped
-    assert result.stderr.strip().splitlines()[-1] == f"1 file skipped, listed in {tmp_path / 'bad.csv'}"
+    assert result.stderr.strip().splitlines()[-1] == f"1 file refused and skipped, listed in {tmp_path / 'bad.csv'}"
     summary = json.loads(result.stdout)
     assert (summary["files_added"], summary["files_refused"], summary["rows"]) == (6, 1, 6)
 

@@ -1,10 +1,13 @@
 """vggish-pipeline's Python API, for notebooks and scripts:
 
     from vggish_pipeline import embed
-    result = embed("wavfile_spec.dat", checkpoint="vggish_model.ckpt")
-    result.embeddings      # N x 128 float64, memory-mapped from wavfile_embed.dat
-    result.frame()         # the input columns, then e0..e127
-    result("out/")         # a job's outputs as one complete set, while a watch appends to them
+    done = embed("wavfile_spec.dat", checkpoint="vggish_model.ckpt")
+    done.embeddings        # N x 128 float64, memory-mapped from wavfile_embed.dat
+    done.frame()           # the input columns, then e0..e127
+
+    from vggish_pipeline import result
+    with result("out/") as r:  # a job's outputs as one complete set, while a watch appends to them
+        r.frame()
 
 Its names load on first use, so that a worker importing the core (`vggish_pipeline.core`, which
 both roles stand on) does not load the producer.

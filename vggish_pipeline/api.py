@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from producer import outputs
+from producer.compact import COMPACT_AFTER
 from producer.run import JobInputs, run
 from vggish_pipeline.core.errors import as_pipeline_error
 from vggish_pipeline.core.message import DEFAULT_EMBEDDING
@@ -229,7 +230,7 @@ def watch(
     parquet: bool = False,
     settle: float = 1.0,
     poll: float = 0.5,
-    compact_after: int = 32,
+    compact_after: int = COMPACT_AFTER,
 ) -> Watch:
     """Start `producer watch` on INBOX in the background and return at once; `.stop()` ends it."""
     from producer.clips import ClipOptions
