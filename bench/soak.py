@@ -19,7 +19,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from clips import tree_rss  # noqa: E402
-from watch import POLL, SETTLE, clip, finished_job  # noqa: E402
+from watch import POLL, SETTLE, clip, finished_job, untrained_model, workspace  # noqa: E402
 
 ROWS = 105_835
 
@@ -48,11 +47,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "soak.json")
     args = parser.parse_args()
     py = sys.executable
-    work = Path(tempfile.mkdtemp(prefix="vggish-soak-"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "VGGISH_CACHE_DIR": str(work / "cache")}
+    work, env = workspace("vggish-soak-")
     try:
-        subprocess.run([py, "-m", "worker", "make-checkpoint", str(work / "model")], check=True, env=env, capture_output=True)
-        ckpt, pca = work / "model" / "vggish_untrained.ckpt", work / "model" / "vggish_untrained_pca_params.npz"
+        ckpt, pca = untrained_model(work, env)
         directory = work / "job"
         finished_job(directory, ROWS, ckpt, pca, py, env)
         inbox, staging = directory / "inbox", directory / "staging"

@@ -62,6 +62,18 @@ def finished_job(directory: Path, rows: int, ckpt: Path, pca: Path, py: str, env
     subprocess.run([py, "-m", "producer", "finalize", str(directory), "--pca-params", str(pca)], check=True, env=env, capture_output=True)
 
 
+def workspace(prefix: str) -> tuple[Path, dict]:
+    """A temp folder, and the environment the bench's commands run in (this checkout, its own cache)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    return work, {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "VGGISH_CACHE_DIR": str(work / "cache")}
+
+
+def untrained_model(work: Path, env: dict) -> tuple[Path, Path]:
+    """An UNTRAINED checkpoint (seeded random weights) and PCA params, written by the project."""
+    subprocess.run([sys.executable, "-m", "worker", "make-checkpoint", str(work / "model")], check=True, env=env, capture_output=True)
+    return work / "model" / "vggish_untrained.ckpt", work / "model" / "vggish_untrained_pca_params.npz"
+
+
 def clip(path: Path, seed: int) -> Path:
     import soundfile
 
@@ -136,11 +148,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "watch.json")
     args = parser.parse_args()
     py = sys.executable
-    work = Path(tempfile.mkdtemp(prefix="vggish-watch-"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "VGGISH_CACHE_DIR": str(work / "cache")}
+    work, env = workspace("vggish-watch-")
     try:
-        subprocess.run([py, "-m", "worker", "make-checkpoint", str(work / "model")], check=True, env=env, capture_output=True)
-        ckpt, pca = work / "model" / "vggish_untrained.ckpt", work / "model" / "vggish_untrained_pca_params.npz"
+        ckpt, pca = untrained_model(work, env)
         results = [measure(work, rows, args.landings, ckpt, pca, py, env) for rows in args.rows]
     finally:
         shutil.rmtree(work, ignore_errors=True)
