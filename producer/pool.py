@@ -48,6 +48,8 @@ def convert(paths: list[Path], pad: bool, rows: int | None) -> list[Converted]:
             out.append(Converted(np.ascontiguousarray(file_examples(path, pad, rows), dtype=DTYPE)))
         except PipelineError as e:
             out.append(Converted(error=str(e)))
+        except MemoryError:  # one huge recording: refused like any file that cannot be read, not the whole add
+            out.append(Converted(error=f"{path}: too large to convert in this process's memory"))
     return out
 
 
