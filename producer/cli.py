@@ -215,16 +215,17 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     job = Job.load(args.dir)
     status = job_status(job, per_worker=True)
     cut_short = any((args.dir / name).exists() for name in (SET_JOURNAL, APPEND_JOURNAL))
-    live, note = None, None
+    live, note, backlog = None, None, None
     app = broker.optional_app(settings)
     if app is not None:
         broker.check_connection(app)
         live = broker.live_workers(app)
         note = None if status.done else model_note(job, live)
+        backlog = broker.backlog(app)
     if args.json:
         shown_live = {name: w.to_dict() for name, w in live.items()} if live is not None else None
         print(json.dumps({**status.to_dict(), "live_workers": shown_live, "model": job.dir.pinned_model(), "model_note": note,
-                          "outputs_cut_short": cut_short}))
+                          "outputs_cut_short": cut_short, "backlog": backlog.to_dict() if backlog else None}))
         return JobFailed.exit_code if status.failed else 0
     print(f"job {status.job}: " + progress_line(status, 0.0).split("  ETA")[0])
     print(f"chunks {status.chunks_done}/{status.chunks_total} done, {len(status.failed)} failed")
@@ -236,6 +237,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"live workers: {len(live)}")
         for name, w in sorted(live.items()):
             print(f"  {name}: {w.device}, {w.chunks} chunks, {w.rows_per_s} rows/s")
+    if backlog is not None:
+        print(f"broker backlog: {backlog.chunks} chunks, {backlog.rows} rows ({backlog.queued} queued, "
+              f"{backlog.unacked} with workers, not yet acknowledged)")
     if note:
         print(note)
     if status.outputs_rows is not None:

@@ -55,3 +55,38 @@ def test_a_worker_with_another_model_hands_chunks_back_to_one_with_the_jobs(samp
     per_worker = json.loads(cli("producer", "status", str(sample["dir"]), "--json").stdout)["workers"]
     assert set(per_worker) == {"a@test"}
     assert "Traceback" not in workers.log("b"), workers.log("b")
+
+
+def test_the_backlog_counts_the_chunks_a_frozen_worker_holds_and_their_rows(sample, workers, redis_url, expected):
+    """The queue's length misses every chunk a worker has taken: the backlog adds kombu's unacked
+    ones, so a worker frozen (SIGSTOP) with its chunk and its spare still counts them."""
+    import signal
+
+    enqueue(sample, redis_url, 20)  # 10 chunks of 20 rows
+    before = json.loads(cli("producer", "status", str(sample["dir"]), "--broker", redis_url, "--json").stdout)["backlog"]
+    assert before == {"chunks": 10, "queued": 10, "unacked": 0, "rows": 200}
+    frozen = workers.start("frozen", [sample["dir"]], "--batch-size", "1")
+    wait_for(lambda: workers.log("frozen").count(" received") == 2, what="the chunk in the model and the spare")
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        done = len(shards(sample["dir"]))
+        held = json.loads(cli("producer", "status", str(sample["dir"]), "--broker", redis_url, "--json").stdout)["backlog"]
+        # every chunk without its shard (and one whose shard is written but its ack not yet sent)
+        assert held["chunks"] - (10 - done) in (0, 1) and held["rows"] == 20 * held["chunks"], held
+        assert held["unacked"] >= 1 and held["queued"] == held["chunks"] - held["unacked"], held  # a bare LLEN sees only "queued"
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    finish(sample, redis_url, expected)
+    after = json.loads(cli("producer", "status", str(sample["dir"]), "--broker", redis_url, "--json").stdout)["backlog"]
+    assert after == {"chunks": 0, "queued": 0, "unacked": 0, "rows": 0}
+
+
+def test_a_batch_worker_embeds_what_is_queued_then_leaves_when_idle(sample, workers, redis_url, expected):
+    """`worker start --exit-when-idle`, as a Slurm array task or a Kubernetes Job runs it: it takes
+    the job, and once no chunk has come for the given seconds, it leaves with exit 0."""
+    enqueue(sample, redis_url, 50)
+    batch = workers.start("batch", [sample["dir"]], "--exit-when-idle", "2")
+    finish(sample, redis_url, expected)
+    assert batch.wait(60) == 0, workers.log("batch")
+    assert "no chunk for 2 s: leaving (--exit-when-idle)" in workers.log("batch")
+    assert "Traceback" not in workers.log("batch")

@@ -94,6 +94,8 @@ def start(options: StartOptions, settings: Settings) -> NoReturn:
     options.check()
     if settings.gpu_memory_limit is not None and settings.gpu_memory_limit < 1:
         raise UsageError("--gpu-memory-limit must be at least 1 MiB")
+    if settings.exit_when_idle is not None and not settings.exit_when_idle > 0:
+        raise UsageError(f"--exit-when-idle must be a number of seconds above 0, not {settings.exit_when_idle:g}")
     roots = data_roots(settings)
     device, name = pin(options, settings)
     model = load_model(settings.checkpoint, device, options, settings)
@@ -112,7 +114,8 @@ def start(options: StartOptions, settings: Settings) -> NoReturn:
         log.warning("checkpoint %s holds UNTRAINED seeded random weights: its embeddings mean nothing", settings.checkpoint)
     runner = ChunkRunner(model, roots, name, device.describe() if device else None)
     in_flight = options.chunks_in_flight or (GPU_IN_FLIGHT if model.device.startswith("GPU") else 1)
-    code = serve(app, runner, name, options.loglevel, in_flight, before_start=lambda: await_weights(model))
+    code = serve(app, runner, name, options.loglevel, in_flight, before_start=lambda: await_weights(model),
+                 exit_when_idle=settings.exit_when_idle)
     # Celery has acked the last chunk and every shard is fsynced. Tearing down TensorFlow at
     # interpreter exit would take another ~0.8 s per worker (measured) for nothing, so leave now.
     logging.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +79,18 @@ class ChunkRunner:
         self._model_free_since: float | None = None  # when the model last finished a chunk
         self._stats_lock = threading.Lock()
         self._readers = threading.local()
+        self._busy = 0  # chunks between delivery and their end (in the model, or waiting for it)
+        self._idle_since = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds since the worker last had a chunk (0 while it has one)."""
+        with self._stats_lock:
+            return 0.0 if self._busy else time.monotonic() - self._idle_since
+
+    def mark_idle(self) -> None:
+        """Start the idle clock now (when the worker is ready to take chunks)."""
+        with self._stats_lock:
+            self._idle_since = time.monotonic()
 
     def job_dir(self, msg: ChunkMessage) -> JobDir:
         jobdir = JobDir(inside(msg.out_dir, self.roots))
@@ -100,6 +113,16 @@ class ChunkRunner:
         return rows
 
     def run(self, payload: dict) -> dict:
+        with self._stats_lock:
+            self._busy += 1
+        try:
+            return self._run(payload)
+        finally:
+            with self._stats_lock:
+                self._busy -= 1
+                self._idle_since = time.monotonic()
+
+    def _run(self, payload: dict) -> dict:
         try:
             msg = ChunkMessage.decode(payload)
         except (MessageError, TypeError) as e:
@@ -257,6 +280,15 @@ def told_to_stop(worker=None) -> bool:
     return worker is not None and getattr(worker.blueprint, "state", None) in (CLOSE, TERMINATE)
 
 
+def leave_when_idle(runner: ChunkRunner, seconds: float) -> None:
+    """Warm-stop this worker (as SIGTERM does) once it has had no chunk for `seconds`."""
+    runner.mark_idle()
+    while runner.idle_for() < seconds:
+        time.sleep(min(0.5, seconds / 4))
+    log.info("no chunk for %g s: leaving (--exit-when-idle)", seconds)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def serve(
     app,
     runner: ChunkRunner,
@@ -264,13 +296,15 @@ def serve(
     loglevel: str = "info",
     in_flight: int = 1,
     before_start: Callable[[], None] | None = None,
+    exit_when_idle: float | None = None,
 ) -> int:
     """Run the Celery worker on QUEUE until a warm stop, working on `in_flight` chunks at a time and
     holding one more; `before_start` runs in worker_init, before it connects (so no ping is answered
     and no chunk taken until it returns). A warm stop finishes the chunks in the model or past it,
     hands back those not yet in it, and takes no other. Returns the worker's exit code: non-zero
-    after an unrecoverable error (Celery's own CLI would lose it)."""
-    from celery.signals import worker_init
+    after an unrecoverable error (Celery's own CLI would lose it). With `exit_when_idle`, it
+    warm-stops once no chunk came for that many seconds after it was ready."""
+    from celery.signals import worker_init, worker_ready
 
     from worker.consumer import quiet_expected_failures
 
@@ -286,6 +320,9 @@ def serve(
             before_start()
 
     worker_init.connect(init, weak=False)
+    if exit_when_idle is not None:
+        idle = threading.Thread(target=leave_when_idle, args=(runner, exit_when_idle), name="exit-when-idle", daemon=True)
+        worker_ready.connect(lambda **_: idle.start(), weak=False)
     app.worker_main(
         [
             "worker",

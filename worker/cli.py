@@ -16,6 +16,7 @@ from vggish_pipeline.core.settings import (
     CHECKPOINT_ENV,
     CPU_FALLBACK_ENV,
     DATA_ROOTS_ENV,
+    EXIT_WHEN_IDLE_ENV,
     GPU_MEMORY_ENV,
     NAME_ENV,
     Settings,
@@ -83,6 +84,9 @@ def add_start(sub) -> None:
         "(default 3 on a GPU, 1 on the CPU, where the model is the bottleneck; a warm stop finishes them all)",
     )
     add_gpu_flags(start)
+    start.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
+                       help=f"leave (exit 0) once no chunk came for SECONDS: for Slurm job arrays and Kubernetes Jobs "
+                            f"(env {EXIT_WHEN_IDLE_ENV}; default: stay)")
     start.add_argument("--loglevel", default="info", help="Celery log level (default info)")
 
 

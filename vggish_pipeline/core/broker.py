@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import ssl
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -151,3 +154,63 @@ def outage_errors() -> tuple[type[Exception], ...]:
     from redis.exceptions import TimeoutError as RedisTimeout
 
     return (OSError, OperationalError, RedisConnectionError, RedisTimeout)
+
+
+PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: a queue's other priorities are lists named QUEUE + this + N
+PRIORITY_STEPS = (0, 3, 6, 9)
+UNACKED = "unacked"  # kombu's Redis transport: delivered, not yet acknowledged messages, by delivery tag
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The chunks that still need a worker: queued, plus delivered and not yet acknowledged (in a
+    worker's model, held beside it, or with a worker that died, until the visibility timeout gives
+    it to another), and their rows. The queue's length alone reads near 0 on a busy fleet: with
+    prefetch, every chunk a worker holds has left the list."""
+
+    queued: int = 0
+    unacked: int = 0
+    rows: int = 0
+
+    @property
+    def chunks(self) -> int:
+        return self.queued + self.unacked
+
+    def to_dict(self) -> dict:
+        return {"chunks": self.chunks, "queued": self.queued, "unacked": self.unacked, "rows": self.rows}
+
+
+def message_rows(raw: bytes | str) -> int:
+    """The rows a queued Celery message on QUEUE asks for (0 if it is not a chunk message)."""
+    try:
+        envelope = json.loads(raw)
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        kwargs = json.loads(body)[1]
+        return max(0, int(kwargs["stop"]) - int(kwargs["start"]))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return 0
+
+
+def backlog(app: Celery) -> Backlog:
+    """The backlog on the broker now (see Backlog): the queue's lists and kombu's unacked hash, read
+    in one transaction."""
+    with app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        lists = [QUEUE] + [f"{QUEUE}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS[1:]]
+        pipe = client.pipeline(transaction=True)
+        for key in lists:
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(UNACKED)
+        *queued_lists, unacked_values = pipe.execute()
+    queued = [m for messages in queued_lists for m in messages]
+    unacked = []
+    for value in unacked_values:
+        try:
+            message, _exchange, routing_key = json.loads(value)
+        except (ValueError, TypeError):
+            continue
+        if routing_key == QUEUE:
+            unacked.append(json.dumps(message))
+    return Backlog(len(queued), len(unacked), sum(message_rows(m) for m in [*queued, *unacked]))

@@ -28,6 +28,7 @@ CACHE_ENV = "VGGISH_CACHE_DIR"
 NVIDIA_SMI_TIMEOUT_ENV = "VGGISH_NVIDIA_SMI_TIMEOUT"
 CPU_FALLBACK_ENV = "VGGISH_ALLOW_CPU_FALLBACK"
 GPU_MEMORY_ENV = "VGGISH_GPU_MEMORY_LIMIT"
+EXIT_WHEN_IDLE_ENV = "VGGISH_EXIT_WHEN_IDLE"
 
 VISIBILITY_DEFAULT = 3600  # seconds: kombu's default for Redis, and room for a chunk's first start on Hopper
 BROKER_TIMEOUT_DEFAULT = 10.0
@@ -52,12 +53,14 @@ VARIABLES = {
     CPU_FALLBACK_ENV: "1 lets a worker pinned to a GPU that TensorFlow cannot see compute on the CPU, ~100x slower (flag "
     "--allow-cpu-fallback; default 0: it stops at start with TensorFlow's reason)",
     GPU_MEMORY_ENV: "MiB of GPU memory each worker may take (flag --gpu-memory-limit; default: what it needs, grown on demand)",
+    EXIT_WHEN_IDLE_ENV: "seconds a worker may go without a chunk before it leaves, with exit 0: for Slurm arrays and "
+    "Kubernetes Jobs (flag --exit-when-idle; default: it stays)",
 }
 
 # Each Settings field a flag can set: the flag's argparse name. A flag given wins over its variable.
 FLAGS = {
     "broker_url": "broker", "checkpoint": "checkpoint", "data_roots": "data_root", "worker_name": "name", "tf32": "tf32",
-    "allow_cpu_fallback": "allow_cpu_fallback", "gpu_memory_limit": "gpu_memory_limit",
+    "allow_cpu_fallback": "allow_cpu_fallback", "gpu_memory_limit": "gpu_memory_limit", "exit_when_idle": "exit_when_idle",
     "broker_ca": "broker_ca", "broker_cert": "broker_cert", "broker_key": "broker_key",
 }
 
@@ -101,6 +104,7 @@ class Settings:
     nvidia_smi_timeout: float = NVIDIA_SMI_TIMEOUT_DEFAULT
     allow_cpu_fallback: bool = False
     gpu_memory_limit: int | None = None  # MiB
+    exit_when_idle: float | None = None  # seconds without a chunk before a worker leaves
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -122,6 +126,7 @@ class Settings:
             nvidia_smi_timeout=positive(env, NVIDIA_SMI_TIMEOUT_ENV, NVIDIA_SMI_TIMEOUT_DEFAULT),
             allow_cpu_fallback=flag(env, CPU_FALLBACK_ENV),
             gpu_memory_limit=round(positive(env, GPU_MEMORY_ENV, 0, unit="MiB")) or None,
+            exit_when_idle=positive(env, EXIT_WHEN_IDLE_ENV, 0) or None,
         )
 
 
