@@ -15,7 +15,7 @@ from producer.run import DEFAULT_CSV
 from vggish_pipeline.core import package_version
 from vggish_pipeline.core.errors import EXIT_CODES, INTERRUPTED, SKIPPED, JobFailed, UsageError, as_pipeline_error
 from vggish_pipeline.core.message import DEFAULT_EMBEDDING, EMBEDDING_FORMS
-from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings, add_tls_flags, variables_help
+from vggish_pipeline.core.settings import CHECKPOINT_ENV, METRICS_ENV, Settings, add_tls_flags, variables_help
 
 if TYPE_CHECKING:
     from producer.clips import ClipOptions
@@ -62,7 +62,13 @@ def add_job_commands(sub) -> None:
     run.add_argument("--broker", help="use this broker's workers instead of starting local ones (no environment fallback: "
                      "a VGGISH_BROKER_URL set for workers does not move a run off this machine)")
     add_tls_flags(run)
+    add_metrics_flag(run, "the job's progress, the backlog and the live workers; local workers on PORT+1…")
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def add_metrics_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help=f"serve Prometheus metrics at :PORT/metrics: {what} (env {METRICS_ENV})")
 
 
 def add_follow_commands(sub) -> None:
@@ -71,6 +77,7 @@ def add_follow_commands(sub) -> None:
     wait.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL); lets wait re-send lost chunks")
     add_tls_flags(wait)
     wait.add_argument("--timeout", type=float, help="give up after this many seconds")
+    add_metrics_flag(wait, "the job's progress, and with a broker the backlog and the live workers")
 
     status = sub.add_parser("status", help="rows and chunks done, failures, chunks per worker, live workers")
     status.add_argument("dir", type=Path, help="the job folder")
@@ -125,6 +132,7 @@ def add_clip_commands(sub) -> None:
     watch.add_argument("--checkpoint", type=Path, help=f"checkpoint (env {CHECKPOINT_ENV})")
     watch.add_argument("--broker", help="use this broker's workers (env VGGISH_BROKER_URL); default: start local ones")
     add_tls_flags(watch)
+    add_metrics_flag(watch, "each refresh's progress, the backlog and the live workers; local workers on PORT+1…")
     watch.add_argument("--workers", type=int, help="at most this many local workers when there is no broker (default: as for run)")
     watch.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
     watch.add_argument("--parquet", action="store_true", help="also keep wavfile_embed.parquet (rewritten whole on each refresh)")
@@ -194,6 +202,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     from producer.progress import wait
     from producer.recovery import Recovery
+    from producer.run import producer_metrics
     from vggish_pipeline.core import broker
     from vggish_pipeline.core.job import Job
 
@@ -201,7 +210,8 @@ def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     app = broker.optional_app(settings)
     if app is None:
         print("no broker configured: watching shards only, lost chunks will not be re-sent", file=sys.stderr)
-    wait(job, timeout=args.timeout, check=Recovery(app, job) if app else None)
+    with producer_metrics(settings, app) as metrics:
+        wait(job, timeout=args.timeout, check=Recovery(app, job) if app else None, metrics=metrics)
     return 0
 
 

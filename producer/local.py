@@ -106,7 +106,7 @@ class LocalRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def local_fleet(workers: int | None, common: list[str], log_dir: Path, nvidia_smi_timeout: float) -> Fleet:
+def local_fleet(workers: int | None, common: list[str], log_dir: Path, nvidia_smi_timeout: float, metrics_port: int | None = None) -> Fleet:
     """One worker per GPU or MIG slice this process is granted, at most `workers`; with none,
     `workers` CPU workers (default CPU_WORKERS). Says what it chose and why."""
     discovery = discover(nvidia_smi_timeout)
@@ -115,7 +115,8 @@ def local_fleet(workers: int | None, common: list[str], log_dir: Path, nvidia_sm
     if workers and discovery.devices and workers > len(discovery.devices):
         print(f"--workers {workers}: {len(discovery.devices)} GPUs are granted, so {len(gpus)} workers start", file=sys.stderr)
     # The private Redis dies with this process too, so its workers have nothing left to finish.
-    return Fleet.plan(gpus, workers or CPU_WORKERS, common, prefix="local-", log_dir=log_dir, death_signal=signal.SIGKILL)
+    return Fleet.plan(gpus, workers or CPU_WORKERS, common, prefix="local-", log_dir=log_dir, death_signal=signal.SIGKILL,
+                      metrics_port=metrics_port)
 
 
 @contextlib.contextmanager
@@ -128,7 +129,8 @@ def local_workers(
     try:
         redis.start()
         common = ["--broker", redis.url, "--checkpoint", str(checkpoint), *(f"--data-root={r}" for r in roots)]
-        fleet = local_fleet(workers, common, log_dir, settings.nvidia_smi_timeout)
+        port = settings.metrics_port + 1 if settings.metrics_port is not None else None  # the producer serves its own on the port given
+        fleet = local_fleet(workers, common, log_dir, settings.nvidia_smi_timeout, port)
         fleet.needs.append(redis.revive)
         yield make_app(redis.url, settings), fleet.start()
     finally:

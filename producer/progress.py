@@ -14,6 +14,7 @@ from producer.outputs import read_manifest
 from vggish_pipeline.core.errors import JobFailed, TimedOut
 from vggish_pipeline.core.job import Failure, Job
 from vggish_pipeline.core.message import Throughput
+from vggish_pipeline.core.metrics import ProducerMetrics
 from vggish_pipeline.core.shard import read_meta
 
 
@@ -147,6 +148,7 @@ def wait(
     timeout: float | None = None,
     check: Callable[[], None] | None = None,
     show: bool = True,
+    metrics: ProducerMetrics | None = None,
 ) -> Status:
     """Block until every chunk has a shard, showing rows done, rows/s, ETA and the workers that
     wrote a shard in the last minute (unless `show` is off).
@@ -167,6 +169,8 @@ def wait(
             postfix = f"chunks {status.chunks_done}/{status.chunks_total}, {workers} worker{'s' * (workers != 1)} active"
             postfix += f", failed {len(status.failed)}" if status.failed else ""
             display.update(status.rows_done, postfix, progress_line(status, rate, workers), final=status.done)
+            if metrics is not None:
+                metrics.job(status.rows_total, status.rows_done, status.chunks_total, status.chunks_done)
             if status.done:
                 return status
             if status.failed and status.chunks_done + len(status.failed) >= status.chunks_total:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from producer.plan import Capacity, Plan, RunSummary
     from vggish_pipeline.core.fleet import Fleet
     from vggish_pipeline.core.job import Chunk, Job
+    from vggish_pipeline.core.metrics import ProducerMetrics
 
 DEFAULT_CSV = "wavfile_df.csv"
 
@@ -109,6 +110,7 @@ class Crew:
     app: Celery
     fleet: Fleet | None
     capacity: Capacity
+    metrics: ProducerMetrics | None = None
 
     def ready(self) -> None:
         """Return once a local worker has loaded and checked the checkpoint (at once for a broker's)."""
@@ -132,7 +134,7 @@ class Crew:
                 self.fleet.revive()
             recovery()
 
-        wait(job, check=check, show=progress)
+        wait(job, check=check, show=progress, metrics=self.metrics)
 
     def described(self) -> dict:
         """For the run's summary: the local workers started, or the broker used (password hidden)."""
@@ -152,7 +154,8 @@ def crew(inputs: JobInputs, app: Celery | None = None, workers: int | None = Non
         from vggish_pipeline.core import broker
 
         broker.check_connection(app)
-        yield Crew(app, None, remote_capacity(app) if inputs.chunk_rows is None else Capacity())
+        with producer_metrics(inputs.settings, app) as metrics:
+            yield Crew(app, None, remote_capacity(app) if inputs.chunk_rows is None else Capacity(), metrics)
         return
     from producer.local import local_workers
 
@@ -160,7 +163,26 @@ def crew(inputs: JobInputs, app: Celery | None = None, workers: int | None = Non
     ckpt = inputs.required_checkpoint()
     check_writable(inputs.out)  # it takes the workers' logs
     with local_workers(ckpt, workers, inputs.data_roots(), inputs.out / "logs", inputs.settings) as (local_app, fleet):
-        yield Crew(local_app, fleet, Capacity.of([m.where() for m in fleet.members], []))
+        capacity = Capacity.of([m.where() for m in fleet.members], [])
+        with producer_metrics(inputs.settings, local_app) as metrics:
+            yield Crew(local_app, fleet, capacity, metrics)
+
+
+@contextlib.contextmanager
+def producer_metrics(settings: Settings, app: Celery | None) -> Iterator[ProducerMetrics | None]:
+    """With a metrics port: the producer's metrics, served there while the block runs, following `app`'s broker."""
+    if settings.metrics_port is None:
+        yield None
+        return
+    from vggish_pipeline.core.metrics import ProducerMetrics
+
+    metrics = ProducerMetrics().serve(settings.metrics_port)
+    try:
+        if app is not None:
+            metrics.follow_broker(app)
+        yield metrics
+    finally:
+        metrics.close()
 
 
 def remote_capacity(app: Celery) -> Capacity:

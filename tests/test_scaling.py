@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 from conftest import cli
-from test_faults import enqueue, finish, shards, wait_for
+from test_faults import enqueue, finish, shards, status, wait_for
 
 
 def grow(sample: dict, times: int) -> None:
@@ -90,3 +91,66 @@ def test_a_batch_worker_embeds_what_is_queued_then_leaves_when_idle(sample, work
     assert batch.wait(60) == 0, workers.log("batch")
     assert "no chunk for 2 s: leaving (--exit-when-idle)" in workers.log("batch")
     assert "Traceback" not in workers.log("batch")
+
+
+def scrape(port: int) -> str | None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+def sample_value(text: str, name: str) -> float:
+    """The value of the series `name` (with its labels, as exposed) in a Prometheus exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            if (f"{s.name}{{{labels}}}" if labels else s.name) == name:
+                return s.value
+    raise KeyError(name)
+
+
+def test_metrics_of_a_live_worker_and_a_live_wait_count_the_job_and_pass_promtool(sample, workers, redis_url, expected, tmp_path):
+    """Scraped during the job and after it: the worker's rows and chunks equal what it embedded,
+    the producer's wait shows the job and the backlog, and Prometheus' own linter passes both."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import free_port, unavailable
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        unavailable("no promtool (apt-get install prometheus): the metrics are checked with it")
+    worker_port, wait_port = free_port(), free_port()
+    enqueue(sample, redis_url, 50)  # 4 chunks of 50 rows
+    workers.start("m", [sample["dir"]], "--batch-size", "2", "--metrics-port", str(worker_port))
+    waiting = subprocess.Popen([sys.executable, "-m", "producer", "wait", str(sample["dir"]), "--broker", redis_url,
+                                "--metrics-port", str(wait_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = []
+    while waiting.poll() is None:
+        text = scrape(wait_port)
+        if text is not None and "vggish_job_rows 200.0" in text:
+            seen.append(text)
+        time.sleep(0.05)
+    assert waiting.returncode == 0, waiting.stderr.read().decode()
+    assert seen, "the wait's metrics were never scraped while it ran"
+    producer = seen[-1]
+    assert sample_value(producer, "vggish_job_chunks") == 4 and 0 <= sample_value(producer, "vggish_job_rows_done") <= 200
+    assert "vggish_backlog_chunks" in producer and "vggish_live_workers" in producer
+    finish(sample, redis_url, expected)
+    worker = scrape(worker_port)
+    assert worker is not None
+    assert sample_value(worker, "vggish_rows_embedded_total") == 200  # every row of the job, by the only worker
+    assert sample_value(worker, 'vggish_chunks_total{outcome="embedded"}') == 4
+    assert sample_value(worker, "vggish_chunk_compute_seconds_count") == 4 and sample_value(worker, "vggish_model_load_seconds") > 0
+    assert sample_value(worker, 'vggish_worker_info{device="CPU",model="' + status(sample["dir"])["model"] + '",worker="m@test"}') == 1
+    for text in (producer, worker):
+        linted = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True)
+        assert linted.returncode == 0, linted.stdout.decode() + linted.stderr.decode()

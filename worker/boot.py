@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -98,6 +99,7 @@ def start(options: StartOptions, settings: Settings) -> NoReturn:
         raise UsageError(f"--exit-when-idle must be a number of seconds above 0, not {settings.exit_when_idle:g}")
     roots = data_roots(settings)
     device, name = pin(options, settings)
+    loading = time.perf_counter()
     model = load_model(settings.checkpoint, device, options, settings)
     from worker.chunk import GPU_IN_FLIGHT, ChunkRunner, serve
 
@@ -112,10 +114,22 @@ def start(options: StartOptions, settings: Settings) -> NoReturn:
     log.info("%s: GPU memory: %s%s", name, memory_policy(os.environ, model.memory_limit), "" if model.on_gpu else "; computing on the CPU")
     if model.untrained:
         log.warning("checkpoint %s holds UNTRAINED seeded random weights: its embeddings mean nothing", settings.checkpoint)
-    runner = ChunkRunner(model, roots, name, device.describe() if device else None)
+    metrics = None
+    if settings.metrics_port is not None:
+        from vggish_pipeline.core.metrics import WorkerMetrics, serve_metrics
+
+        metrics = WorkerMetrics(name, model.device, model.fingerprint)
+        serve_metrics(metrics.registry, settings.metrics_port)
+        log.info("%s: metrics at http://0.0.0.0:%d/metrics", name, settings.metrics_port)
+    runner = ChunkRunner(model, roots, name, device.describe() if device else None, metrics=metrics)
     in_flight = options.chunks_in_flight or (GPU_IN_FLIGHT if model.device.startswith("GPU") else 1)
-    code = serve(app, runner, name, options.loglevel, in_flight, before_start=lambda: await_weights(model),
-                 exit_when_idle=settings.exit_when_idle)
+
+    def loaded() -> None:
+        await_weights(model)
+        if metrics is not None:
+            metrics.load.set(time.perf_counter() - loading)
+
+    code = serve(app, runner, name, options.loglevel, in_flight, before_start=loaded, exit_when_idle=settings.exit_when_idle)
     # Celery has acked the last chunk and every shard is fsynced. Tearing down TensorFlow at
     # interpreter exit would take another ~0.8 s per worker (measured) for nothing, so leave now.
     logging.shutdown()

@@ -20,6 +20,7 @@ from celery.worker.request import Request
 from vggish_pipeline.core.errors import ChunkRefused, InputError, PipelineError
 from vggish_pipeline.core.job import Failure, JobDir
 from vggish_pipeline.core.message import INFO_COMMAND, QUEUE, TASK_NAME, ChunkMessage, MessageError, WorkerInfo
+from vggish_pipeline.core.metrics import WorkerMetrics
 from vggish_pipeline.core.settings import VISIBILITY_DEFAULT
 from vggish_pipeline.core.shard import ShardMeta, write_shard
 from vggish_pipeline.core.spectrogram import RowReader, digest
@@ -67,10 +68,13 @@ class ChunkRunner:
     """
 
     def __init__(
-        self, model: Model, roots: list[Path], worker: str, pinned: str | None = None, stopping: Callable[[], bool] = lambda: False
+        self, model: Model, roots: list[Path], worker: str, pinned: str | None = None, stopping: Callable[[], bool] = lambda: False,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
-        """`stopping` says whether the worker is on its way out: a chunk not yet in the model is then handed back."""
+        """`stopping` says whether the worker is on its way out: a chunk not yet in the model is then handed back.
+        `metrics`, if given, counts each chunk's outcome."""
         self.model = model
+        self.metrics = metrics
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self.worker = worker
         self.stopping = stopping
@@ -115,12 +119,28 @@ class ChunkRunner:
     def run(self, payload: dict) -> dict:
         with self._stats_lock:
             self._busy += 1
+        outcome = "failed"
+        result: dict = {}
         try:
-            return self._run(payload)
+            result = self._run(payload)
+            outcome = "skipped" if result.get("skipped") else "dropped" if result.get("dropped") else "embedded"
+            return result
+        except HandedBack:
+            outcome = "handed_back"
+            raise
+        except OtherModel:
+            outcome = "other_model"
+            raise
+        except ChunkRefused:
+            outcome = "refused"
+            raise
         finally:
             with self._stats_lock:
                 self._busy -= 1
                 self._idle_since = time.monotonic()
+            if self.metrics is not None:
+                rows = result.get("stop", 0) - result.get("start", 0)
+                self.metrics.ended(outcome, rows, result.get("seconds"), result.get("idle"))
 
     def _run(self, payload: dict) -> dict:
         try:
@@ -159,7 +179,7 @@ class ChunkRunner:
             self.stats.seconds += seconds
         log.info("rows %d-%d embedded in %.2fs (%.1f rows/s); the model was idle %.4f s before it",
                  msg.start, msg.stop, seconds, (msg.stop - msg.start) / seconds, idle)
-        return {"start": msg.start, "stop": msg.stop, "seconds": seconds}
+        return {"start": msg.start, "stop": msg.stop, "seconds": seconds, "idle": idle}
 
     def record_failure(self, payload: dict, reason: str) -> None:
         """Note a chunk's failure in its job folder, if the message is a chunk that job planned.

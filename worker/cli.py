@@ -18,6 +18,7 @@ from vggish_pipeline.core.settings import (
     DATA_ROOTS_ENV,
     EXIT_WHEN_IDLE_ENV,
     GPU_MEMORY_ENV,
+    METRICS_ENV,
     NAME_ENV,
     Settings,
     add_tls_flags,
@@ -87,6 +88,7 @@ def add_start(sub) -> None:
     start.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
                        help=f"leave (exit 0) once no chunk came for SECONDS: for Slurm job arrays and Kubernetes Jobs "
                             f"(env {EXIT_WHEN_IDLE_ENV}; default: stay)")
+    start.add_argument("--metrics-port", type=int, metavar="PORT", help=f"serve Prometheus metrics at :PORT/metrics (env {METRICS_ENV})")
     start.add_argument("--loglevel", default="info", help="Celery log level (default info)")
 
 
@@ -103,6 +105,8 @@ def add_up(sub) -> None:
     up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="as for `worker start`")
     up.add_argument("--tf32", action="store_true", help="as for `worker start`")
     up.add_argument("--data-root", type=Path, action="append", help="as for `worker start`")
+    up.add_argument("--metrics-port", type=int, metavar="PORT",
+                    help=f"serve each worker's Prometheus metrics, on PORT, PORT+1… in the order started (env {METRICS_ENV})")
     add_gpu_flags(up)
 
 
@@ -176,7 +180,7 @@ def up(args: argparse.Namespace, settings: Settings) -> int:
         common += ["--checkpoint", str(args.checkpoint)]
     for root in args.data_root or []:
         common += ["--data-root", str(root)]
-    fleet = Fleet.plan(gpus, args.cpus or 0, common, env)
+    fleet = Fleet.plan(gpus, args.cpus or 0, common, env, metrics_port=settings.metrics_port)
     signal.signal(signal.SIGTERM, lambda *_: fleet.signal(signal.SIGTERM))
     signal.signal(signal.SIGINT, lambda *_: fleet.signal(signal.SIGTERM))
     fleet.start()

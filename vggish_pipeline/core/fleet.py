@@ -16,6 +16,7 @@ from typing import TextIO
 
 from vggish_pipeline.core.devices import MEMORY_GROWTH_ENV, Device, threads_per_worker
 from vggish_pipeline.core.errors import WorkersDied
+from vggish_pipeline.core.settings import METRICS_ENV
 
 
 @dataclass
@@ -101,10 +102,13 @@ class Fleet:
         prefix: str = "",
         log_dir: Path | None = None,
         death_signal: int = signal.SIGTERM,
+        metrics_port: int | None = None,
     ) -> Fleet:
         """One member per device in `gpus`, pinned by its UUID; else `cpus` CPU members; each gets
-        `common` arguments and `env` (for secrets, which a command line would show to `ps`)."""
-        env = env or {}
+        `common` arguments and `env` (for secrets, which a command line would show to `ps`), and
+        with `metrics_port` its own port for /metrics: that one, the next, and so on (and none
+        without: a VGGISH_METRICS_PORT this process has is not theirs to share)."""
+        env = {**(env or {}), METRICS_ENV: ""}
         host = socket.gethostname()
         members = []
         for gpu in gpus:
@@ -116,6 +120,9 @@ class Fleet:
                 name = f"{prefix}cpu{i}@{host}"
                 args = ["--cpu", "--threads", str(threads), "--name", name, *common]
                 members.append(Member(name, args, {**env, "CUDA_VISIBLE_DEVICES": "-1"}))
+        if metrics_port is not None:
+            for i, m in enumerate(members):
+                m.args += ["--metrics-port", str(metrics_port + i)]
         return cls(members, log_dir, death_signal=death_signal)
 
     def summary(self) -> str:

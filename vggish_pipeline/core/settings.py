@@ -29,6 +29,7 @@ NVIDIA_SMI_TIMEOUT_ENV = "VGGISH_NVIDIA_SMI_TIMEOUT"
 CPU_FALLBACK_ENV = "VGGISH_ALLOW_CPU_FALLBACK"
 GPU_MEMORY_ENV = "VGGISH_GPU_MEMORY_LIMIT"
 EXIT_WHEN_IDLE_ENV = "VGGISH_EXIT_WHEN_IDLE"
+METRICS_ENV = "VGGISH_METRICS_PORT"
 
 VISIBILITY_DEFAULT = 3600  # seconds: kombu's default for Redis, and room for a chunk's first start on Hopper
 BROKER_TIMEOUT_DEFAULT = 10.0
@@ -55,12 +56,15 @@ VARIABLES = {
     GPU_MEMORY_ENV: "MiB of GPU memory each worker may take (flag --gpu-memory-limit; default: what it needs, grown on demand)",
     EXIT_WHEN_IDLE_ENV: "seconds a worker may go without a chunk before it leaves, with exit 0: for Slurm arrays and "
     "Kubernetes Jobs (flag --exit-when-idle; default: it stays)",
+    METRICS_ENV: "port to serve Prometheus metrics on, at /metrics (flag --metrics-port; `worker up` gives its workers "
+    "PORT, PORT+1…; `producer run` its own workers PORT+1…; default: none)",
 }
 
 # Each Settings field a flag can set: the flag's argparse name. A flag given wins over its variable.
 FLAGS = {
     "broker_url": "broker", "checkpoint": "checkpoint", "data_roots": "data_root", "worker_name": "name", "tf32": "tf32",
     "allow_cpu_fallback": "allow_cpu_fallback", "gpu_memory_limit": "gpu_memory_limit", "exit_when_idle": "exit_when_idle",
+    "metrics_port": "metrics_port",
     "broker_ca": "broker_ca", "broker_cert": "broker_cert", "broker_key": "broker_key",
 }
 
@@ -87,6 +91,15 @@ def positive(env: Mapping[str, str], name: str, default: float, unit: str = "sec
     return value
 
 
+def port(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise UsageError(f"{name}={raw!r}: expected a TCP port, 1 to 65535")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     broker_url: str | None = None
@@ -105,6 +118,7 @@ class Settings:
     allow_cpu_fallback: bool = False
     gpu_memory_limit: int | None = None  # MiB
     exit_when_idle: float | None = None  # seconds without a chunk before a worker leaves
+    metrics_port: int | None = None  # where /metrics is served
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -127,6 +141,7 @@ class Settings:
             allow_cpu_fallback=flag(env, CPU_FALLBACK_ENV),
             gpu_memory_limit=round(positive(env, GPU_MEMORY_ENV, 0, unit="MiB")) or None,
             exit_when_idle=positive(env, EXIT_WHEN_IDLE_ENV, 0) or None,
+            metrics_port=port(env, METRICS_ENV),
         )
 
 
