@@ -154,3 +154,40 @@ def test_metrics_of_a_live_worker_and_a_live_wait_count_the_job_and_pass_promtoo
     for text in (producer, worker):
         linted = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True)
         assert linted.returncode == 0, linted.stdout.decode() + linted.stderr.decode()
+
+
+def test_worker_up_autoscale_starts_workers_for_a_job_and_lets_them_go_when_idle(sample, redis_url, model_files, expected, tmp_path):
+    """`worker up --gpus all --autoscale 0:2` on the 4-GPU stand-in: nothing runs while the queue
+    is empty; a job brings up workers (at most 2, on distinct devices) that embed it; after the
+    idle time none is left, and `worker up` itself stops with SIGTERM."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import STANDIN
+
+    log = tmp_path / "up.log"
+    env = {**os.environ, "PATH": f"{STANDIN}{os.pathsep}{os.environ['PATH']}", "VGGISH_ALLOW_CPU_FALLBACK": "1",
+           "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "worker", "up", "--gpus", "all", "--autoscale", "0:2", "--scale-idle", "3",
+            "--broker", redis_url, "--checkpoint", str(model_files["checkpoint"]), "--data-root", str(sample["dir"])]
+    with open(log, "wb") as out:
+        up = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "autoscale: 0 to 2 workers" in log.read_text(), what="the autoscaler to start looking")
+        time.sleep(3)
+        assert "starting" not in log.read_text()  # nothing queued: no worker, no GPU held
+        enqueue(sample, redis_url, 20)  # 10 chunks
+        finish(sample, redis_url, expected)  # the outputs equal the reference
+        text = log.read_text()
+        started = re.findall(r"autoscale: \d+ chunks waiting for (\d+) workers: starting (\S+) on (GPU \d)", text)
+        assert 1 <= len(started) <= 2 and all(int(running) < 2 for running, _, _ in started), text
+        assert len({device for _, _, device in started}) == len(started)  # never two on one device
+        wait_for(lambda: log.read_text().count(" left, idle") == len(started), 60, "every worker to leave once idle")
+        assert "exited with code" not in log.read_text() and "Traceback" not in log.read_text()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(60)
+    assert code == 0, log.read_text()

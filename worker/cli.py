@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from vggish_pipeline.core import package_version
 from vggish_pipeline.core.errors import EXIT_CODES, PipelineError, UsageError, as_pipeline_error
 from vggish_pipeline.core.settings import (
+    AUTOSCALE_ENV,
     BROKER_ENV,
     CHECKPOINT_ENV,
     CPU_FALLBACK_ENV,
@@ -20,6 +21,8 @@ from vggish_pipeline.core.settings import (
     GPU_MEMORY_ENV,
     METRICS_ENV,
     NAME_ENV,
+    SCALE_IDLE_DEFAULT,
+    SCALE_IDLE_ENV,
     Settings,
     add_tls_flags,
     variables_help,
@@ -28,6 +31,8 @@ from worker.model import DEFAULT_BATCH
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from vggish_pipeline.core.fleet import Fleet
 
 
 
@@ -105,6 +110,12 @@ def add_up(sub) -> None:
     up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="as for `worker start`")
     up.add_argument("--tf32", action="store_true", help="as for `worker start`")
     up.add_argument("--data-root", type=Path, action="append", help="as for `worker start`")
+    up.add_argument("--autoscale", metavar="MIN:MAX",
+                    help=f"start workers on these devices as the broker's backlog asks, at most MAX, and let idle ones go, "
+                         f"keeping MIN (0: none while nothing is queued) (env {AUTOSCALE_ENV})")
+    up.add_argument("--scale-idle", type=float, metavar="SECONDS",
+                    help=f"with --autoscale: seconds an extra worker goes without a chunk before it leaves (env {SCALE_IDLE_ENV}; "
+                         f"default {SCALE_IDLE_DEFAULT:g})")
     up.add_argument("--metrics-port", type=int, metavar="PORT",
                     help=f"serve each worker's Prometheus metrics, on PORT, PORT+1… in the order started (env {METRICS_ENV})")
     add_gpu_flags(up)
@@ -181,6 +192,8 @@ def up(args: argparse.Namespace, settings: Settings) -> int:
     for root in args.data_root or []:
         common += ["--data-root", str(root)]
     fleet = Fleet.plan(gpus, args.cpus or 0, common, env, metrics_port=settings.metrics_port)
+    if settings.autoscale:
+        return autoscale(fleet, settings)
     signal.signal(signal.SIGTERM, lambda *_: fleet.signal(signal.SIGTERM))
     signal.signal(signal.SIGINT, lambda *_: fleet.signal(signal.SIGTERM))
     fleet.start()
@@ -190,6 +203,34 @@ def up(args: argparse.Namespace, settings: Settings) -> int:
         time.sleep(0.5)
     fleet.report_deaths()
     return 1 if any(m.exit_code() for m in fleet.members) else 0
+
+
+def autoscale(fleet: Fleet, settings: Settings) -> int:
+    """`worker up --autoscale`: follow the backlog (worker.autoscale) until SIGTERM or Ctrl-C, then warm-stop every worker."""
+    import signal
+    import threading
+
+    from vggish_pipeline.core import broker
+    from worker.autoscale import Autoscaler, scale_range
+
+    if not settings.scale_idle > 0:
+        raise UsageError("--scale-idle must be a number of seconds above 0")
+    low, high = scale_range(settings.autoscale or "", len(fleet.members))
+    app = broker.make_app(broker.broker_url(settings), settings)
+    broker.check_connection(app)
+    scaler = Autoscaler(fleet, app, low, high, settings.scale_idle)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info("autoscale: %d to %d workers on %s; extra ones leave after %g s idle", low, high,
+             ", ".join(m.where() for m in fleet.members), settings.scale_idle)
+    try:
+        while not stop.is_set():
+            scaler.step()
+            stop.wait(1.0)
+    finally:
+        fleet.stop()
+    return 0
 
 
 def ping(args: argparse.Namespace, settings: Settings) -> Celery:

@@ -132,10 +132,11 @@ class Fleet:
 
     def start(self) -> Fleet:
         for m in self.members:
-            self._spawn(m)
+            self.spawn(m)
         return self
 
-    def _spawn(self, m: Member, again: bool = False) -> None:
+    def spawn(self, m: Member, again: bool = False) -> None:
+        """Start `m` (again: its log goes on)."""
         command = [sys.executable, "-m", "worker", "start", *m.args]
         env = {MEMORY_GROWTH_ENV: "true", **os.environ, **m.env}  # set before its TensorFlow loads, unless the user set it
         arm = exit_with_parent(self.death_signal)
@@ -161,7 +162,7 @@ class Fleet:
             if len(m.deaths) > MAX_RESTARTS:
                 raise WorkersDied(f"worker {m.name} died {len(m.deaths)} times in {RESTART_WINDOW / 60:g} minutes; it said: {said}")
             out.write(f"\nworker {m.name} exited with code {m.exit_code()} ({said}); starting it again\n")
-            self._spawn(m, again=True)
+            self.spawn(m, again=True)
 
     def dead(self) -> list[Member]:
         return [m for m in self.members if m.proc is not None and m.proc.poll() is not None]

@@ -30,6 +30,9 @@ CPU_FALLBACK_ENV = "VGGISH_ALLOW_CPU_FALLBACK"
 GPU_MEMORY_ENV = "VGGISH_GPU_MEMORY_LIMIT"
 EXIT_WHEN_IDLE_ENV = "VGGISH_EXIT_WHEN_IDLE"
 METRICS_ENV = "VGGISH_METRICS_PORT"
+AUTOSCALE_ENV = "VGGISH_AUTOSCALE"
+SCALE_IDLE_ENV = "VGGISH_SCALE_IDLE"
+SCALE_IDLE_DEFAULT = 120.0  # seconds an autoscaled worker waits for a chunk before it leaves
 
 VISIBILITY_DEFAULT = 3600  # seconds: kombu's default for Redis, and room for a chunk's first start on Hopper
 BROKER_TIMEOUT_DEFAULT = 10.0
@@ -58,13 +61,17 @@ VARIABLES = {
     "Kubernetes Jobs (flag --exit-when-idle; default: it stays)",
     METRICS_ENV: "port to serve Prometheus metrics on, at /metrics (flag --metrics-port; `worker up` gives its workers "
     "PORT, PORT+1…; `producer run` its own workers PORT+1…; default: none)",
+    AUTOSCALE_ENV: "MIN:MAX: `worker up` starts workers on its devices as the backlog asks, and lets idle ones go, "
+    "keeping MIN (flag --autoscale; default: every device, always)",
+    SCALE_IDLE_ENV: f"seconds an autoscaled worker goes without a chunk before it leaves (flag --scale-idle; default "
+    f"{SCALE_IDLE_DEFAULT:g})",
 }
 
 # Each Settings field a flag can set: the flag's argparse name. A flag given wins over its variable.
 FLAGS = {
     "broker_url": "broker", "checkpoint": "checkpoint", "data_roots": "data_root", "worker_name": "name", "tf32": "tf32",
     "allow_cpu_fallback": "allow_cpu_fallback", "gpu_memory_limit": "gpu_memory_limit", "exit_when_idle": "exit_when_idle",
-    "metrics_port": "metrics_port",
+    "metrics_port": "metrics_port", "autoscale": "autoscale", "scale_idle": "scale_idle",
     "broker_ca": "broker_ca", "broker_cert": "broker_cert", "broker_key": "broker_key",
 }
 
@@ -119,6 +126,8 @@ class Settings:
     gpu_memory_limit: int | None = None  # MiB
     exit_when_idle: float | None = None  # seconds without a chunk before a worker leaves
     metrics_port: int | None = None  # where /metrics is served
+    autoscale: str | None = None  # MIN:MAX workers for `worker up`
+    scale_idle: float = SCALE_IDLE_DEFAULT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -142,6 +151,8 @@ class Settings:
             gpu_memory_limit=round(positive(env, GPU_MEMORY_ENV, 0, unit="MiB")) or None,
             exit_when_idle=positive(env, EXIT_WHEN_IDLE_ENV, 0) or None,
             metrics_port=port(env, METRICS_ENV),
+            autoscale=env.get(AUTOSCALE_ENV) or None,
+            scale_idle=positive(env, SCALE_IDLE_ENV, SCALE_IDLE_DEFAULT),
         )
 
 
