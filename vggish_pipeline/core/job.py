@@ -153,7 +153,7 @@ class Job:
         was most of a watch's refresh at 1,000,000 rows)."""
         try:
             return set(os.listdir(self.dir.shards))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no shards (yet, or a file in their place): none done
             return set()
 
     def done(self, chunk: Chunk, present: set[str]) -> bool:
