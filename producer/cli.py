@@ -133,6 +133,11 @@ def add_clip_commands(sub) -> None:
     watch.add_argument("--broker", help="use this broker's workers (env VGGISH_BROKER_URL); default: start local ones")
     add_tls_flags(watch)
     add_metrics_flag(watch, "each refresh's progress, the backlog and the live workers; local workers on PORT+1…")
+    watch.add_argument("--autoscale", metavar="MIN:MAX",
+                       help="start local workers as the backlog asks, at most MAX, and let idle ones go, keeping MIN "
+                            "(0: none between recordings) (env VGGISH_AUTOSCALE; not with --broker)")
+    watch.add_argument("--scale-idle", type=float, metavar="SECONDS",
+                       help="with --autoscale: seconds a worker waits for a chunk before it leaves (env VGGISH_SCALE_IDLE; default 120)")
     watch.add_argument("--workers", type=int, help="at most this many local workers when there is no broker (default: as for run)")
     watch.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
     watch.add_argument("--parquet", action="store_true", help="also keep wavfile_embed.parquet (rewritten whole on each refresh)")
@@ -307,6 +312,9 @@ def cmd_add_clips(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     from producer.watcher import WatchLoop
+
+    if args.autoscale and args.broker:
+        raise UsageError("--autoscale scales this machine's own workers; a broker's are scaled where they run (worker up --autoscale)")
 
     watcher = WatchLoop(
         inputs=inputs(args, settings), inbox=args.inbox, clips=clip_options(args), workers=args.workers,

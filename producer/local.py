@@ -121,9 +121,10 @@ def local_fleet(workers: int | None, common: list[str], log_dir: Path, nvidia_sm
 
 @contextlib.contextmanager
 def local_workers(
-    checkpoint: Path, workers: int | None, roots: list[Path], log_dir: Path, settings: Settings
+    checkpoint: Path, workers: int | None, roots: list[Path], log_dir: Path, settings: Settings, start: bool = True
 ) -> Iterator[tuple[Celery, Fleet]]:
-    """A private Redis and warm worker processes (see `local_fleet`) for one command."""
+    """A private Redis and warm worker processes (see `local_fleet`) for one command; without
+    `start`, the workers are planned and left for an autoscaler to start."""
     redis = LocalRedis()
     fleet = None
     try:
@@ -132,7 +133,7 @@ def local_workers(
         port = settings.metrics_port + 1 if settings.metrics_port is not None else None  # the producer serves its own on the port given
         fleet = local_fleet(workers, common, log_dir, settings.nvidia_smi_timeout, port)
         fleet.needs.append(redis.revive)
-        yield make_app(redis.url, settings), fleet.start()
+        yield make_app(redis.url, settings), fleet.start() if start else fleet
     finally:
         if fleet:
             fleet.stop()

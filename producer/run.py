@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from producer.dataset import Known
     from producer.plan import Capacity, Plan, RunSummary
+    from vggish_pipeline.core.autoscale import Autoscaler
     from vggish_pipeline.core.fleet import Fleet
     from vggish_pipeline.core.job import Chunk, Job
     from vggish_pipeline.core.metrics import ProducerMetrics
@@ -111,10 +112,12 @@ class Crew:
     fleet: Fleet | None
     capacity: Capacity
     metrics: ProducerMetrics | None = None
+    scaler: Autoscaler | None = None  # local workers started as the backlog asks (watch --autoscale)
 
     def ready(self) -> None:
-        """Return once a local worker has loaded and checked the checkpoint (at once for a broker's)."""
-        if self.fleet is not None:
+        """Return once a local worker has loaded and checked the checkpoint (at once for a broker's,
+        or autoscaled ones: the first starts with the first chunk)."""
+        if self.fleet is not None and self.scaler is None:
             from producer.local import first_ready
 
             first_ready(self.app, self.fleet)
@@ -130,11 +133,18 @@ class Crew:
         recovery = Recovery(self.app, job)
 
         def check() -> None:
-            if self.fleet is not None:
-                self.fleet.revive()
+            self.tend()
             recovery()
 
         wait(job, check=check, show=progress, metrics=self.metrics)
+
+    def tend(self) -> None:
+        """Keep the local workers going: start those the backlog asks for (autoscaled), else those that died."""
+        if self.scaler is not None:
+            self.scaler.fleet.revive_needs()
+            self.scaler.step()
+        elif self.fleet is not None:
+            self.fleet.revive()
 
     def described(self) -> dict:
         """For the run's summary: the local workers started, or the broker used (password hidden)."""
@@ -144,13 +154,16 @@ class Crew:
 
 
 @contextlib.contextmanager
-def crew(inputs: JobInputs, app: Celery | None = None, workers: int | None = None) -> Iterator[Crew]:
+def crew(
+    inputs: JobInputs, app: Celery | None = None, workers: int | None = None, say: Callable[[str], None] | None = None
+) -> Iterator[Crew]:
     """The broker's workers when `app` is given (checked reachable first), else this machine's own:
     a private Redis and one worker per granted GPU (at most `workers`; with none, CPU workers),
-    which end with the block however it ends (Ctrl-C included)."""
+    which end with the block however it ends (Ctrl-C included). With the settings' autoscale
+    (MIN:MAX), the local workers start and leave as the backlog asks (core.autoscale), saying so to `say`."""
     from producer.plan import Capacity, check_writable
 
-    if app is not None:
+    if app is not None:  # a broker's workers are scaled where they run (worker up --autoscale): its setting is theirs
         from vggish_pipeline.core import broker
 
         broker.check_connection(app)
@@ -162,10 +175,17 @@ def crew(inputs: JobInputs, app: Celery | None = None, workers: int | None = Non
     check_workers(workers)  # usage first, then the files
     ckpt = inputs.required_checkpoint()
     check_writable(inputs.out)  # it takes the workers' logs
-    with local_workers(ckpt, workers, inputs.data_roots(), inputs.out / "logs", inputs.settings) as (local_app, fleet):
+    scaled = inputs.settings.autoscale
+    with local_workers(ckpt, workers, inputs.data_roots(), inputs.out / "logs", inputs.settings, start=not scaled) as (local_app, fleet):
         capacity = Capacity.of([m.where() for m in fleet.members], [])
+        scaler = None
+        if scaled:
+            from vggish_pipeline.core.autoscale import Autoscaler, scale_range
+
+            low, high = scale_range(scaled, len(fleet.members))
+            scaler = Autoscaler(fleet, local_app, low, high, inputs.settings.scale_idle, say=say or print)
         with producer_metrics(inputs.settings, local_app) as metrics:
-            yield Crew(local_app, fleet, capacity, metrics)
+            yield Crew(local_app, fleet, capacity, metrics, scaler)
 
 
 @contextlib.contextmanager

@@ -67,7 +67,7 @@ class WatchLoop:
         model = self.inputs.model()
         pca = PCA(self.pca_params) if self.pca_params else None
         csv_path = self.inputs.csv
-        with locked(self.inputs.spec, csv_path), crew(self.inputs, app, self.workers) as team:
+        with locked(self.inputs.spec, csv_path), crew(self.inputs, app, self.workers, say=self.say) as team:
             team.ready()  # the checkpoint is good before any job is pinned to it
             if team.fleet is not None:
                 self.say(f"workers: {team.fleet.summary()}")
@@ -91,8 +91,7 @@ class WatchLoop:
                              f"{self.settle:g} s --settle asks); left for the next look")
                 return
             self.stopping.wait(self.poll)
-            if team.fleet is not None:
-                team.fleet.revive()  # a service replaces a dead worker even while nothing lands
+            team.tend()  # a service replaces a dead worker even while nothing lands (or lets idle ones go)
 
     def refresh(self, team: Crew, model: str | None, pca: PCA | None, embedded_rows: int) -> int:
         """Embed the rows past `embedded_rows` and append them to the outputs; the rows embedded after.

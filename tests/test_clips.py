@@ -346,3 +346,29 @@ def test_watch_takes_odd_names_and_inside_symlinks_and_refuses_what_a_service_mu
     added = [audio.file_examples(p) for p in (inbox / "added" / "yes" / 'a,b "c".wav', real.parent.parent / "added" / "yes" / "link.wav", inbox / "added" / "yes" / "real.wav")]
     new = np.concatenate(added)
     check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)]))
+
+
+def test_watch_autoscale_starts_a_local_worker_per_arrival_and_lets_it_go_between(sample, model_files, weights, expected, tmp_path, machine):
+    """`watch --autoscale 0:1`: no worker waits while nothing lands; the first look's job brings one
+    up, which leaves once idle; a recording landing later brings one back; outputs equal the reference."""
+    inbox, log = tmp_path / "inbox", tmp_path / "watch.log"
+    inbox.mkdir()
+    args = [sys.executable, "-m", "producer", "watch", str(inbox), "--label-from-folder", "--spec", str(sample["spec"]),
+            "--checkpoint", str(model_files["checkpoint"]), "--chunk-rows", "64", "--settle", "0.3", "--poll", "0.2",
+            "--autoscale", "0:1", "--scale-idle", "2"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**merged_env(None), "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for_log(proc, log, f"outputs refreshed: {SAMPLE_ROWS} rows", 1)
+        wait_for_log(proc, log, "left, idle (0 running)", 1)  # no process holds a device between arrivals
+        clip = write_wav(tmp_path / "made" / "later.wav", tone(1.0, 650))
+        new = audio.file_examples(clip)
+        (inbox / "yes").mkdir()
+        clip.rename(inbox / "yes" / "later.wav")
+        text = wait_for_log(proc, log, f"outputs refreshed: {SAMPLE_ROWS + 1} rows", 1)
+        assert text.count("starting local-") == 2, text  # one for the first look, one for the arrival
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert "Traceback" not in log.read_text()
+    check_outputs(sample["dir"], sample["csv"], np.concatenate([expected["relu"], vggish(weights, new, relu_embedding=True)]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -93,6 +94,23 @@ def test_a_batch_worker_embeds_what_is_queued_then_leaves_when_idle(sample, work
     assert "Traceback" not in workers.log("batch")
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports free on 127.0.0.1 now."""
+    import socket
+
+    from conftest import free_port
+
+    while True:
+        base = free_port()
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(base, base + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+
+
 def scrape(port: int) -> str | None:
     import urllib.error
     import urllib.request
@@ -165,14 +183,29 @@ def test_worker_up_autoscale_starts_workers_for_a_job_and_lets_them_go_when_idle
     import signal
     import subprocess
     import sys
+    import threading
 
     from conftest import STANDIN
 
     log = tmp_path / "up.log"
     env = {**os.environ, "PATH": f"{STANDIN}{os.pathsep}{os.environ['PATH']}", "VGGISH_ALLOW_CPU_FALLBACK": "1",
            "PYTHONUNBUFFERED": "1"}
+    base = free_ports(4)
     args = [sys.executable, "-m", "worker", "up", "--gpus", "all", "--autoscale", "0:2", "--scale-idle", "3",
-            "--broker", redis_url, "--checkpoint", str(model_files["checkpoint"]), "--data-root", str(sample["dir"])]
+            "--broker", redis_url, "--checkpoint", str(model_files["checkpoint"]), "--data-root", str(sample["dir"]),
+            "--metrics-port", str(base)]
+    rows: dict[int, float] = {}  # the rows each worker's /metrics said it embedded, last seen
+    stop = threading.Event()
+
+    def watch_metrics() -> None:
+        while not stop.is_set():
+            for port in range(base, base + 4):
+                text = scrape(port)
+                if text is not None:
+                    rows[port] = sample_value(text, "vggish_rows_embedded_total")
+            time.sleep(0.2)
+
+    threading.Thread(target=watch_metrics, daemon=True).start()
     with open(log, "wb") as out:
         up = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -187,7 +220,9 @@ def test_worker_up_autoscale_starts_workers_for_a_job_and_lets_them_go_when_idle
         assert len({device for _, _, device in started}) == len(started)  # never two on one device
         wait_for(lambda: log.read_text().count(" left, idle") == len(started), 60, "every worker to leave once idle")
         assert "exited with code" not in log.read_text() and "Traceback" not in log.read_text()
+        assert sum(rows.values()) == 200 and len(rows) == len(started), rows  # every row, in the /metrics of the workers started
     finally:
+        stop.set()
         up.send_signal(signal.SIGTERM)
         code = up.wait(60)
     assert code == 0, log.read_text()

@@ -211,7 +211,7 @@ def autoscale(fleet: Fleet, settings: Settings) -> int:
     import threading
 
     from vggish_pipeline.core import broker
-    from worker.autoscale import Autoscaler, scale_range
+    from vggish_pipeline.core.autoscale import Autoscaler, scale_range
 
     if not settings.scale_idle > 0:
         raise UsageError("--scale-idle must be a number of seconds above 0")

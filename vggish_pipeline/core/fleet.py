@@ -153,8 +153,7 @@ class Fleet:
         MAX_RESTARTS times in RESTART_WINDOW seconds: then raise WorkersDied with its own error."""
         if self.stopping:
             return
-        for revive_need in self.needs:
-            revive_need(out)
+        self.revive_needs(out)
         now = time.monotonic()
         for m in self.dead():
             m.deaths = [t for t in m.deaths if now - t < RESTART_WINDOW] + [now]
@@ -163,6 +162,11 @@ class Fleet:
                 raise WorkersDied(f"worker {m.name} died {len(m.deaths)} times in {RESTART_WINDOW / 60:g} minutes; it said: {said}")
             out.write(f"\nworker {m.name} exited with code {m.exit_code()} ({said}); starting it again\n")
             self.spawn(m, again=True)
+
+    def revive_needs(self, out=sys.stderr) -> None:
+        """Start again what the members need, if it died (a private Redis)."""
+        for revive_need in self.needs:
+            revive_need(out)
 
     def dead(self) -> list[Member]:
         return [m for m in self.members if m.proc is not None and m.proc.poll() is not None]

@@ -1,4 +1,4 @@
-"""`worker up --autoscale MIN:MAX`: workers that follow the broker's backlog on one machine.
+"""Workers that follow the broker's backlog on one machine: `worker up --autoscale MIN:MAX`, `producer watch --autoscale`.
 
 Every second it looks at the backlog (core.broker.backlog: queued chunks, and those delivered
 and not yet acknowledged) and the workers running. While the backlog is more than
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from vggish_pipeline.core.fleet import MAX_RESTARTS, RESTART_WINDOW, Fleet, Memb
 if TYPE_CHECKING:
     from celery import Celery
 
-log = logging.getLogger("worker")
+log = logging.getLogger(__name__)
 
 PER_WORKER = 2  # chunks of backlog a running worker is left with before another starts
 START_EVERY = 2.0  # seconds between two starts at most
@@ -55,6 +56,7 @@ class Autoscaler:
     last_start: float = float("-inf")
     base_args: dict[str, list[str]] = field(default_factory=dict)
     left: set[str] = field(default_factory=set)  # members whose exit was said
+    say: Callable[[str], None] = log.info  # where its one line per change goes
 
     def running(self) -> list[Member]:
         return [m for m in self.fleet.members if m.proc is not None and m.proc.poll() is None]
@@ -71,16 +73,16 @@ class Autoscaler:
                     if len(m.deaths) > MAX_RESTARTS:
                         raise WorkersDied(f"worker {m.name} died {len(m.deaths)} times in {RESTART_WINDOW / 60:g} minutes; "
                                           f"it said: {m.last_words()}")
-                    log.warning("autoscale: %s exited with code %s (%s)", m.name, code, m.last_words())
+                    self.say(f"autoscale: {m.name} exited with code {code} ({m.last_words()})")
                 else:
-                    log.info("autoscale: %s left, idle (%d running)", m.name, len(self.running()))
+                    self.say(f"autoscale: {m.name} left, idle ({len(self.running())} running)")
         running = self.running()
         if len(running) >= self.high or now - self.last_start < self.start_every:
             return
         try:
             waiting = broker.backlog(self.app).chunks
         except broker.outage_errors() as e:
-            log.warning("autoscale: cannot read the backlog (%s); looking again", e)
+            self.say(f"autoscale: cannot read the backlog ({e}); looking again")
             return
         if len(running) >= self.low and waiting <= self.per_worker * len(running):
             return
@@ -92,5 +94,5 @@ class Autoscaler:
         self.left.discard(member.name)
         self.fleet.spawn(member, again=member.proc is not None)
         self.last_start = now
-        log.info("autoscale: %d chunks waiting for %d workers: starting %s on %s%s", waiting, len(running), member.name,
-                 member.where(), f" (leaves after {self.idle:g} s idle)" if extra else "")
+        leaves = f" (leaves after {self.idle:g} s idle)" if extra else ""
+        self.say(f"autoscale: {waiting} chunks waiting for {len(running)} workers: starting {member.name} on {member.where()}{leaves}")
