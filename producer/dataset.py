@@ -33,9 +33,9 @@ def csv_header(path: Path) -> list[str]:
     return header
 
 
-def index_column(path: Path) -> int | None:
-    """0 when the CSV's first column is unnamed (an index pandas wrote, read back with index_col=0), else None."""
-    return 0 if csv_header(path)[0] == "" else None
+def index_column(header: list[str]) -> int | None:
+    """0 when a CSV's first column is unnamed (an index pandas wrote, read back with index_col=0), else None."""
+    return 0 if header[0] == "" else None
 
 
 def csv_reader(

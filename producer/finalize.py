@@ -200,7 +200,7 @@ def write_parquet(job: Job) -> Path:
     import pyarrow.parquet as pq
 
     out = Path(job.out_dir)
-    frame = pd.read_csv(job.csv, index_col=index_column(Path(job.csv)))
+    frame = pd.read_csv(job.csv, index_col=index_column(csv_header(Path(job.csv))))
     embedded = embeddings(out, job.rows)
     path = out / OUTPUT_PARQUET
     with atomic_write(path) as f:

@@ -49,15 +49,14 @@ class Written:
         return asdict(self)
 
 
+def mapped(source: Path | BinaryIO, rows: int, dtype: str | type = "<f8") -> np.ndarray:
+    """rows x 128 of `dtype`, memory-mapped read-only from a file (a path, or one held open)."""
+    return np.memmap(source, dtype=dtype, mode="r", shape=(rows, EMBEDDING_SIZE))
+
+
 def embeddings(out: Path, rows: int) -> np.ndarray:
     """N x 128 float64, memory-mapped read-only from wavfile_embed.dat."""
-    return np.memmap(out / OUTPUT_DAT, dtype="<f8", mode="r", shape=(rows, EMBEDDING_SIZE))
-
-
-def pca_codes(out: Path, rows: int) -> np.ndarray | None:
-    """N x 128 uint8 from wavfile_embed_pca.dat, if the job wrote one."""
-    path = out / OUTPUT_PCA
-    return np.memmap(path, dtype=np.uint8, mode="r", shape=(rows, EMBEDDING_SIZE)) if path.exists() else None
+    return mapped(out / OUTPUT_DAT, rows)
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -99,14 +98,15 @@ class Snapshot:
 
     def embeddings(self) -> np.ndarray:
         """N x 128 float64, memory-mapped read-only from this set's wavfile_embed.dat."""
-        if not self.rows:
+        if not self.rows:  # a file of no bytes cannot be mapped
             return np.zeros((0, EMBEDDING_SIZE))
-        return np.memmap(self.files[OUTPUT_DAT], dtype="<f8", mode="r", shape=(self.rows, EMBEDDING_SIZE))
+        return mapped(self.files[OUTPUT_DAT], self.rows)
 
     def pca_codes(self) -> np.ndarray | None:
+        """N x 128 uint8 from this set's wavfile_embed_pca.dat, if the job wrote one."""
         if OUTPUT_PCA not in self.files or not self.rows:
             return None
-        return np.memmap(self.files[OUTPUT_PCA], dtype=np.uint8, mode="r", shape=(self.rows, EMBEDDING_SIZE))
+        return mapped(self.files[OUTPUT_PCA], self.rows, np.uint8)
 
     def csv(self) -> BinaryIO:
         """This set's wavfile_embed.csv, as far as the manifest says it goes, from its start."""

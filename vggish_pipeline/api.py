@@ -74,9 +74,11 @@ class Result:
 
         import pandas as pd
 
+        from producer.dataset import index_column
+
         header = next(csv.reader(io.TextIOWrapper(self.snapshot.csv(), newline="")))
         inputs = [i for i, name in enumerate(header) if name not in outputs.EMBEDDING_COLUMNS]
-        frame = pd.read_csv(self.snapshot.csv(), usecols=inputs, index_col=0 if header[0] == "" else None)
+        frame = pd.read_csv(self.snapshot.csv(), usecols=inputs, index_col=index_column(header))
         embeddings = pd.DataFrame(np.asarray(self.embeddings), columns=outputs.EMBEDDING_COLUMNS, index=frame.index)
         return pd.concat([frame, embeddings], axis=1)
 
