@@ -15,7 +15,7 @@ from producer.run import DEFAULT_CSV
 from vggish_pipeline.core import package_version
 from vggish_pipeline.core.errors import EXIT_CODES, INTERRUPTED, SKIPPED, JobFailed, UsageError, as_pipeline_error
 from vggish_pipeline.core.message import DEFAULT_EMBEDDING, EMBEDDING_FORMS
-from vggish_pipeline.core.settings import CHECKPOINT_ENV, METRICS_ENV, Settings, add_tls_flags, variables_help
+from vggish_pipeline.core.settings import CHECKPOINT_ENV, METRICS_ENV, Settings, add_tls_flags, location_arg, variables_help
 
 if TYPE_CHECKING:
     from producer.clips import ClipOptions
@@ -38,13 +38,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def add_job_commands(sub) -> None:
     def job_inputs(p: argparse.ArgumentParser) -> None:
-        p.add_argument("spec", type=Path, help="spectrograms: raw float64, N x 96 x 64 (e.g. wavfile_spec.dat)")
-        p.add_argument("--csv", type=Path, help=f"the frame, one row per spectrogram (default: {DEFAULT_CSV} beside SPEC)")
-        p.add_argument("--out", type=Path, help="job folder for shards and outputs (default: SPEC's folder)")
+        p.add_argument("spec", type=location_arg, help="spectrograms: raw float64, N x 96 x 64 (e.g. wavfile_spec.dat)")
+        p.add_argument("--csv", type=location_arg, help=f"the frame, one row per spectrogram (default: {DEFAULT_CSV} beside SPEC)")
+        p.add_argument("--out", type=location_arg, help="job folder for shards and outputs (default: SPEC's folder)")
         p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: from job size and worker count)")
         p.add_argument("--embedding", choices=EMBEDDING_FORMS, default=DEFAULT_EMBEDDING,
                        help=f"128-d layer form (default {DEFAULT_EMBEDDING}, as the seed)")
-        p.add_argument("--checkpoint", type=Path, help=f"pin the job to this checkpoint (env {CHECKPOINT_ENV})")
+        p.add_argument("--checkpoint", type=location_arg, help=f"pin the job to this checkpoint (env {CHECKPOINT_ENV})")
 
     enqueue = sub.add_parser("enqueue", help="plan chunks and send one message per chunk that has no shard")
     job_inputs(enqueue)
@@ -57,7 +57,7 @@ def add_job_commands(sub) -> None:
     run.add_argument(
         "--workers", type=int, help="at most this many local workers (default: one per granted GPU or MIG slice; with none, 1 CPU worker)"
     )
-    run.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
+    run.add_argument("--pca-params", type=location_arg, help="also write wavfile_embed_pca.dat (uint8)")
     run.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the frame plus e0..e127)")
     run.add_argument("--broker", help="use this broker's workers instead of starting local ones (no environment fallback: "
                      "a VGGISH_BROKER_URL set for workers does not move a run off this machine)")
@@ -73,14 +73,14 @@ def add_metrics_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 def add_follow_commands(sub) -> None:
     wait = sub.add_parser("wait", help="block with a progress line until every chunk has a shard")
-    wait.add_argument("dir", type=Path, help="the job folder (holds job.json and shards/)")
+    wait.add_argument("dir", type=location_arg, help="the job folder (holds job.json and shards/)")
     wait.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL); lets wait re-send lost chunks")
     add_tls_flags(wait)
     wait.add_argument("--timeout", type=float, help="give up after this many seconds")
     add_metrics_flag(wait, "the job's progress, and with a broker the backlog and the live workers")
 
     status = sub.add_parser("status", help="rows and chunks done, failures, chunks per worker, live workers")
-    status.add_argument("dir", type=Path, help="the job folder")
+    status.add_argument("dir", type=location_arg, help="the job folder")
     status.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL); adds the live workers")
     add_tls_flags(status)
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
@@ -90,8 +90,8 @@ def add_follow_commands(sub) -> None:
     compact.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     finalize = sub.add_parser("finalize", help="merge the shards into wavfile_embed.csv / .dat")
-    finalize.add_argument("dir", type=Path, help="the job folder; every chunk must have its shard")
-    finalize.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
+    finalize.add_argument("dir", type=location_arg, help="the job folder; every chunk must have its shard")
+    finalize.add_argument("--pca-params", type=location_arg, help="also write wavfile_embed_pca.dat (uint8)")
     finalize.add_argument("--parquet", action="store_true", help="also write wavfile_embed.parquet (the frame plus e0..e127)")
     finalize.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
@@ -123,13 +123,13 @@ def add_clip_commands(sub) -> None:
     watch = sub.add_parser("watch", help="add recordings landing in INBOX, embed only the new rows, refresh outputs")
     watch.add_argument("inbox", type=Path, help="folder recordings land in (LABEL/clip.flac with --label-from-folder)")
     clip_options(watch)
-    watch.add_argument("--out", type=Path, help="job folder (default: SPEC's folder)")
+    watch.add_argument("--out", type=location_arg, help="job folder (default: SPEC's folder)")
     watch.add_argument("--compact-after", type=int, default=COMPACT_AFTER, metavar="N",
                        help=f"merge the small chunks refreshes leave once there are N (default {COMPACT_AFTER}; 0: never)")
     watch.add_argument("--chunk-rows", type=int, help="rows per chunk (default: from job size and worker count)")
     watch.add_argument("--embedding", choices=EMBEDDING_FORMS, default=DEFAULT_EMBEDDING,
                        help=f"128-d layer form (default {DEFAULT_EMBEDDING})")
-    watch.add_argument("--checkpoint", type=Path, help=f"checkpoint (env {CHECKPOINT_ENV})")
+    watch.add_argument("--checkpoint", type=location_arg, help=f"checkpoint (env {CHECKPOINT_ENV})")
     watch.add_argument("--broker", help="use this broker's workers (env VGGISH_BROKER_URL); default: start local ones")
     add_tls_flags(watch)
     add_metrics_flag(watch, "each refresh's progress, the backlog and the live workers; local workers on PORT+1…")
@@ -139,7 +139,7 @@ def add_clip_commands(sub) -> None:
     watch.add_argument("--scale-idle", type=float, metavar="SECONDS",
                        help="with --autoscale: seconds a worker waits for a chunk before it leaves (env VGGISH_SCALE_IDLE; default 120)")
     watch.add_argument("--workers", type=int, help="at most this many local workers when there is no broker (default: as for run)")
-    watch.add_argument("--pca-params", type=Path, help="also write wavfile_embed_pca.dat (uint8)")
+    watch.add_argument("--pca-params", type=location_arg, help="also write wavfile_embed_pca.dat (uint8)")
     watch.add_argument("--parquet", action="store_true", help="also keep wavfile_embed.parquet (rewritten whole on each refresh)")
     watch.add_argument("--settle", type=float, default=1.0, help="seconds a file must be unchanged before it is read")
     watch.add_argument("--poll", type=float, default=0.5, help="seconds between looks at INBOX")

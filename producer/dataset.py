@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -16,14 +15,15 @@ import xxhash
 from vggish_pipeline.core.errors import InputError
 from vggish_pipeline.core.job import Chunk
 from vggish_pipeline.core.spectrogram import NEW_DIGEST, RowReader, digest, first_bad_rows, row_count
+from vggish_pipeline.core.store import Location
 
 
-def csv_header(path: Path) -> list[str]:
+def csv_header(path: Location) -> list[str]:
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a CSV file")
-    with open(path, newline="") as f:
+    with path.open(newline="") as f:
         try:
             header = next(csv.reader(f), None)
         except (csv.Error, UnicodeDecodeError) as e:
@@ -39,14 +39,14 @@ def index_column(header: list[str]) -> int | None:
 
 
 def csv_reader(
-    source: Path | IO[bytes], block_size: int = 1 << 22, header: list[str] | None = None, skip_header: bool = True
+    source: Location | IO[bytes], block_size: int = 1 << 22, header: list[str] | None = None, skip_header: bool = True
 ) -> pacsv.CSVStreamingReader:
     """Stream the CSV with every column read as text, so its values are copied, never reinterpreted.
     `source` may be a file's lines after its header (`header` given, `skip_header=False`)."""
     names = [f"_{i}" for i in range(len(header or csv_header(source)))]  # type: ignore[arg-type]
     try:
         return pacsv.open_csv(
-            source,
+            source if isinstance(source, Path) or hasattr(source, "read") else source.open("rb"),  # a stored CSV: one stream
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if skip_header else 0, block_size=block_size),
             convert_options=pacsv.ConvertOptions(
                 column_types={n: pa.string() for n in names}, strings_can_be_null=False, quoted_strings_can_be_null=False
@@ -56,7 +56,7 @@ def csv_reader(
         raise InputError(f"{source}: not a readable CSV ({str(e).splitlines()[0]})") from e
 
 
-def csv_rows(path: Path) -> int:
+def csv_rows(path: Location) -> int:
     rows = 0
     try:
         for batch in csv_reader(path):
@@ -84,22 +84,22 @@ class Known:
     csv_hash: Any = None  # xxhash.xxh3_128, or None before the CSV was first read
     csv_stat: tuple[int, int, int] | None = None  # the CSV as last seen: (inode, size, mtime ns)
 
-    def as_left(self, csv_path: Path) -> bool:
+    def as_left(self, csv_path: Location) -> bool:
         """The CSV is as this writer last saw it."""
         return self.csv_stat is not None and self.csv_stat == stat_key(csv_path)
 
-    def wrote(self, csv_path: Path) -> None:
+    def wrote(self, csv_path: Location) -> None:
         """Note the CSV as this writer's own append left it."""
         self.csv_stat = stat_key(csv_path)
 
-    def csv_digest(self, csv_path: Path, size: int | None = None) -> tuple[int, Any]:
+    def csv_digest(self, csv_path: Location, size: int | None = None) -> tuple[int, Any]:
         """The CSV's first `size` bytes (default: all): their count and xxh3-128, reading only the
         bytes past those known (all of them when the known ones are more than `size`, or the CSV
         is not as this writer left it)."""
         done, h = 0, xxhash.xxh3_128()
         if self.csv_hash is not None and (size is None or self.csv_bytes <= size) and self.as_left(csv_path):
             done, h = self.csv_bytes, self.csv_hash.copy()
-        with open(csv_path, "rb") as f:
+        with csv_path.open("rb") as f:
             f.seek(done)
             while size is None or done < size:
                 block = f.read(min(1 << 22, size - done) if size is not None else 1 << 22)
@@ -109,17 +109,17 @@ class Known:
                 done += len(block)
         return done, h
 
-    def remember(self, csv_path: Path, csv_bytes: int, csv_hash: Any) -> None:
+    def remember(self, csv_path: Location, csv_bytes: int, csv_hash: Any) -> None:
         self.csv_bytes, self.csv_hash = csv_bytes, csv_hash.copy()
         self.wrote(csv_path)
 
 
-def stat_key(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_ino, st.st_size, st.st_mtime_ns
+def stat_key(path: Location) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, getattr(st, "st_mtime_ns", int(st.st_mtime * 1e9))
 
 
-def validate(spec: Path, csv_path: Path, known: Known | None = None) -> int:
+def validate(spec: Location, csv_path: Location, known: Known | None = None) -> int:
     """Row count of a matching .dat/CSV pair, or an InputError naming what does not match. With
     `known` rows, only the .dat's size is checked against them (the CSV is not read again)."""
     if journal_path(spec).exists():
@@ -144,7 +144,7 @@ def validate(spec: Path, csv_path: Path, known: Known | None = None) -> int:
 
 
 def scan(
-    spec: Path, bounds: list[tuple[int, int]], scheme: str = NEW_DIGEST, known: dict[tuple[int, int], str] | None = None
+    spec: Location, bounds: list[tuple[int, int]], scheme: str = NEW_DIGEST, known: dict[tuple[int, int], str] | None = None
 ) -> list[Chunk]:
     """Fingerprint the chunks with these (start, stop) bounds, and refuse NaN or Inf.
 

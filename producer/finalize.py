@@ -8,6 +8,10 @@ Beside them, `wavfile_embed.manifest.json` says what they hold: the chunks, mode
 form, PCA params and the input CSV bytes they were made from, and each file's size. When a job
 has only grown since (its earlier chunks and CSV bytes unchanged), `refresh` appends the new rows
 to the outputs in place (vggish_pipeline.core.files.append_together): O(new rows), whatever N is.
+
+A job folder on an object store cannot append: its outputs are written whole each time, into a
+local temp folder, then uploaded one object at a time with the manifest last (`publish`), so a
+reader that finds a manifest finds every object it names, at the sizes it names.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -28,6 +33,7 @@ import pyarrow.csv as pacsv
 
 from producer.dataset import Known, csv_header, csv_reader, index_column
 from producer.outputs import EMBEDDING_COLUMNS, MANIFEST, OUTPUT_PARQUET, Written, embeddings, output_paths
+from vggish_pipeline.core import store
 from vggish_pipeline.core.devices import usable_cores
 from vggish_pipeline.core.errors import InputError, JobFailed
 from vggish_pipeline.core.files import APPEND_JOURNAL, append_together, atomic_set, atomic_write, finish_set, settle_append
@@ -120,19 +126,24 @@ def warm_up() -> None:
     csv_lines(pa.record_batch([pa.array([""])], names=["_"]), np.zeros((1, EMBEDDING_SIZE)))
 
 
-def finalize(job: Job, pca: PCA | None = None, threads: int | None = None, known: Known | None = None) -> Written:
+def finalize(
+    job: Job, pca: PCA | None = None, threads: int | None = None, known: Known | None = None, out: Path | None = None
+) -> Written:
     """Write wavfile_embed.dat (N x 128 float64), wavfile_embed.csv (frame + e0..e127) and,
-    with PCA params, wavfile_embed_pca.dat (N x 128 uint8), and their manifest. Returns a summary.
+    with PCA params, wavfile_embed_pca.dat (N x 128 uint8), and their manifest, in the job's
+    folder (or `out`). Returns a summary. A job folder on a store: see `publish`.
 
     Formatting 13.5 M floats as text is most of the work, so blocks of CSV are formatted on
     `threads` threads (default: one per core; Arrow releases the GIL) and written in order;
     at most two blocks per thread wait in memory, whatever N is. `known`: see refresh.
     """
+    if out is None and store.remote(job.dir.path):
+        return publish(job, pca, threads=threads)
     began = time.perf_counter()
     check_complete(job)
-    out = Path(job.out_dir)
+    out = out or Path(job.out_dir)
     repair(out)
-    csv_path = Path(job.csv)
+    csv_path = store.location(job.csv)
     names = csv_header(csv_path)
     taker = RowTaker(shard_rows(job))
     threads = threads or usable_cores()
@@ -178,12 +189,31 @@ def manifest(job: Job, pca: PCA | None, sizes: dict[str, int], csv_bytes: int, c
     return json.dumps(record, separators=(",", ":")).encode()
 
 
+def publish(job: Job, pca: PCA | None = None, parquet: bool = False, threads: int | None = None) -> Written:
+    """The outputs of a job whose folder is on a store: finalized whole into a local temp folder,
+    then uploaded, the data objects first and the manifest last (a PUT is atomic: the commit point).
+    Its `sizes` then name each object's size, so a reader can tell a set being replaced."""
+    began = time.perf_counter()
+    check_complete(job)  # before anything is staged
+    with tempfile.TemporaryDirectory(prefix="vggish-outputs-") as staging:
+        local = Path(staging)
+        written = finalize(job, pca, threads, out=local)
+        files = [Path(p) for p in written.outputs] + ([write_parquet(job, local)] if parquet else [])
+        for file in files:  # one at a time, each with its parts in parallel: bounded memory
+            store.upload(file, job.dir.path / file.name)
+        store.upload(local / MANIFEST, job.dir.path / MANIFEST)
+    return Written(job.rows, [str(job.dir.path / f.name) for f in files], appended=False, seconds=round(time.perf_counter() - began, 3))
+
+
 def refresh(job: Job, pca: PCA | None = None, parquet: bool = False, known: Known | None = None) -> Written:
     """The outputs for the job as it is now: new rows appended in place when the job only grew
     since the outputs were made (see the module's doc), else a full finalize. With `parquet`,
     also wavfile_embed.parquet, written whole each time (a Parquet file cannot grow in place).
     `known`: the input CSV's digest so far, kept by the pair's one writer (a watch), so that only
-    the bytes it appended since are read; without it the whole CSV is read to check it."""
+    the bytes it appended since are read; without it the whole CSV is read to check it.
+    On a store, the outputs are written whole every time (`publish`)."""
+    if store.remote(job.dir.path):
+        return publish(job, pca, parquet)
     repair(Path(job.out_dir))
     known = known or Known()
     written = extend(job, pca, known) or finalize(job, pca, known=known)
@@ -192,15 +222,18 @@ def refresh(job: Job, pca: PCA | None = None, parquet: bool = False, known: Know
     return written
 
 
-def write_parquet(job: Job) -> Path:
+def write_parquet(job: Job, out: Path | None = None) -> Path:
     """wavfile_embed.parquet: the frame's columns as pandas reads the CSV (its unnamed index column
     as the index), then e0..e127 from wavfile_embed.dat, in row groups; replaced whole, atomically.
-    `pd.read_parquet` gives the frame that `pd.read_csv(..., index_col=0)` gives of the output CSV."""
+    `pd.read_parquet` gives the frame that `pd.read_csv(..., index_col=0)` gives of the output CSV.
+    In the job's folder, or in `out` (a publish's staging)."""
     import pandas as pd
     import pyarrow.parquet as pq
 
-    out = Path(job.out_dir)
-    frame = pd.read_csv(job.csv, index_col=index_column(csv_header(Path(job.csv))))
+    out = out or Path(job.out_dir)
+    csv_path = store.location(job.csv)
+    with csv_path.open("rb") as f:
+        frame = pd.read_csv(f, index_col=index_column(csv_header(csv_path)))
     embedded = embeddings(out, job.rows)
     path = out / OUTPUT_PARQUET
     with atomic_write(path) as f:

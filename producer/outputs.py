@@ -21,6 +21,7 @@ import numpy as np
 from vggish_pipeline.core.errors import InputError
 from vggish_pipeline.core.files import SET_JOURNAL
 from vggish_pipeline.core.shard import EMBEDDING_SIZE
+from vggish_pipeline.core.store import Location
 
 OUTPUT_DAT = "wavfile_embed.dat"
 OUTPUT_CSV = "wavfile_embed.csv"
@@ -59,7 +60,7 @@ def embeddings(out: Path, rows: int) -> np.ndarray:
     return mapped(out / OUTPUT_DAT, rows)
 
 
-def read_manifest(out: Path) -> dict | None:
+def read_manifest(out: Location) -> dict | None:
     """What the outputs hold, from their manifest (written whole, so never half of one); None
     without outputs or with an unreadable manifest (a finalize writes it again)."""
     try:

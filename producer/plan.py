@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from producer.dataset import Known, scan, validate
 from producer.outputs import Written
-from vggish_pipeline.core.errors import InputError
+from vggish_pipeline.core import store
 from vggish_pipeline.core.job import Chunk, Job
 from vggish_pipeline.core.message import DEFAULT_EMBEDDING, QUEUE, TASK_NAME
 from vggish_pipeline.core.spectrogram import NEW_DIGEST
+from vggish_pipeline.core.store import Location
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -53,19 +51,6 @@ class Capacity:
 
     def chunk_rows(self, rows: int) -> int:
         return default_chunk_rows(rows, self.workers, self.rows_per_s)
-
-
-def check_writable(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: is a file, expected an output folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{out_dir}: cannot create output folder ({e.strerror})") from e
-    try:
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise InputError(f"{out_dir}: output folder is not writable ({e.strerror})") from e
 
 
 @dataclass
@@ -128,9 +113,9 @@ class Plan:
 
 
 def plan_job(
-    spec: Path,
-    csv_path: Path,
-    out_dir: Path,
+    spec: Location,
+    csv_path: Location,
+    out_dir: Location,
     *,
     embedding: str = DEFAULT_EMBEDDING,
     chunk_rows: int | None = None,
@@ -150,9 +135,9 @@ def plan_job(
     `before_writing` runs after the inputs are checked and scanned and before anything is written
     (e.g. to wait until the model is known good).
     """
-    spec, csv_path, out_dir = (Path(os.path.realpath(p)) for p in (spec, csv_path, out_dir))
+    spec, csv_path, out_dir = (store.resolved(p) for p in (spec, csv_path, out_dir))
     rows = validate(spec, csv_path, known)
-    check_writable(out_dir)
+    store.check_writable(out_dir)
     old = Job.load_if_any(out_dir)
     if chunk_rows is None:
         chunk_rows = old.chunk_rows if old else (capacity or Capacity()).chunk_rows(rows)
@@ -182,7 +167,7 @@ def plan_job(
     return Plan(job, to_embed, reused, dropped, jobdir.pinned_model())
 
 
-def cut(old: Job | None, spec: Path, rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+def cut(old: Job | None, spec: Location, rows: int, chunk_rows: int) -> list[tuple[int, int]]:
     """Chunk bounds: the earlier plan's chunks that still lie within the rows, then the rows past
     them in chunks of their own. So rows appended to a source never reopen a chunk that has its
     shard: a refresh after k new rows embeds exactly those k rows."""
@@ -193,7 +178,7 @@ def cut(old: Job | None, spec: Path, rows: int, chunk_rows: int) -> list[tuple[i
     return kept + [(a, min(a + chunk_rows, rows)) for a in range(start, rows, chunk_rows)]
 
 
-def known_digests(old: Job | None, spec: Path, chunk_rows: int, unchanged_rows: int) -> dict[tuple[int, int], str]:
+def known_digests(old: Job | None, spec: Location, chunk_rows: int, unchanged_rows: int) -> dict[tuple[int, int], str]:
     if old is None or old.source != str(spec) or old.chunk_rows != chunk_rows:
         return {}
     return {(c.start, c.stop): c.digest for c in old.chunks if c.stop <= unchanged_rows}

@@ -7,7 +7,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 from producer.outputs import read_manifest
@@ -16,6 +15,7 @@ from vggish_pipeline.core.job import Failure, Job
 from vggish_pipeline.core.message import Throughput
 from vggish_pipeline.core.metrics import ProducerMetrics
 from vggish_pipeline.core.shard import read_meta
+from vggish_pipeline.core.store import Location
 
 
 @dataclass
@@ -53,11 +53,11 @@ def job_status(job: Job, per_worker: bool = False) -> Status:
             share.rows += chunk.rows
             share.seconds += meta.seconds
     status.workers = dict(workers)
-    status.outputs_rows = outputs_rows(Path(job.out_dir))
+    status.outputs_rows = outputs_rows(job.dir.path)
     return status
 
 
-def outputs_rows(out: Path) -> int | None:
+def outputs_rows(out: Location) -> int | None:
     """The rows the outputs' manifest names: the last complete set's, even mid-append."""
     held = read_manifest(out)
     return held.get("rows") if held is not None else None

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vggish_pipeline.core import store
 from vggish_pipeline.core.errors import UsageError, redact
-from vggish_pipeline.core.identity import checkpoint_files, fingerprint, model_id
+from vggish_pipeline.core.identity import checkpoint_files, fingerprint, local_checkpoint, model_id
 from vggish_pipeline.core.message import DEFAULT_EMBEDDING
 from vggish_pipeline.core.settings import CHECKPOINT_ENV, Settings
+from vggish_pipeline.core.store import Location, location
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -34,12 +36,12 @@ DEFAULT_CSV = "wavfile_df.csv"
 class JobInputs:
     """What a run embeds and where: the spectrograms, their frame, the job folder, the model."""
 
-    spec: Path
-    csv: Path
-    out: Path
+    spec: Location
+    csv: Location
+    out: Location
     embedding: str = DEFAULT_EMBEDDING
     chunk_rows: int | None = None
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # on this machine: one on a store is fetched into the cache
     settings: Settings = field(default_factory=Settings)
 
     @classmethod
@@ -54,19 +56,20 @@ class JobInputs:
         settings: Settings | None = None,
     ) -> JobInputs:
         """With the defaults: the CSV beside SPEC, the job folder SPEC's, the checkpoint from the
-        settings (VGGISH_CHECKPOINT) unless one is given."""
+        settings (VGGISH_CHECKPOINT) unless one is given. Each may be a path or a URL (core.store)."""
         settings = settings or Settings.from_env()
         from vggish_pipeline.core.message import EMBEDDING_FORMS
 
-        spec = Path(spec)
+        spec = location(spec)
         if chunk_rows is not None and chunk_rows < 1:
             raise UsageError("--chunk-rows must be at least 1")
         if embedding not in EMBEDDING_FORMS:
             raise UsageError(f"embedding must be one of {', '.join(EMBEDDING_FORMS)}, not {embedding!r}")
-        settings = settings.given(checkpoint=Path(checkpoint) if checkpoint else None)
+        settings = settings.given(checkpoint=location(checkpoint) if checkpoint else None)
+        fetched = local_checkpoint(settings.checkpoint, settings.cache_dir) if settings.checkpoint else None
         return cls(
-            spec, Path(csv) if csv else spec.parent / DEFAULT_CSV, Path(out) if out else spec.parent, embedding, chunk_rows,
-            settings.checkpoint, settings,
+            spec, location(csv) if csv else spec.parent / DEFAULT_CSV, location(out) if out else spec.parent, embedding, chunk_rows,
+            fetched, settings,
         )
 
     def required_checkpoint(self) -> Path:
@@ -82,9 +85,9 @@ class JobInputs:
             return None
         return model_id(fingerprint(self.checkpoint, self.settings.cache_dir), self.settings.tf32)
 
-    def data_roots(self) -> list[Path]:
-        """Folders local workers may read and write: the spectrograms' and the job's."""
-        return sorted({Path(os.path.realpath(self.spec.parent)), Path(os.path.realpath(self.out))})
+    def data_roots(self) -> list[Location]:
+        """Folders (or prefixes) local workers may read and write: the spectrograms' and the job's."""
+        return sorted({store.resolved(self.spec.parent), store.resolved(self.out)}, key=str)
 
     def plan(
         self, capacity: Capacity, model: str | None, *, unchanged_rows: int = 0, known: Known | None = None,
@@ -161,7 +164,7 @@ def crew(
     a private Redis and one worker per granted GPU (at most `workers`; with none, CPU workers),
     which end with the block however it ends (Ctrl-C included). With the settings' autoscale
     (MIN:MAX), the local workers start and leave as the backlog asks (core.autoscale), saying so to `say`."""
-    from producer.plan import Capacity, check_writable
+    from producer.plan import Capacity
 
     if app is not None:  # a broker's workers are scaled where they run (worker up --autoscale): its setting is theirs
         from vggish_pipeline.core import broker
@@ -174,9 +177,9 @@ def crew(
 
     check_workers(workers)  # usage first, then the files
     ckpt = inputs.required_checkpoint()
-    check_writable(inputs.out)  # it takes the workers' logs
+    store.check_writable(inputs.out)
     scaled = inputs.settings.autoscale
-    with local_workers(ckpt, workers, inputs.data_roots(), inputs.out / "logs", inputs.settings, start=not scaled) as (local_app, fleet):
+    with local_workers(ckpt, workers, inputs.data_roots(), worker_logs(inputs), inputs.settings, start=not scaled) as (local_app, fleet):
         capacity = Capacity.of([m.where() for m in fleet.members], [])
         scaler = None
         if scaled:
@@ -186,6 +189,11 @@ def crew(
             scaler = Autoscaler(fleet, local_app, low, high, inputs.settings.scale_idle, say=say or print)
         with producer_metrics(inputs.settings, local_app) as metrics:
             yield Crew(local_app, fleet, capacity, metrics, scaler)
+
+
+def worker_logs(inputs: JobInputs) -> Path:
+    """Where local workers' logs go: the job folder's logs/, or the cache's logs/ for a job on a store."""
+    return inputs.settings.cache_dir / "logs" if store.remote(inputs.out) else inputs.out / "logs"
 
 
 @contextlib.contextmanager

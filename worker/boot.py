@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from vggish_pipeline.core import store
 from vggish_pipeline.core.errors import PipelineError, UsageError
+from vggish_pipeline.core.identity import local_checkpoint
 from vggish_pipeline.core.settings import CHECKPOINT_ENV, CPU_FALLBACK_ENV, Settings
+from vggish_pipeline.core.store import Location
 
 if TYPE_CHECKING:
     from vggish_pipeline.core.devices import Device
@@ -38,10 +41,15 @@ class StartOptions:
             raise UsageError("--chunks-in-flight must be at least 1")
 
 
-def data_roots(settings: Settings) -> list[Path]:
+def data_roots(settings: Settings) -> list[Location]:
+    """The folders and bucket prefixes this worker may read and write, each checked at start: a
+    folder it can see, a prefix it can write (a missing bucket, wrong credentials, a denied prefix
+    or an unreachable store is one line)."""
     roots = list(settings.data_roots) or [Path.cwd()]
     for root in roots:
-        if not root.is_dir():
+        if store.remote(root):
+            store.check_writable(root)
+        elif not root.is_dir():
             raise PipelineError(f"data root {root} is not a folder this worker can see (shared storage mounted?)")
     return roots
 
@@ -100,7 +108,7 @@ def start(options: StartOptions, settings: Settings) -> NoReturn:
     roots = data_roots(settings)
     device, name = pin(options, settings)
     loading = time.perf_counter()
-    model = load_model(settings.checkpoint, device, options, settings)
+    model = load_model(local_checkpoint(settings.checkpoint, settings.cache_dir), device, options, settings)
     from worker.chunk import GPU_IN_FLIGHT, ChunkRunner, serve
 
     app = broker.make_app(url, settings)

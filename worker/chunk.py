@@ -17,13 +17,15 @@ from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 from celery.worker.request import Request
 
-from vggish_pipeline.core.errors import ChunkRefused, InputError, PipelineError
+from vggish_pipeline.core import store
+from vggish_pipeline.core.errors import ChunkRefused, InputError
 from vggish_pipeline.core.job import Failure, JobDir
 from vggish_pipeline.core.message import INFO_COMMAND, QUEUE, TASK_NAME, ChunkMessage, MessageError, WorkerInfo
 from vggish_pipeline.core.metrics import WorkerMetrics
 from vggish_pipeline.core.settings import VISIBILITY_DEFAULT
 from vggish_pipeline.core.shard import ShardMeta, write_shard
 from vggish_pipeline.core.spectrogram import RowReader, digest
+from vggish_pipeline.core.store import Location
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,14 @@ class HandedBack(Exception):
     """The worker is stopping and this chunk has not reached the model: it goes back to the queue."""
 
 
-def inside(path: str, roots: list[Path]) -> Path:
-    """`path` with symlinks and `..` resolved, if that lies under one of `roots`; else refuse."""
-    real = Path(os.path.realpath(path))
-    if not any(real.is_relative_to(root) for root in roots):
+def inside(path: str, roots: list[Location]) -> Location:
+    """`path` (a local path with symlinks and `..` resolved, or a URL) if it lies under one of
+    `roots` (folders, or a bucket and prefix); else refuse."""
+    try:
+        real = store.resolved(store.location(path))
+    except InputError as e:
+        raise ChunkRefused(str(e)) from e
+    if not any(store.within(real, root) for root in roots):
         raise ChunkRefused(f"path {path!r} lies outside the data roots {[str(r) for r in roots]}")
     return real
 
@@ -68,14 +74,14 @@ class ChunkRunner:
     """
 
     def __init__(
-        self, model: Model, roots: list[Path], worker: str, pinned: str | None = None, stopping: Callable[[], bool] = lambda: False,
+        self, model: Model, roots: list[Location], worker: str, pinned: str | None = None, stopping: Callable[[], bool] = lambda: False,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         """`stopping` says whether the worker is on its way out: a chunk not yet in the model is then handed back.
         `metrics`, if given, counts each chunk's outcome."""
         self.model = model
         self.metrics = metrics
-        self.roots = [Path(os.path.realpath(r)) for r in roots]
+        self.roots = [store.resolved(r) for r in roots]
         self.worker = worker
         self.stopping = stopping
         self.stats = WorkerInfo(device=model.device, pinned=pinned, model=model.fingerprint)
@@ -102,13 +108,17 @@ class ChunkRunner:
             raise ChunkRefused(f"{msg.out_dir} is not a job folder (no job.json)")
         return jobdir
 
-    def read(self, source: Path, msg: ChunkMessage) -> np.ndarray:
-        """The chunk's rows, in this thread's buffer, refused unless they are the rows enqueued."""
+    def read(self, source: Location, msg: ChunkMessage) -> np.ndarray:
+        """The chunk's rows, in this thread's buffer, refused unless they are the rows enqueued.
+        On a store, only a missing or denied object is a refusal: any other error (a link down
+        after s3fs's retries) is retried as the task's error is."""
         reader = getattr(self._readers, "reader", None) or RowReader()
         self._readers.reader = reader
         try:
             rows = reader.read(source, msg.start, msg.stop, self.model.padded_rows(msg.stop - msg.start))
         except (InputError, OSError) as e:
+            if store.remote(source) and not isinstance(e, (InputError, FileNotFoundError, PermissionError)):
+                raise
             raise ChunkRefused(str(e)) from e
         if digest(rows[: msg.stop - msg.start], msg.digest_scheme) != msg.digest:
             raise ChunkRefused(
@@ -198,7 +208,7 @@ class ChunkRunner:
             return
         try:
             jobdir.record_failure(Failure(msg.start, msg.stop, reason, self.worker))
-        except (OSError, PipelineError) as e:
+        except Exception as e:  # noqa: BLE001 - a disk's or a store's refusal: the producer gives up after re-sends
             log.error("could not record the failure of rows %d-%d in %s: %s", msg.start, msg.stop, jobdir.failed, e)
 
 

@@ -25,6 +25,7 @@ from vggish_pipeline.core.settings import (
     SCALE_IDLE_ENV,
     Settings,
     add_tls_flags,
+    location_arg,
     variables_help,
 )
 from worker.model import DEFAULT_BATCH
@@ -57,7 +58,7 @@ def add_start(sub) -> None:
     start = sub.add_parser("start", help="run one worker process on one device")
     start.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
     add_tls_flags(start)
-    start.add_argument("--checkpoint", type=Path, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
+    start.add_argument("--checkpoint", type=location_arg, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
     device = start.add_mutually_exclusive_group()
     device.add_argument(
         "--gpu",
@@ -72,7 +73,7 @@ def add_start(sub) -> None:
     start.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"rows per session.run (default {DEFAULT_BATCH})")
     start.add_argument(
         "--data-root",
-        type=Path,
+        type=location_arg,
         action="append",
         help=f"folder the worker may read and write under; repeatable (env {DATA_ROOTS_ENV}, "
         "separated by ':'; default: the current folder)",
@@ -106,10 +107,10 @@ def add_up(sub) -> None:
     which.add_argument("--cpus", type=int, metavar="N", help="N CPU workers splitting this machine's cores")
     up.add_argument("--broker", help="broker URL (env VGGISH_BROKER_URL)")
     add_tls_flags(up)
-    up.add_argument("--checkpoint", type=Path, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
+    up.add_argument("--checkpoint", type=location_arg, help=f"VGGish checkpoint (env {CHECKPOINT_ENV})")
     up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="as for `worker start`")
     up.add_argument("--tf32", action="store_true", help="as for `worker start`")
-    up.add_argument("--data-root", type=Path, action="append", help="as for `worker start`")
+    up.add_argument("--data-root", type=location_arg, action="append", help="as for `worker start`")
     up.add_argument("--autoscale", metavar="MIN:MAX",
                     help=f"start workers on these devices as the broker's backlog asks, at most MAX, and let idle ones go, "
                          f"keeping MIN (0: none while nothing is queued) (env {AUTOSCALE_ENV})")

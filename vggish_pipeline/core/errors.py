@@ -89,7 +89,7 @@ def as_pipeline_error(e: Exception) -> PipelineError | None:
         return e
     if isinstance(e, OSError):
         return PipelineError(os_error_line(e))
-    return broker_failure(e)
+    return broker_failure(e) or store_failure(e)
 
 
 def os_error_line(e: OSError) -> str:
@@ -101,6 +101,17 @@ def os_error_line(e: OSError) -> str:
 def redact(url: str) -> str:
     """The URL with any password replaced, for logs and status output."""
     return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+STORE_CLIENTS = ("botocore", "aiobotocore", "s3fs", "fsspec", "aiohttp", "gcsfs", "adlfs")
+
+
+def store_failure(e: Exception) -> PipelineError | None:
+    """An error raised by an object store's client (an endpoint out of reach, a refused request)
+    as one line; None for any other. The clients never put a credential in their messages."""
+    if type(e).__module__.split(".")[0] not in STORE_CLIENTS:
+        return None
+    return PipelineError(f"object store: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 def broker_failure(e: Exception) -> BrokerError | None:

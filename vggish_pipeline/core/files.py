@@ -217,15 +217,11 @@ def write_json(path: Path, obj: object) -> None:
         json.dump(obj, f, indent=1, sort_keys=True)
 
 
-def create_json(path: Path, obj: object) -> bool:
-    """Write `obj` to `path` only if no file is there yet; True if this call created it."""
-    fd, tmp = temp_beside(path)  # a name of its own: a worker's chunk threads may pin a job at once
+def create_bytes(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` (durably) only if no file is there yet; True if this call created it."""
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, sort_keys=True))
-        os.link(tmp, path)
-        return True
+        with atomic_write(path, exclusive=True) as f:
+            f.write(data)
     except FileExistsError:
         return False
-    finally:
-        os.unlink(tmp)
+    return True

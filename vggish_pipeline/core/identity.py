@@ -9,8 +9,10 @@ import json
 import os
 from pathlib import Path
 
+from vggish_pipeline.core import store
 from vggish_pipeline.core.errors import CheckpointError
-from vggish_pipeline.core.files import write_json
+from vggish_pipeline.core.files import atomic_write, write_json
+from vggish_pipeline.core.store import Location
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -25,6 +27,38 @@ def checkpoint_files(path: Path) -> list[Path]:
     if index.is_file():
         return [index, *sorted(path.parent.glob(path.name + ".data-*"))]
     raise CheckpointError(f"{path}: no such checkpoint")
+
+
+def local_checkpoint(loc: Location, cache_dir: Path) -> Path:
+    """The checkpoint on this machine: a local one as it is; one on a store (its V1 file, or its
+    .index and .data-* objects) copied into the cache once, and again only when an object's ETag
+    or size changes. A missing or unreadable one is one CheckpointError line."""
+    if not store.remote(loc):
+        return loc
+    prefix = loc.with_suffix("") if loc.suffix == ".index" else loc
+    try:
+        present = store.names(prefix.parent)
+        wanted = [prefix.name] if prefix.name in present else sorted(
+            n for n in present if n == prefix.name + ".index" or n.startswith(prefix.name + ".data-"))
+        if not any(n == prefix.name or n.endswith(".index") for n in wanted):
+            raise CheckpointError(f"{loc}: no such checkpoint")
+        folder = cache_dir / "checkpoints" / hashlib.sha256(str(prefix.parent).encode()).hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in wanted:
+            remote, local, tag = prefix.parent / name, folder / name, folder / f".{name}.etag"
+            info = remote.fs.info(remote.path)
+            key = f"{info.get('ETag')}:{info['size']}"
+            if local.exists() and tag.exists() and tag.read_text() == key:
+                continue
+            with atomic_write(local) as f, remote.open("rb", block_size=store.PART_BYTES) as src:
+                while block := src.read(store.PART_BYTES):
+                    f.write(block)
+            tag.write_text(key)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the store's refusal, one line
+        raise CheckpointError(str(store.failure(loc, e))) from e
+    return folder / prefix.name
 
 
 def checkpoint_prefix(path: Path) -> Path:

@@ -1,20 +1,21 @@
 """The job: its record (job.json: which rows of which file, cut into which chunks, embedded in
 which form), and the folder that producer, workers and finalizer share: job.json, model.json
-(the model it is pinned to), shards/, failed/. The disk is the job's source of truth."""
+(the model it is pinned to), shards/, failed/. The folder (local, or a prefix on an object store:
+core.store) is the job's source of truth."""
 
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from vggish_pipeline.core import store
 from vggish_pipeline.core.errors import InputError
-from vggish_pipeline.core.files import create_json, write_json
 from vggish_pipeline.core.message import ChunkMessage
 from vggish_pipeline.core.shard import shard_name
 from vggish_pipeline.core.spectrogram import OLD_DIGEST
+from vggish_pipeline.core.store import Location
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Failure:
     worker: str
 
     @classmethod
-    def read(cls, path: Path) -> Failure | None:
+    def read(cls, path: Location) -> Failure | None:
         """The record at `path`; None for one that is unreadable or not a failure record."""
         try:
             record = json.loads(path.read_text())
@@ -53,10 +54,14 @@ class Failure:
             return None
 
 
-class JobDir:
-    """Where each piece of a job's state lives on disk; the disk is the job's source of truth."""
+def as_json(obj: object) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
 
-    def __init__(self, path: Path) -> None:
+
+class JobDir:
+    """Where each piece of a job's state lives in its folder (local, or a prefix on a store), the job's source of truth."""
+
+    def __init__(self, path: Location) -> None:
         self.path = path
         self.job_file = path / JOB_FILE
         self.model_file = path / MODEL_FILE
@@ -64,10 +69,12 @@ class JobDir:
         self.failed = path / "failed"
 
     def ensure(self) -> None:
-        self.shards.mkdir(parents=True, exist_ok=True)
-        self.failed.mkdir(exist_ok=True)
+        """Make the folders (a store has none: a key's prefix is its folder)."""
+        if not store.remote(self.path):
+            self.shards.mkdir(parents=True, exist_ok=True)
+            self.failed.mkdir(exist_ok=True)
 
-    def shard_path(self, start: int, stop: int, digest: str, embedding: str) -> Path:
+    def shard_path(self, start: int, stop: int, digest: str, embedding: str) -> Location:
         return self.shards / shard_name(start, stop, digest, embedding)
 
     def pinned_model(self) -> str | None:
@@ -78,7 +85,7 @@ class JobDir:
 
     def pin_model(self, fingerprint: str) -> str:
         """Pin the job to a model unless one is pinned already; return the job's model."""
-        create_json(self.model_file, {"fingerprint": fingerprint})
+        store.create(self.model_file, json.dumps({"fingerprint": fingerprint}, sort_keys=True).encode())
         return self.pinned_model() or fingerprint
 
     def repin_model(self, fingerprint: str) -> bool:
@@ -88,20 +95,21 @@ class JobDir:
             return False
         dropped = False
         if old is not None:
-            for shard in self.shards.glob("*.npz"):
-                shard.unlink()
-                dropped = True
-        write_json(self.model_file, {"fingerprint": fingerprint})
+            for name in store.names(self.shards):
+                if name.endswith(".npz"):
+                    store.remove(self.shards / name)
+                    dropped = True
+        store.write(self.model_file, as_json({"fingerprint": fingerprint}))
         return dropped
 
-    def _failure_path(self, start: int, stop: int) -> Path:
+    def _failure_path(self, start: int, stop: int) -> Location:
         return self.failed / f"{start:012d}-{stop:012d}.json"
 
     def record_failure(self, failure: Failure) -> None:
-        write_json(self._failure_path(failure.start, failure.stop), asdict(failure))
+        store.write(self._failure_path(failure.start, failure.stop), as_json(asdict(failure)))
 
     def clear_failure(self, start: int, stop: int) -> None:
-        self._failure_path(start, stop).unlink(missing_ok=True)
+        store.remove(self._failure_path(start, stop))
 
     def plans(self, msg: ChunkMessage) -> bool:
         """Whether job.json plans exactly this chunk: only then may a refusal count as its failure
@@ -116,9 +124,8 @@ class JobDir:
         )
 
     def failures(self) -> list[Failure]:
-        if not self.failed.is_dir():
-            return []
-        return [f for f in map(Failure.read, sorted(self.failed.glob("*.json"))) if f is not None]
+        records = sorted(name for name in store.names(self.failed) if name.endswith(".json"))
+        return [f for f in (Failure.read(self.failed / name) for name in records) if f is not None]
 
 
 @dataclass
@@ -135,12 +142,12 @@ class Job:
 
     @property
     def dir(self) -> JobDir:
-        return JobDir(Path(self.out_dir))
+        return JobDir(store.location(self.out_dir))
 
     def shard_name(self, chunk: Chunk) -> str:
         return shard_name(chunk.start, chunk.stop, chunk.digest, self.embedding)
 
-    def shard_path(self, chunk: Chunk) -> Path:
+    def shard_path(self, chunk: Chunk) -> Location:
         return self.dir.shards / self.shard_name(chunk)
 
     def message(self, chunk: Chunk) -> ChunkMessage:
@@ -150,11 +157,8 @@ class Job:
 
     def shard_names(self) -> set[str]:
         """The shards in the job's folder now, by name: one listing, however many chunks (a stat each
-        was most of a watch's refresh at 1,000,000 rows)."""
-        try:
-            return set(os.listdir(self.dir.shards))
-        except (FileNotFoundError, NotADirectoryError):  # no shards (yet, or a file in their place): none done
-            return set()
+        was most of a watch's refresh at 1,000,000 rows). None yet, or a file in their place: none done."""
+        return store.names(self.dir.shards)
 
     def done(self, chunk: Chunk, present: set[str]) -> bool:
         """Whether `chunk` has its shard among `present` (from shard_names)."""
@@ -164,7 +168,7 @@ class Job:
         """Remove the shards of chunks this plan does not cut (an earlier plan's, a crash's leftovers)."""
         for name in self.shard_names() - {self.shard_name(c) for c in self.chunks}:
             if name.endswith(".npz"):  # not a shard being written (.tmp)
-                (self.dir.shards / name).unlink(missing_ok=True)
+                store.remove(self.dir.shards / name)
 
     def missing(self) -> list[Chunk]:
         """Chunks that have no shard yet."""
@@ -180,10 +184,10 @@ class Job:
     def save(self) -> None:
         record = asdict(self)
         record["chunks"] = [[c.start, c.stop, c.digest] for c in self.chunks]
-        write_json(self.dir.job_file, record)
+        store.write(self.dir.job_file, as_json(record))
 
     @classmethod
-    def read(cls, path: Path) -> Job:
+    def read(cls, path: Location) -> Job:
         """The record in job.json at `path`, as written."""
         try:
             record = json.loads(path.read_text())
@@ -195,23 +199,25 @@ class Job:
             raise InputError(f"{path}: corrupt job record ({type(e).__name__}: {e})") from e
 
     @classmethod
-    def load(cls, out_dir: Path) -> Job:
+    def load(cls, out_dir: Location) -> Job:
         """The job whose folder is `out_dir` (see found_at). Reads only: nothing is written."""
-        if not out_dir.is_dir():
+        if not store.remote(out_dir) and not out_dir.is_dir():
             raise InputError(f"{out_dir}: no such job folder")
         return cls.read(JobDir(out_dir).job_file).found_at(out_dir)
 
-    def found_at(self, out_dir: Path) -> Job:
+    def found_at(self, out_dir: Location) -> Job:
         """The job as found in `out_dir`: a folder moved, renamed or copied since job.json was written
-        is this job's folder now, and inputs that were inside the old one are inside this one."""
-        here, then = Path(os.path.realpath(out_dir)), Path(self.out_dir)
-        if here == then:
+        is this job's folder now, and inputs that were inside the old one are inside this one.
+        (A job on a store is where it was planned: objects are not moved.)"""
+        here = store.resolved(out_dir)
+        if str(here) == self.out_dir or store.remote(here) or store.is_url(self.out_dir):
             return self
+        then = Path(self.out_dir)
         inside = lambda p: str(here / Path(p).relative_to(then)) if Path(p).is_relative_to(then) else p  # noqa: E731
         return replace(self, out_dir=str(here), source=inside(self.source), csv=inside(self.csv))
 
     @classmethod
-    def load_if_any(cls, out_dir: Path) -> Job | None:
+    def load_if_any(cls, out_dir: Location) -> Job | None:
         """The job planned in `out_dir` before, or None if none was."""
         return cls.load(out_dir) if JobDir(out_dir).job_file.exists() else None
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 
+from vggish_pipeline.core import store
 from vggish_pipeline.core.errors import CheckpointError
 from vggish_pipeline.core.shard import EMBEDDING_SIZE
 
@@ -19,11 +19,11 @@ QUANTIZE_MAX = 2.0
 class PCA:
     """PCA params in the official vggish_pca_params.npz layout."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: store.Location) -> None:
         if path.is_dir():
             raise CheckpointError(f"{path}: is a directory, expected vggish_pca_params.npz")
         try:
-            with np.load(path, allow_pickle=False) as params:
+            with np.load(store.opened(path), allow_pickle=False) as params:
                 self.matrix = params[PCA_EIGEN_VECTORS]
                 self.means = params[PCA_MEANS].reshape(-1, 1)
         except FileNotFoundError:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vggish_pipeline.core.errors import UsageError
+from vggish_pipeline.core.errors import InputError, UsageError
+from vggish_pipeline.core.store import Location, location, roots
 
 BROKER_ENV = "VGGISH_BROKER_URL"
 PASSWORD_FILE_ENV = "VGGISH_BROKER_PASSWORD_FILE"
@@ -48,8 +49,9 @@ VARIABLES = {
     CA_ENV: "CA file that signed a rediss:// broker's certificate (flag --broker-ca; default: the system's CAs)",
     CERT_ENV: "client certificate, for a TLS broker that asks for one (flag --broker-cert)",
     KEY_ENV: "the client certificate's key (flag --broker-key)",
-    CHECKPOINT_ENV: "VGGish checkpoint (flag --checkpoint)",
-    DATA_ROOTS_ENV: "folders a worker may read and write, separated by ':' (flag --data-root; default: the current folder)",
+    CHECKPOINT_ENV: "VGGish checkpoint, a path or a URL (flag --checkpoint)",
+    DATA_ROOTS_ENV: "folders or bucket prefixes (s3://bucket/jobs) a worker may read and write, separated by ':' "
+                    "(flag --data-root; default: the current folder)",
     NAME_ENV: "a worker's name, e.g. gpu0@host (flag --name)",
     TF32_ENV: "1 lets workers compute in TF32 on Ampere and newer GPUs (flag --tf32; default 0)",
     CACHE_ENV: "what a machine keeps between starts: checkpoint digests and the fast V2 copy (default ~/.cache/vggish-pipeline)",
@@ -116,8 +118,8 @@ class Settings:
     broker_ca: Path | None = None
     broker_cert: Path | None = None
     broker_key: Path | None = None
-    checkpoint: Path | None = None
-    data_roots: tuple[Path, ...] = ()
+    checkpoint: Location | None = None
+    data_roots: tuple[Location, ...] = ()
     worker_name: str | None = None
     tf32: bool = False
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "vggish-pipeline")
@@ -141,8 +143,8 @@ class Settings:
             broker_ca=Path(env[CA_ENV]) if env.get(CA_ENV) else None,
             broker_cert=Path(env[CERT_ENV]) if env.get(CERT_ENV) else None,
             broker_key=Path(env[KEY_ENV]) if env.get(KEY_ENV) else None,
-            checkpoint=Path(env[CHECKPOINT_ENV]) if env.get(CHECKPOINT_ENV) else None,
-            data_roots=tuple(Path(p) for p in env.get(DATA_ROOTS_ENV, "").split(os.pathsep) if p),
+            checkpoint=location(env[CHECKPOINT_ENV]) if env.get(CHECKPOINT_ENV) else None,
+            data_roots=tuple(roots(env.get(DATA_ROOTS_ENV, ""))),
             worker_name=env.get(NAME_ENV) or None,
             tf32=flag(env, TF32_ENV),
             cache_dir=Path(cache),
@@ -174,6 +176,14 @@ class Settings:
         """The TLS files as environment, for worker processes started from here."""
         named = ((CA_ENV, self.broker_ca), (CERT_ENV, self.broker_cert), (KEY_ENV, self.broker_key))
         return {name: str(path) for name, path in named if path is not None}
+
+
+def location_arg(text: str) -> Location:
+    """A flag's path or URL (argparse's type=): a refused URL is a usage error."""
+    try:
+        return location(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def add_tls_flags(parser: argparse.ArgumentParser) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import xxhash
 
 from vggish_pipeline.core.errors import InputError
+from vggish_pipeline.core.store import Location, read_into
 
 FRAMES = 96
 BANDS = 64
@@ -18,7 +18,7 @@ ROW_BYTES = ROW_VALUES * 8
 DTYPE = np.dtype("<f8")
 
 
-def row_count(path: Path) -> int:
+def row_count(path: Location) -> int:
     """Number of examples in a .dat file, refusing anything that is not a whole number of them."""
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -49,23 +49,16 @@ class RowReader:
     def __init__(self) -> None:
         self._buffer = aligned_empty(0)
 
-    def read(self, path: Path, start: int, stop: int, padded: int = 0) -> np.ndarray:
-        """Rows [start, stop) as float64, shape (stop-start, 96, 64), reading only those bytes; with
-        `padded`, that many rows, zeros after the file's: a model's batch, 64-byte aligned."""
+    def read(self, path: Location, start: int, stop: int, padded: int = 0) -> np.ndarray:
+        """Rows [start, stop) as float64, shape (stop-start, 96, 64), reading only those bytes (on
+        a store, ranged GETs: core.store.read_into); with `padded`, that many rows, zeros after
+        the file's: a model's batch, 64-byte aligned."""
         count = stop - start
         total = max(count, padded)
         if len(self._buffer) < total:
             self._buffer = aligned_empty(total)
         data = self._buffer[:count].reshape(-1)
-        with open(path, "rb", buffering=0) as f:
-            f.seek(start * ROW_BYTES)
-            got = f.readinto(data.data.cast("B"))
-            while got and got < data.nbytes:  # a short read is allowed; only the end of the file stops it
-                more = f.readinto(data.data.cast("B")[got:])
-                if not more:
-                    break
-                got += more
-        if got != data.nbytes:
+        if read_into(path, start * ROW_BYTES, data.data.cast("B")) != data.nbytes:
             raise InputError(f"{path}: rows {start}-{stop} lie past the end of the file (was it truncated?)")
         self._buffer[count:total] = 0
         return self._buffer[:total]

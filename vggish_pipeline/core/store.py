@@ -1,0 +1,200 @@
+"""Where the pipeline's files are: a local path, or an object-store URL (s3://bucket/prefix/...).
+
+A location is a `Path` (local) or a `UPath` (fsspec's, for a URL): both join with `/` and read
+with read_bytes/open/stat, so code that only reads takes either. What differs, writes that must
+never be torn, written once, or listed fresh, is here. fsspec picks the back end by the URL's
+scheme (s3fs for s3://; gcs or azure where their package is installed). S3 credentials and the
+endpoint come as the AWS tools take them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and
+its config files, AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 for an S3-compatible store): never a
+flag, and never in a message, since a location is only a bucket and a key.
+
+On a store, a PUT is atomic (a reader sees the old object or the whole new one); a shard is
+written once by a conditional PUT (If-None-Match: *), which a store without it refuses, so the
+pipeline never silently overwrites one (README, "A bucket instead of a shared folder").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import secrets
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Union
+
+from vggish_pipeline.core.errors import InputError, PipelineError
+from vggish_pipeline.core.files import atomic_write, create_bytes
+
+if TYPE_CHECKING:
+    from upath import UPath
+
+Location = Union[Path, "UPath"]
+
+PART_BYTES = 8 << 20  # a ranged read is split into parts this size, fetched at once (a 1,024-row chunk: 7 parts)
+PARALLEL_PARTS = 8
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class StoreError(PipelineError):
+    """The object store refused or could not be reached: no bucket, wrong credentials, a denied prefix."""
+
+
+def is_url(value: str | os.PathLike) -> bool:
+    """A URL other than file://, which fsspec reads (a plain path is local)."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    return bool(URL.match(text)) and not text.startswith("file://")
+
+
+def location(value: str | os.PathLike) -> Location:
+    """`value` as a location: a UPath for a URL (its listings never cached: workers add shards
+    while this process looks), else a Path."""
+    if isinstance(value, Path) or not is_url(value):
+        return Path(value)
+    from upath import UPath
+
+    text = str(value)
+    if any(part in (".", "..") for part in text.split("://", 1)[1].split("/")):
+        raise InputError(f"{text}: a URL with '.' or '..' in its path is refused")
+    return UPath(text.rstrip("/"), use_listings_cache=False)
+
+
+def roots(text: str) -> list[Location]:
+    """Locations separated by ':' (as PATH is), a URL's own '://' kept: "/data:s3://bucket/jobs"."""
+    return [location(part) for part in re.split(r":(?!//)", text) if part]
+
+
+def opened(loc: Location) -> Location | IO[bytes]:
+    """What a reader of a whole small file (np.load of a shard, PCA params) takes: a local path, or the object fetched in one GET."""
+    return io.BytesIO(loc.read_bytes()) if remote(loc) else loc
+
+
+def remote(loc: Location) -> bool:
+    return not isinstance(loc, Path)
+
+
+def resolved(loc: Location) -> Location:
+    """A local path with symlinks and '..' resolved; a URL as it is (location() refused '..')."""
+    return Path(os.path.realpath(loc)) if isinstance(loc, Path) else loc
+
+
+def within(loc: Location, root: Location) -> bool:
+    """Whether resolved `loc` is `root` or lies under it: a folder, or a bucket and prefix."""
+    if isinstance(loc, Path) or isinstance(root, Path):
+        return isinstance(loc, Path) and isinstance(root, Path) and loc.is_relative_to(root)
+    here, top = str(loc), str(root)
+    return here == top or here.startswith(top + "/")
+
+
+def names(folder: Location) -> set[str]:
+    """The names in `folder` now: one listing (on a store, never a cached one); none if it is not there."""
+    try:
+        if isinstance(folder, Path):
+            return set(os.listdir(folder))
+        return {entry.rstrip("/").rsplit("/", 1)[-1] for entry in folder.fs.ls(folder.path, detail=False, refresh=True)}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def read_into(loc: Location, offset: int, buffer: memoryview) -> int:
+    """Read bytes [offset, offset + len(buffer)) of `loc` into `buffer`, and no others: on a store,
+    ranged GETs of at most PART_BYTES, up to PARALLEL_PARTS at once (s3fs retries a transient error).
+    Returns how many bytes there were (fewer at the end of the file)."""
+    size = len(buffer)
+    if isinstance(loc, Path):
+        with open(loc, "rb", buffering=0) as f:
+            f.seek(offset)
+            got = 0
+            while got < size:  # a short read is allowed; only the end of the file stops it
+                more = f.readinto(buffer[got:])
+                if not more:
+                    break
+                got += more
+        return got
+    starts = list(range(0, size, PART_BYTES))
+    ends = [min(s + PART_BYTES, size) for s in starts]
+    parts = loc.fs.cat_ranges([loc.path] * len(starts), [offset + s for s in starts], [offset + e for e in ends],
+                              max_gap=None, batch_size=PARALLEL_PARTS, on_error="raise")
+    got = 0
+    for start, part in zip(starts, parts, strict=True):
+        buffer[start : start + len(part)] = part
+        got += len(part)
+        if len(part) < PART_BYTES and start + len(part) < size:
+            break
+    return got
+
+
+def write(loc: Location, data: bytes) -> None:
+    """Replace `loc` whole: a reader sees the old file or the new one."""
+    if isinstance(loc, Path):
+        with atomic_write(loc) as f:
+            f.write(data)
+    else:
+        loc.fs.pipe_file(loc.path, data)
+
+
+def create(loc: Location, data: bytes) -> bool:
+    """Write `loc` only if nothing is there yet, not even something written meanwhile; True if
+    this call created it. On a store, a conditional PUT: the store decides, so two workers racing
+    for one shard cannot both win."""
+    if isinstance(loc, Path):
+        return create_bytes(loc, data)
+    try:
+        loc.fs.pipe_file(loc.path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
+def remove(loc: Location) -> None:
+    """Remove `loc`; nothing if it is gone already."""
+    with contextlib.suppress(FileNotFoundError):
+        if isinstance(loc, Path):
+            loc.unlink()
+        else:
+            loc.fs.rm_file(loc.path)
+
+
+def check_writable(folder: Location) -> None:
+    """Refuse, in one line and before anything is written, a folder or prefix this process cannot write."""
+    if isinstance(folder, Path):
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder}: is a file, expected an output folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{folder}: cannot create output folder ({e.strerror})") from e
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise InputError(f"{folder}: output folder is not writable ({e.strerror})") from e
+        return
+    probe = folder / f".write-probe-{secrets.token_hex(6)}"
+    try:
+        write(probe, b"")
+        remove(probe)
+    except Exception as e:  # noqa: BLE001 - any refusal of the store is this one line
+        raise failure(folder, e) from e
+
+
+def failure(loc: Location, e: BaseException) -> PipelineError:
+    """A store's refusal as one line naming the location (never a credential: the message is the store's reason)."""
+    if isinstance(e, PipelineError):
+        return e
+    reasons = {FileNotFoundError: "no such bucket or key", PermissionError: "access denied (credentials or the bucket's policy)"}
+    reason = reasons.get(type(e))
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return StoreError(f"{loc}: {reason + ' - ' if reason else ''}{detail}")
+
+
+def upload(local: Path, loc: Location, threads: int = PARALLEL_PARTS) -> None:
+    """Copy a local file to `loc` (multipart for a large one, parts in parallel): the object appears whole, at the end."""
+    loc.fs.put_file(str(local), loc.path, max_concurrency=threads)
+
+
+def in_parallel(calls: list, threads: int = PARALLEL_PARTS) -> list:
+    """Run the no-argument callables on a few threads (a store answers each request after a round trip); results in order."""
+    with ThreadPoolExecutor(max(1, min(threads, len(calls)))) as pool:
+        return list(pool.map(lambda call: call(), calls))
