@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from producer.compact import COMPACT_AFTER
 from producer.run import DEFAULT_CSV
-from vggish_pipeline.core import package_version
+from vggish_pipeline.core import package_version, store
 from vggish_pipeline.core.errors import EXIT_CODES, INTERRUPTED, SKIPPED, JobFailed, UsageError, as_pipeline_error
 from vggish_pipeline.core.message import DEFAULT_EMBEDDING, EMBEDDING_FORMS
 from vggish_pipeline.core.settings import CHECKPOINT_ENV, METRICS_ENV, Settings, add_tls_flags, location_arg, variables_help
@@ -86,7 +86,7 @@ def add_follow_commands(sub) -> None:
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
 
     compact = sub.add_parser("compact", help="merge runs of small chunks (a watch's) into chunks of the job's size, re-embedding nothing")
-    compact.add_argument("dir", type=Path, help="the job folder; its outputs stay byte for byte as they are")
+    compact.add_argument("dir", type=location_arg, help="the job folder; its outputs stay byte for byte as they are")
     compact.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     finalize = sub.add_parser("finalize", help="merge the shards into wavfile_embed.csv / .dat")
@@ -295,7 +295,7 @@ def clip_options(args: argparse.Namespace) -> ClipOptions:
 def cmd_add_clips(args: argparse.Namespace, settings: Settings) -> int:
     from producer.clips import add_files, locked, roll_back
 
-    spec, csv_path = args.spec, inputs(args, settings).csv
+    spec, csv_path = args.spec, store.local(inputs(args, settings).csv, "add-clips (it appends)")
     if not args.recordings:
         with locked(spec, csv_path):
             repaired = roll_back(spec, csv_path)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from producer.outputs import MANIFEST, read_manifest
+from vggish_pipeline.core import store
 from vggish_pipeline.core.errors import InputError
 from vggish_pipeline.core.files import atomic_write
 from vggish_pipeline.core.job import Job
@@ -44,12 +45,15 @@ class Compacted:
         return {"chunks_before": self.chunks_before, "chunks_after": self.chunks_after, "merged_rows": self.merged_rows}
 
 
-def compact_job(out_dir: Path) -> Compacted:
+REWRITES = "compact (it rewrites the outputs' manifest in place)"
+
+
+def compact_job(out_dir: store.Location) -> Compacted:
     """`producer compact DIR`: compact the job in DIR, holding its input's lock, so that no watch or
     add-clips writes while it runs (one that holds it makes this a one-line error)."""
     from producer.clips import locked
 
-    job = Job.load(out_dir)
+    job = Job.load(store.local(out_dir, REWRITES))
     spec, csv_path = Path(job.source), Path(job.csv)
     for path in (spec, csv_path):
         if not path.exists():
@@ -71,7 +75,7 @@ def compact(job: Job) -> Compacted:
     from producer.dataset import scan  # Arrow: not for `producer --help`
     from producer.finalize import repair
 
-    out = Path(job.out_dir)
+    out = store.local(store.location(job.out_dir), REWRITES)
     repair(out)
     missing = job.missing()
     if missing:

@@ -122,7 +122,7 @@ def stat_key(path: Location) -> tuple[int, int, int]:
 def validate(spec: Location, csv_path: Location, known: Known | None = None) -> int:
     """Row count of a matching .dat/CSV pair, or an InputError naming what does not match. With
     `known` rows, only the .dat's size is checked against them (the CSV is not read again)."""
-    if journal_path(spec).exists():
+    if isinstance(spec, Path) and journal_path(spec).exists():  # add-clips appends only to a local pair
         raise InputError(
             f"{spec}: an add-clips is appending to it, or was cut off mid-append; if none runs, "
             f"`producer add-clips --spec {spec} --csv {csv_path}` with no files rolls it back"

@@ -194,15 +194,17 @@ def publish(job: Job, pca: PCA | None = None, parquet: bool = False, threads: in
     then uploaded, the data objects first and the manifest last (a PUT is atomic: the commit point).
     Its `sizes` then name each object's size, so a reader can tell a set being replaced."""
     began = time.perf_counter()
+    target = job.dir.path
+    assert store.remote(target) and not isinstance(target, Path)
     check_complete(job)  # before anything is staged
     with tempfile.TemporaryDirectory(prefix="vggish-outputs-") as staging:
         local = Path(staging)
         written = finalize(job, pca, threads, out=local)
         files = [Path(p) for p in written.outputs] + ([write_parquet(job, local)] if parquet else [])
         for file in files:  # one at a time, each with its parts in parallel: bounded memory
-            store.upload(file, job.dir.path / file.name)
-        store.upload(local / MANIFEST, job.dir.path / MANIFEST)
-    return Written(job.rows, [str(job.dir.path / f.name) for f in files], appended=False, seconds=round(time.perf_counter() - began, 3))
+            store.upload(file, target / file.name)
+        store.upload(local / MANIFEST, target / MANIFEST)
+    return Written(job.rows, [str(target / f.name) for f in files], appended=False, seconds=round(time.perf_counter() - began, 3))
 
 
 def refresh(job: Job, pca: PCA | None = None, parquet: bool = False, known: Known | None = None) -> Written:

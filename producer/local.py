@@ -22,6 +22,7 @@ from vggish_pipeline.core.devices import discover
 from vggish_pipeline.core.errors import BrokerError
 from vggish_pipeline.core.fleet import MAX_RESTARTS, RESTART_WINDOW, Fleet, exit_with_parent
 from vggish_pipeline.core.settings import Settings
+from vggish_pipeline.core.store import Location
 
 CPU_WORKERS = 1  # with no GPU: one worker using every core was fastest (BENCHMARKS.md: 1 vs 2 workers)
 
@@ -121,7 +122,7 @@ def local_fleet(workers: int | None, common: list[str], log_dir: Path, nvidia_sm
 
 @contextlib.contextmanager
 def local_workers(
-    checkpoint: Path, workers: int | None, roots: list[Path], log_dir: Path, settings: Settings, start: bool = True
+    checkpoint: Path, workers: int | None, roots: list[Location], log_dir: Path, settings: Settings, start: bool = True
 ) -> Iterator[tuple[Celery, Fleet]]:
     """A private Redis and warm worker processes (see `local_fleet`) for one command; without
     `start`, the workers are planned and left for an autoscaler to start."""

@@ -60,7 +60,7 @@ class JobInputs:
         settings = settings or Settings.from_env()
         from vggish_pipeline.core.message import EMBEDDING_FORMS
 
-        spec = location(spec)
+        source = location(spec)
         if chunk_rows is not None and chunk_rows < 1:
             raise UsageError("--chunk-rows must be at least 1")
         if embedding not in EMBEDDING_FORMS:
@@ -68,7 +68,7 @@ class JobInputs:
         settings = settings.given(checkpoint=location(checkpoint) if checkpoint else None)
         fetched = local_checkpoint(settings.checkpoint, settings.cache_dir) if settings.checkpoint else None
         return cls(
-            spec, location(csv) if csv else spec.parent / DEFAULT_CSV, location(out) if out else spec.parent, embedding, chunk_rows,
+            source, location(csv) if csv else source.parent / DEFAULT_CSV, location(out) if out else source.parent, embedding, chunk_rows,
             fetched, settings,
         )
 
@@ -193,7 +193,7 @@ def crew(
 
 def worker_logs(inputs: JobInputs) -> Path:
     """Where local workers' logs go: the job folder's logs/, or the cache's logs/ for a job on a store."""
-    return inputs.settings.cache_dir / "logs" if store.remote(inputs.out) else inputs.out / "logs"
+    return inputs.out / "logs" if isinstance(inputs.out, Path) else inputs.settings.cache_dir / "logs"
 
 
 @contextlib.contextmanager

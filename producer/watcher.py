@@ -16,6 +16,7 @@ from producer.compact import COMPACT_AFTER, compact, small_chunks
 from producer.dataset import Known
 from producer.inbox import Inbox
 from producer.run import Crew, JobInputs, check_workers
+from vggish_pipeline.core import store
 from vggish_pipeline.core.errors import InputError, PipelineError, UsageError, WorkersDied
 
 if TYPE_CHECKING:
@@ -45,6 +46,10 @@ class WatchLoop:
         self.out.write(line + "\n")
         self.out.flush()
 
+    def pair(self) -> tuple[Path, Path]:
+        """The .dat and CSV the watch appends to: local files (an object cannot grow); its job folder may be on a store."""
+        return store.local(self.inputs.spec, "watch (it appends)"), store.local(self.inputs.csv, "watch (it appends)")
+
     def stop(self) -> None:
         """Ask a running watch to stop after the step it is in (from another thread, e.g. a notebook cell)."""
         self.stopping.set()
@@ -66,8 +71,8 @@ class WatchLoop:
         app = broker.optional_app(self.inputs.settings)
         model = self.inputs.model()
         pca = PCA(self.pca_params) if self.pca_params else None
-        csv_path = self.inputs.csv
-        with locked(self.inputs.spec, csv_path), crew(self.inputs, app, self.workers, say=self.say) as team:
+        spec, csv_path = self.pair()
+        with locked(spec, csv_path), crew(self.inputs, app, self.workers, say=self.say) as team:
             team.ready()  # the checkpoint is good before any job is pinned to it
             if team.fleet is not None:
                 self.say(f"workers: {team.fleet.summary()}")
@@ -115,7 +120,8 @@ class WatchLoop:
             f"outputs refreshed: {planned.job.rows} rows ({summary.enqueued_rows} embedded, "
             f"{summary.reused_rows} reused) in {time.monotonic() - began:.1f} s"
         )
-        if self.compact_after and small_chunks(planned.job) >= self.compact_after:
+        on_store = store.remote(planned.job.dir.path)  # compaction rewrites a local manifest in place: not on a store
+        if self.compact_after and not on_store and small_chunks(planned.job) >= self.compact_after:
             try:
                 done = compact(planned.job)
             except PipelineError as e:
@@ -142,8 +148,8 @@ class WatchLoop:
                 clips.append(Clip(path, inbox.file_name(path), label, valid))
         if not clips:
             return 0
-        csv_path = self.inputs.csv
-        results = append_clips(self.inputs.spec, csv_path, clips, self.clips, names, partial=True, known=self.known)
+        spec, csv_path = self.pair()
+        results = append_clips(spec, csv_path, clips, self.clips, names, partial=True, known=self.known)
         for r in results:
             if r.duplicate:
                 r.error = f"a clip named {r.clip.file_name} is already in {csv_path}; rename the file to add it"

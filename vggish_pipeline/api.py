@@ -15,6 +15,7 @@ import numpy as np
 from producer import outputs
 from producer.compact import COMPACT_AFTER
 from producer.run import JobInputs, run
+from vggish_pipeline.core import store
 from vggish_pipeline.core.errors import as_pipeline_error
 from vggish_pipeline.core.message import DEFAULT_EMBEDDING
 from vggish_pipeline.core.settings import Settings
@@ -93,9 +94,10 @@ class Result:
 
 
 @own_errors
-def result(out_dir: PathLike) -> Result:
-    """The outputs in `out_dir` as one complete set, safe to read while a watch appends to them."""
-    return Result(outputs.snapshot(Path(out_dir)))
+def result(out_dir: PathLike | store.Location) -> Result:
+    """The outputs in `out_dir` as one complete set, safe to read while a watch appends to them.
+    They are mapped in place, so a job folder on a store is refused: fetch its outputs first."""
+    return Result(outputs.snapshot(store.local(store.location(out_dir), "result (it maps the outputs in place)")))
 
 
 @own_errors
@@ -152,7 +154,8 @@ def add_clips(
     paths = [Path(r) for r in (recordings if isinstance(recordings, list) else [recordings])]
     inputs = JobInputs.of(spec, csv)
     options = ClipOptions(label, label_from_folder, valid, pad, rows_per_file, Path(valid_list) if valid_list else None)
-    return add_files(inputs.spec, inputs.csv, paths, options, bad_files=Path(bad_files) if bad_files else None, jobs=jobs)
+    spec, csv_path = (store.local(p, "add_clips (it appends)") for p in (inputs.spec, inputs.csv))
+    return add_files(spec, csv_path, paths, options, bad_files=Path(bad_files) if bad_files else None, jobs=jobs)
 
 
 @own_errors

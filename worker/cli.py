@@ -254,9 +254,11 @@ def down(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from vggish_pipeline.core.identity import local_checkpoint
     from worker.doctor import examine
 
-    return examine(settings, settings.checkpoint, lambda line: print(line, flush=True))
+    checkpoint = local_checkpoint(settings.checkpoint, settings.cache_dir) if settings.checkpoint else None
+    return examine(settings, checkpoint, lambda line: print(line, flush=True))
 
 
 def make_checkpoint(args: argparse.Namespace, settings: Settings) -> int:

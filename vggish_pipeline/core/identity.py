@@ -33,7 +33,7 @@ def local_checkpoint(loc: Location, cache_dir: Path) -> Path:
     """The checkpoint on this machine: a local one as it is; one on a store (its V1 file, or its
     .index and .data-* objects) copied into the cache once, and again only when an object's ETag
     or size changes. A missing or unreadable one is one CheckpointError line."""
-    if not store.remote(loc):
+    if isinstance(loc, Path):
         return loc
     prefix = loc.with_suffix("") if loc.suffix == ".index" else loc
     try:
@@ -50,9 +50,9 @@ def local_checkpoint(loc: Location, cache_dir: Path) -> Path:
             key = f"{info.get('ETag')}:{info['size']}"
             if local.exists() and tag.exists() and tag.read_text() == key:
                 continue
-            with atomic_write(local) as f, remote.open("rb", block_size=store.PART_BYTES) as src:
-                while block := src.read(store.PART_BYTES):
-                    f.write(block)
+            with atomic_write(local) as f:
+                for start in range(0, info["size"], store.PART_BYTES):
+                    f.write(remote.fs.cat_file(remote.path, start=start, end=min(start + store.PART_BYTES, info["size"])))
             tag.write_text(key)
     except CheckpointError:
         raise

@@ -48,9 +48,11 @@ def is_url(value: str | os.PathLike) -> bool:
     return bool(URL.match(text)) and not text.startswith("file://")
 
 
-def location(value: str | os.PathLike) -> Location:
+def location(value: str | os.PathLike | Location) -> Location:
     """`value` as a location: a UPath for a URL (its listings never cached: workers add shards
-    while this process looks), else a Path."""
+    while this process looks), else a Path. A location is returned as it is."""
+    if not isinstance(value, str | os.PathLike):
+        return value
     if isinstance(value, Path) or not is_url(value):
         return Path(value)
     from upath import UPath
@@ -66,13 +68,20 @@ def roots(text: str) -> list[Location]:
     return [location(part) for part in re.split(r":(?!//)", text) if part]
 
 
-def opened(loc: Location) -> Location | IO[bytes]:
+def opened(loc: Location) -> Path | IO[bytes]:
     """What a reader of a whole small file (np.load of a shard, PCA params) takes: a local path, or the object fetched in one GET."""
-    return io.BytesIO(loc.read_bytes()) if remote(loc) else loc
+    return loc if isinstance(loc, Path) else io.BytesIO(loc.read_bytes())
 
 
 def remote(loc: Location) -> bool:
     return not isinstance(loc, Path)
+
+
+def local(loc: Location, why: str) -> Path:
+    """`loc` as a local path; a URL is one line saying what needs a local file."""
+    if isinstance(loc, Path):
+        return loc
+    raise InputError(f"{loc}: {why} needs a local path, not a URL")
 
 
 def resolved(loc: Location) -> Location:
@@ -183,13 +192,14 @@ def failure(loc: Location, e: BaseException) -> PipelineError:
     """A store's refusal as one line naming the location (never a credential: the message is the store's reason)."""
     if isinstance(e, PipelineError):
         return e
-    reasons = {FileNotFoundError: "no such bucket or key", PermissionError: "access denied (credentials or the bucket's policy)"}
+    reasons: dict[type, str] = {FileNotFoundError: "no such bucket or key",
+                                PermissionError: "access denied (credentials or the bucket's policy)"}
     reason = reasons.get(type(e))
     detail = str(e).splitlines()[0] if str(e) else type(e).__name__
     return StoreError(f"{loc}: {reason + ' - ' if reason else ''}{detail}")
 
 
-def upload(local: Path, loc: Location, threads: int = PARALLEL_PARTS) -> None:
+def upload(local: Path, loc: UPath, threads: int = PARALLEL_PARTS) -> None:
     """Copy a local file to `loc` (multipart for a large one, parts in parallel): the object appears whole, at the end."""
     loc.fs.put_file(str(local), loc.path, max_concurrency=threads)
 
