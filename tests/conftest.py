@@ -265,3 +265,22 @@ def workers(tmp_path, redis_url, model_files):
     pool.stop_all()
 
 
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a loopback port, credentials enforced (tests/store.py)."""
+    from store import moto_server
+
+    with moto_server("127.0.0.1", free_port()) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch):
+    """A fresh bucket; this process and every process it starts reach it as the AWS tools would (the environment)."""
+    from store import Bucket
+
+    for name, value in s3_server["env"].items():
+        monkeypatch.setenv(name, value)
+    return Bucket(s3_server["env"])

@@ -1,0 +1,159 @@
+"""A job on an object store: inputs, checkpoint, job folder and outputs in a bucket of a real
+S3-compatible server (moto's, credentials enforced), with real workers and TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+from conftest import cli
+from outputs import check_outputs
+from store import DENIED
+
+CHUNK = 50
+
+
+def stored_inputs(bucket, sample: dict, model_files: dict, prefix: str = "in") -> dict[str, str]:
+    return {
+        "spec": bucket.put(sample["spec"], f"{prefix}/wavfile_spec.dat"),
+        "csv": bucket.put(sample["csv"], f"{prefix}/wavfile_df.csv"),
+        "checkpoint": bucket.put(model_files["checkpoint"], "model/vggish_untrained.ckpt"),
+        "pca": bucket.put(model_files["pca"], "model/vggish_untrained_pca_params.npz"),
+    }
+
+
+def fetched_outputs(bucket, job: str, into) -> None:
+    into.mkdir(exist_ok=True)
+    for name in ("wavfile_embed.dat", "wavfile_embed.csv", "wavfile_embed_pca.dat"):
+        bucket.get(f"{job}/{name}", into / name)
+
+
+def run_on_store(urls: dict[str, str], out: str, tmp_path) -> dict:
+    result = cli("producer", "run", urls["spec"], "--out", out, "--checkpoint", urls["checkpoint"], "--pca-params", urls["pca"],
+                 "--chunk-rows", str(CHUNK), "--workers", "1", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_job_on_a_store_equals_the_reference_and_then_embeds_only_what_changed(bucket, sample, model_files, expected, tmp_path):
+    """Everything in the bucket, nothing in a local folder; a grown input embeds only its new rows,
+    a changed row only its chunk; each time the outputs equal the NumPy reference, one shard per chunk."""
+    urls = stored_inputs(bucket, sample, model_files)
+    out = f"{bucket.url}/jobs/a"
+    work = tmp_path / "cwd"
+    work.mkdir()
+    summary = run_on_store(urls, out, work)
+    assert (summary["enqueued_chunks"], summary["reused_rows"]) == (4, 0)
+    assert summary["outputs"][0] == f"{out}/wavfile_embed.dat"
+    fetched_outputs(bucket, "jobs/a", tmp_path / "got")
+    check_outputs(tmp_path / "got", sample["csv"], expected["relu"], model_files["pca"])
+    assert len(bucket.keys("jobs/a/shards")) == 4
+    assert list(work.iterdir()) == []  # nothing written where the producer ran
+
+    spec = np.fromfile(sample["spec"]).reshape(-1, 96, 64)
+    grown = np.concatenate([spec, spec[:CHUNK]])
+    lines = sample["csv"].read_text().splitlines(keepends=True)
+    extra = [f"{200 + i}{line[line.index(','):]}" for i, line in enumerate(lines[1 : 1 + CHUNK])]
+    sample["csv"].write_text("".join(lines + extra))
+    grown.tofile(sample["spec"])
+    bucket.put(sample["spec"], "in/wavfile_spec.dat")
+    bucket.put(sample["csv"], "in/wavfile_df.csv")
+    summary = run_on_store(urls, out, work)
+    assert (summary["reused_rows"], summary["enqueued_rows"]) == (200, CHUNK)
+    reference = np.concatenate([expected["relu"], expected["relu"][:CHUNK]])
+    fetched_outputs(bucket, "jobs/a", tmp_path / "got")
+    check_outputs(tmp_path / "got", sample["csv"], reference, model_files["pca"])
+
+    grown[60] = spec[10]  # a row of the second chunk changed
+    grown.tofile(sample["spec"])
+    bucket.put(sample["spec"], "in/wavfile_spec.dat")
+    summary = run_on_store(urls, out, work)
+    assert (summary["enqueued_chunks"], summary["enqueued_rows"]) == (1, CHUNK)
+    reference[60] = expected["relu"][10]
+    fetched_outputs(bucket, "jobs/a", tmp_path / "got")
+    check_outputs(tmp_path / "got", sample["csv"], reference, model_files["pca"])
+    assert len(bucket.keys("jobs/a/shards")) == 5  # the changed chunk's old shard is gone
+
+
+def test_a_worker_confined_to_a_prefix_refuses_messages_naming_anything_else(bucket, sample, model_files, workers, redis_url, expected, tmp_path):
+    """A worker with --data-root s3://BUCKET/jobs runs the job there, and refuses forged chunks
+    naming another bucket, a sibling prefix, a '..' path or a local folder: logged, never recorded
+    against the job, which ends equal to the reference."""
+    import os
+
+    from store import Bucket
+
+    from vggish_pipeline.core.broker import make_app
+    from vggish_pipeline.core.job import Job
+    from vggish_pipeline.core.message import QUEUE, TASK_NAME
+    from vggish_pipeline.core.settings import Settings
+    from vggish_pipeline.core.store import location
+
+    urls = stored_inputs(bucket, sample, model_files, prefix="jobs/in")
+    other = Bucket({k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")})
+    other.put(sample["spec"], "jobs/in/wavfile_spec.dat")
+    workers.start("w", [location(f"{bucket.url}/jobs")])  # type: ignore[list-item]
+    out = f"{bucket.url}/jobs/a"
+    enqueued = cli("producer", "enqueue", urls["spec"], "--out", out, "--chunk-rows", "100", "--broker", redis_url,
+                   "--checkpoint", urls["checkpoint"])
+    assert enqueued.returncode == 0, enqueued.stderr
+    job = Job.load(location(out))
+    honest = job.message(job.chunks[0]).encode()
+    forged = [
+        {**honest, "source": f"{other.url}/jobs/in/wavfile_spec.dat"},
+        {**honest, "out_dir": f"{bucket.url}/jobsX/a", "source": f"{bucket.url}/jobsX/in/wavfile_spec.dat"},
+        {**honest, "out_dir": f"{bucket.url}/jobs/../a"},
+        {**honest, "out_dir": str(tmp_path), "source": str(sample["spec"])},
+    ]
+    app = make_app(redis_url, Settings())
+    for payload in forged:
+        app.send_task(TASK_NAME, kwargs=payload, queue=QUEUE)
+    waited = cli("producer", "wait", out, "--timeout", "300", "--broker", redis_url)
+    assert waited.returncode == 0, waited.stderr
+    finalized = cli("producer", "finalize", out, "--pca-params", urls["pca"])
+    assert finalized.returncode == 0, finalized.stderr
+    fetched_outputs(bucket, "jobs/a", tmp_path / "got")
+    check_outputs(tmp_path / "got", sample["csv"], expected["relu"], model_files["pca"])
+    log = workers.log("w")
+    assert log.count("refused chunk:") == len(forged), log
+    assert "outside the data roots" in log and "'..'" in log
+    assert bucket.keys("jobs/a/failed") == [] and bucket.keys("jobsX") == []
+    assert other.keys("jobs") == ["jobs/in/wavfile_spec.dat"]
+    assert not (tmp_path / "shards").exists()
+    assert "Traceback" not in log
+
+
+def test_a_store_that_refuses_is_one_line_at_start_and_nothing_is_written(bucket, sample, model_files, s3_server, tmp_path):
+    """A missing bucket, a denied prefix, wrong credentials, an unreachable endpoint, a missing
+    input: for `producer run` and `worker start`, each one line and exit 3 before anything is
+    written, and the secret is never printed."""
+    from conftest import free_port
+
+    urls = stored_inputs(bucket, sample, model_files)
+    before = bucket.keys("")
+    closed = f"http://127.0.0.1:{free_port()}"
+    cases = {
+        "no bucket": ({}, urls["spec"], "s3://no-such-bucket-here/job", "no such bucket"),
+        "denied prefix": ({}, urls["spec"], f"{bucket.url}/{DENIED}/job", "access denied"),
+        "wrong secret": ({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, urls["spec"], f"{bucket.url}/job", "access denied"),
+        "unreachable": ({"AWS_ENDPOINT_URL": closed}, urls["spec"], f"{bucket.url}/job", closed.rsplit(":", 1)[1]),
+        "no input": ({}, f"{bucket.url}/in/missing.dat", f"{bucket.url}/job", "no such file"),
+    }
+    for case, (env, spec, out, says) in cases.items():
+        ran = cli("producer", "run", spec, "--csv", urls["csv"], "--out", out, "--checkpoint", str(model_files["checkpoint"]),
+                  "--workers", "1", env=env, cwd=tmp_path, timeout=180)
+        said = ran.stdout + ran.stderr
+        errors = [line for line in ran.stderr.splitlines() if line.startswith("producer: error:")]
+        assert ran.returncode == 3 and len(errors) == 1 and says in errors[0].lower(), (case, said)
+        assert "Traceback" not in said and s3_server["secret"] not in said, (case, said)
+        if case != "no input":
+            root = out.rsplit("/", 1)[0]
+            started = cli("worker", "start", "--cpu", "--broker", "redis://127.0.0.1:1/0", "--checkpoint", str(model_files["checkpoint"]),
+                          "--data-root", root, env=env, timeout=180)
+            said = started.stdout + started.stderr
+            errors = [line for line in said.splitlines() if line.startswith("worker: error:")]
+            assert started.returncode == 3 and len(errors) == 1 and says in errors[0].lower() and "Traceback" not in said, (case, said)
+            assert s3_server["secret"] not in said
+    assert bucket.keys("") == before  # no probe, job.json or shard left behind
+    shutil.rmtree(tmp_path / "cwd", ignore_errors=True)
