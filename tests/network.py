@@ -1,7 +1,7 @@
 """Hosts for tests, as network namespaces on one LAN: a switch (a bridge) in the broker's namespace,
-and one veth cable from it to each other host. Every host sees the same shared folder at the same
+and one veth cable from it to each other host. With a shared folder, every host sees it at the same
 path, as an NFS or cluster file system appears on every node; the test's own namespace sees only an
-empty folder there. Addresses are used only inside the namespaces. Needs root (CI runs as root)."""
+empty folder there. Without one, hosts share only what goes over the LAN (a broker, a bucket). Addresses are used only inside the namespaces. Needs root (CI runs as root)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def ip(*args: str) -> None:
 class Lan:
     """`broker` holds the switch and BROKER_ADDRESS; `add(name)` cables another host to it."""
 
-    def __init__(self, shared: Path, mountpoint: Path) -> None:
+    def __init__(self, shared: Path | None, mountpoint: Path | None) -> None:
         self.tag = secrets.token_hex(3)  # names unique to this test run: several runs may share a kernel
         self.shared = shared
         self.mountpoint = mountpoint
@@ -58,7 +58,10 @@ class Lan:
 
     def command(self, host: str, *args: str) -> list[str]:
         """`args` run on `host`: in its namespace, with the shared folder mounted at the mountpoint
-        (`ip netns exec` gives each command a mount namespace of its own, so the mount stays there)."""
+        (`ip netns exec` gives each command a mount namespace of its own, so the mount stays there);
+        a LAN without a shared folder mounts nothing."""
+        if self.shared is None:
+            return ["ip", "netns", "exec", self.hosts[host], *args]
         mount = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
         return ["ip", "netns", "exec", self.hosts[host], "sh", "-c", mount, "sh", str(self.shared), str(self.mountpoint), *args]
 
@@ -78,7 +81,7 @@ class Lan:
 
 
 @contextlib.contextmanager
-def lan(shared: Path, mountpoint: Path) -> Iterator[Lan]:
+def lan(shared: Path | None = None, mountpoint: Path | None = None) -> Iterator[Lan]:
     """A LAN for one test, taken down after it, processes and all, however the test ends."""
     network = Lan(shared, mountpoint)
     try:

@@ -55,12 +55,12 @@ def cluster(tmp_path, sample_source, model_files):
             yield {"net": net, "env": env, "data": data, "nfs": nfs, "logs": tmp_path, "other_ca": other_ca, "password": server["password"]}
 
 
-def run_on(cluster: dict, host: str, *args: str, log: str | None = None, env: dict | None = None) -> subprocess.Popen:
+def run_on(cluster: dict, host: str, *args: str, log: str | None = None, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     """`python -m ARGS` on HOST, in the cluster's environment (and `env`), output to LOG.log in the test's folder."""
     out = open(cluster["logs"] / f"{log or host}.log", "ab")
     try:
         return subprocess.Popen(cluster["net"].command(host, sys.executable, "-m", *args), env=merged_env({**cluster["env"], **(env or {})}),
-                                stdout=out, stderr=subprocess.STDOUT, cwd=cluster["data"].parent)
+                                stdout=out, stderr=subprocess.STDOUT, cwd=cwd or cluster["data"].parent)
     finally:
         out.close()
 
@@ -201,4 +201,104 @@ def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
                 proc.kill()
                 proc.wait()
         for name in ("gpu1", "gpu2", "wait", "wait2"):
+            print(f"----- {name}\n{log_of(cluster, name)[-3000:]}")
+
+
+STORE_PORT = 9000
+BUCKET = "vggish"
+STORE_TILES = 10  # 2,000 rows, 20 chunks: enough to catch a worker holding one
+
+@pytest.fixture
+def bucket_cluster(tmp_path, sample_source, model_files):
+    """The same LAN with no shared folder at all: the broker host also runs the store (moto's S3
+    server, credentials enforced); the worker hosts and the producer's reach both over the LAN."""
+    from store import moto_server
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        unavailable("network namespaces need root and iproute2 (CI runs as root)")
+    from conftest import redis_binary
+
+    redis = tmp_path / "redis"
+    redis.mkdir()
+    with lan() as net:
+        for host in ("gpu1", "gpu2", "desk"):
+            net.add(host)
+            (tmp_path / host).mkdir()  # each host's own working folder and cache: nothing shared
+        on_broker = lambda *command: net.command("broker", *command)  # noqa: E731
+        args = ["--port", str(PORT), "--bind", BROKER_ADDRESS, "--dir", str(redis), "--save", "", "--appendonly", "no"]
+        with acl_redis_server(redis_binary(), redis, PORT, *args, on=on_broker, address=BROKER_ADDRESS) as server, \
+                moto_server(BROKER_ADDRESS, STORE_PORT, on=on_broker) as s3:
+            env = {"VGGISH_BROKER_URL": f"redis://vggish@{BROKER_ADDRESS}:{PORT}/0", "VGGISH_BROKER_PASSWORD_FILE": str(server["secret"]),
+                   "VGGISH_CHECKPOINT": f"s3://{BUCKET}/model/{model_files['checkpoint'].name}", **s3["env"]}
+            cluster = {"net": net, "env": env, "data": tmp_path / "desk", "logs": tmp_path, "s3": s3}
+            spec = np.fromfile(sample_source / "wavfile_spec.dat")
+            np.tile(spec, STORE_TILES).tofile(tmp_path / "spec.dat")
+            lines = (sample_source / "wavfile_df.csv").read_text().splitlines(keepends=True)
+            (tmp_path / "df.csv").write_text(lines[0] + "".join(f"{i}{line[line.index(','):]}" for i, line in enumerate(lines[1:] * STORE_TILES)))
+            on_store(cluster, f"fs.mkdir('{BUCKET}')\n"
+                              f"fs.put_file('{tmp_path / 'spec.dat'}', '{BUCKET}/jobs/in/wavfile_spec.dat')\n"
+                              f"fs.put_file('{tmp_path / 'df.csv'}', '{BUCKET}/jobs/in/wavfile_df.csv')\n"
+                              f"fs.put_file('{model_files['checkpoint']}', '{BUCKET}/model/{model_files['checkpoint'].name}')")
+            yield cluster
+
+
+def on_store(cluster: dict, code: str) -> str:
+    """Python run on the producer's host with an s3fs client `fs` of the store (the test's own host cannot reach it)."""
+    script = "import json, s3fs\nfs = s3fs.S3FileSystem(use_listings_cache=False)\n" + code
+    done = subprocess.run(cluster["net"].command("desk", sys.executable, "-c", script), env=merged_env(cluster["env"]),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def stored_shards(cluster: dict, job: str) -> int:
+    return int(on_store(cluster, f"print(len(fs.ls('{BUCKET}/{job}/shards')) if fs.exists('{BUCKET}/{job}/shards') else 0)"))
+
+
+def test_a_job_across_hosts_that_share_no_folder_runs_from_a_bucket_and_survives_a_cut_link(bucket_cluster, expected, tmp_path):
+    """Inputs, checkpoint, job folder and outputs in a bucket; the worker hosts are given only its
+    prefix. gpu1 is cut off (and frozen) holding a chunk: `wait` re-sends it, gpu2 runs it, and gpu1,
+    back, drops its own copy (a conditional PUT: the first shard stays). The outputs equal the
+    reference, one shard per chunk."""
+    cluster = bucket_cluster
+    reference = np.tile(expected["relu"], (STORE_TILES, 1))
+    chunks = len(reference) // CHUNK_ROWS
+    job = f"s3://{BUCKET}/jobs/a"
+    procs = {
+        host: run_on(cluster, host, "worker", "start", "--cpu", "--threads", "1", "--name", f"w@{host}", "--data-root", f"s3://{BUCKET}/jobs",
+                     env={"VGGISH_CACHE_DIR": str(tmp_path / host / "cache")}, cwd=tmp_path / host)
+        for host in ("gpu1", "gpu2")
+    }
+    try:
+        until(lambda: all(" ready." in log_of(cluster, h) for h in procs), 180, "workers ready")
+        finish(cluster, "desk", "producer", "enqueue", f"s3://{BUCKET}/jobs/in/wavfile_spec.dat", "--out", job,
+               "--chunk-rows", str(CHUNK_ROWS), log="enqueue")
+        waiting = run_on(cluster, "desk", "producer", "wait", job, "--timeout", "600", log="wait")
+        held = freeze_holding_a_chunk(cluster, "gpu1", procs["gpu1"])
+        assert waiting.wait(300) == 0, log_of(cluster, "wait")
+        assert f"re-sent {held} chunk{'s' * (held != 1)}" in log_of(cluster, "wait")
+        cluster["net"].restore("gpu1")
+        procs["gpu1"].send_signal(signal.SIGCONT)
+        until(lambda: "this copy is dropped" in log_of(cluster, "gpu1") or "shard exists, skipped" in log_of(cluster, "gpu1"), 120,
+              "gpu1 leaves the re-run chunk's shard as it is")
+        finish(cluster, "desk", "producer", "finalize", job, log="finalize")
+        got = tmp_path / "got"
+        got.mkdir()
+        on_store(cluster, "".join(f"fs.get_file('{BUCKET}/jobs/a/{name}', '{got / name}')\n" for name in ("wavfile_embed.dat", "wavfile_embed.csv")))
+        check_outputs(got, tmp_path / "df.csv", reference)
+        assert stored_shards(cluster, "jobs/a") == chunks
+        for host in procs:
+            assert "Traceback" not in log_of(cluster, host), host
+            assert list((tmp_path / host).iterdir()) == [tmp_path / host / "cache"], host  # a worker host wrote only its cache
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for name in ("gpu1", "gpu2", "wait"):
             print(f"----- {name}\n{log_of(cluster, name)[-3000:]}")
