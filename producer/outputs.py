@@ -11,10 +11,11 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from vggish_pipeline.core.errors import InputError
 from vggish_pipeline.core.files import SET_JOURNAL
 from vggish_pipeline.core.shard import EMBEDDING_SIZE
 from vggish_pipeline.core.store import Location
+
+if TYPE_CHECKING:
+    from upath import UPath
 
 OUTPUT_DAT = "wavfile_embed.dat"
 OUTPUT_CSV = "wavfile_embed.csv"
@@ -92,7 +96,7 @@ class Snapshot:
     read the same while a watch appends to the files (they are read only as far as the manifest
     says) or a finalize replaces them (the open files are the old set's). Close it when done."""
 
-    out: Path
+    out: Location  # where the set is: a local folder, or a store's prefix it was copied from
     rows: int
     sizes: dict[str, int]
     files: dict[str, BinaryIO]
@@ -118,13 +122,15 @@ class Snapshot:
             f.close()
 
 
-def snapshot(out: Path, timeout: float = 30.0) -> Snapshot:
+def snapshot(out: Location, timeout: float = 30.0) -> Snapshot:
     """The outputs in `out` as one complete set (see Snapshot), whatever is writing them now.
 
     The manifest is read, the files it names are opened, and the manifest is read again: if it is
     the same and no set is being published (its journal absent, before and after), the open files
-    are the set it describes. Else, a moment later, again.
+    are the set it describes. Else, a moment later, again. A job folder on a store: see `fetched`.
     """
+    if not isinstance(out, Path):
+        return fetched(out, timeout)
     deadline = time.monotonic() + timeout
     while True:
         publishing = (out / SET_JOURNAL).exists()
@@ -151,3 +157,29 @@ def snapshot(out: Path, timeout: float = 30.0) -> Snapshot:
                 f"(if nothing writes them, `producer finalize {out}` completes it)"
             )
         time.sleep(0.01)
+
+
+def fetched(out: UPath, timeout: float = 30.0) -> Snapshot:
+    """The outputs of a job folder on a store as one complete set, copied to this machine: the
+    manifest, each object it names (each at the size it names), then the manifest again, unchanged
+    (else a set was being published meanwhile: again). The copies are held open, their folder gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with tempfile.TemporaryDirectory(prefix="vggish-outputs-") as staging:
+            local = Path(staging)
+            try:
+                manifest = (out / MANIFEST).read_bytes()
+                sizes = {str(name): int(size) for name, size in json.loads(manifest)["sizes"].items()}
+                for name in sizes:
+                    out.fs.get_file((out / name).path, str(local / name))
+            except FileNotFoundError:
+                raise InputError(f"{out}: no outputs yet (no {MANIFEST}); run `producer finalize {out}`") from None
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise InputError(f"{out / MANIFEST}: unreadable ({type(e).__name__}: {e}); `producer finalize {out}` "
+                                 "writes it again") from e
+            (local / MANIFEST).write_bytes(manifest)
+            if all((local / name).stat().st_size == size for name, size in sizes.items()) and (out / MANIFEST).read_bytes() == manifest:
+                return replace(snapshot(local), out=out)
+        if time.monotonic() > deadline:
+            raise InputError(f"{out}: no complete set of outputs for {timeout:g} s: they kept changing")
+        time.sleep(0.5)

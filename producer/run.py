@@ -227,7 +227,7 @@ def run(
     *,
     app: Celery | None = None,
     workers: int | None = None,
-    pca_params: Path | None = None,
+    pca_params: Location | None = None,
     progress: bool = True,
     parquet: bool = False,
 ) -> RunSummary:

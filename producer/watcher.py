@@ -31,7 +31,7 @@ class WatchLoop:
     inbox: Path
     clips: ClipOptions = ClipOptions()
     workers: int | None = None  # at most this many local workers
-    pca_params: Path | None = None
+    pca_params: store.Location | None = None
     parquet: bool = False
     settle: float = 1.0
     poll: float = 0.5

@@ -4,12 +4,20 @@ S3-compatible server (moto's, credentials enforced), with real workers and Tenso
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
 from conftest import cli
 from outputs import check_outputs
-from store import DENIED
+from store import DENIED, Bucket
+
+import vggish_pipeline
+from vggish_pipeline.core.broker import make_app
+from vggish_pipeline.core.job import Job
+from vggish_pipeline.core.message import QUEUE, TASK_NAME
+from vggish_pipeline.core.settings import Settings
+from vggish_pipeline.core.store import location
 
 CHUNK = 50
 
@@ -50,6 +58,10 @@ def test_a_job_on_a_store_equals_the_reference_and_then_embeds_only_what_changed
     check_outputs(tmp_path / "got", sample["csv"], expected["relu"], model_files["pca"])
     assert len(bucket.keys("jobs/a/shards")) == 4
     assert list(work.iterdir()) == []  # nothing written where the producer ran
+    with vggish_pipeline.result(out) as got:  # the API's reader, from the bucket
+        assert got.out_dir == location(out) and got.rows == 200
+        np.testing.assert_array_equal(got.embeddings, np.fromfile(tmp_path / "got" / "wavfile_embed.dat").reshape(-1, 128))
+        assert list(got.frame().columns[-2:]) == ["e126", "e127"]
 
     spec = np.fromfile(sample["spec"]).reshape(-1, 96, 64)
     grown = np.concatenate([spec, spec[:CHUNK]])
@@ -80,16 +92,6 @@ def test_a_worker_confined_to_a_prefix_refuses_messages_naming_anything_else(buc
     """A worker with --data-root s3://BUCKET/jobs runs the job there, and refuses forged chunks
     naming another bucket, a sibling prefix, a '..' path or a local folder: logged, never recorded
     against the job, which ends equal to the reference."""
-    import os
-
-    from store import Bucket
-
-    from vggish_pipeline.core.broker import make_app
-    from vggish_pipeline.core.job import Job
-    from vggish_pipeline.core.message import QUEUE, TASK_NAME
-    from vggish_pipeline.core.settings import Settings
-    from vggish_pipeline.core.store import location
-
     urls = stored_inputs(bucket, sample, model_files, prefix="jobs/in")
     other = Bucket({k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")})
     other.put(sample["spec"], "jobs/in/wavfile_spec.dat")

@@ -95,9 +95,9 @@ class Result:
 
 @own_errors
 def result(out_dir: PathLike | store.Location) -> Result:
-    """The outputs in `out_dir` as one complete set, safe to read while a watch appends to them.
-    They are mapped in place, so a job folder on a store is refused: fetch its outputs first."""
-    return Result(outputs.snapshot(store.local(store.location(out_dir), "result (it maps the outputs in place)")))
+    """The outputs in `out_dir` as one complete set, safe to read while a watch appends to them
+    (from a job folder on a store: copied here first, see outputs.fetched)."""
+    return Result(outputs.snapshot(store.location(out_dir)))
 
 
 @own_errors
@@ -125,9 +125,9 @@ def embed(
     settings = Settings.from_env().given(broker_url=broker)
     inputs = JobInputs.of(spec, csv, out, embedding, chunk_rows, checkpoint, settings)
     app = make_app(broker_url(settings), settings) if broker else None
-    pca = Path(pca_params) if pca_params else None
+    pca = store.location(pca_params) if pca_params else None
     summary = run(inputs, app=app, workers=workers, pca_params=pca, progress=progress, parquet=parquet)
-    return Result(outputs.snapshot(Path(summary.out_dir)), summary)
+    return Result(outputs.snapshot(store.location(summary.out_dir)), summary)
 
 
 @own_errors
@@ -164,7 +164,7 @@ def status(out_dir: PathLike) -> Status:
     from producer.progress import job_status
     from vggish_pipeline.core.job import Job
 
-    return job_status(Job.load(Path(out_dir)), per_worker=True)
+    return job_status(Job.load(store.location(out_dir)), per_worker=True)
 
 
 class Watch:
@@ -245,6 +245,6 @@ def watch(
     clips = ClipOptions(label, label_from_folder, valid, pad, rows_per_file, Path(valid_list) if valid_list else None)
     watcher = WatchLoop(
         inputs=inputs, inbox=Path(inbox), clips=clips, workers=workers,
-        pca_params=Path(pca_params) if pca_params else None, parquet=parquet, settle=settle, poll=poll, compact_after=compact_after,
+        pca_params=store.location(pca_params) if pca_params else None, parquet=parquet, settle=settle, poll=poll, compact_after=compact_after,
     )
     return Watch(watcher)
