@@ -245,6 +245,7 @@ def watch(
     clips = ClipOptions(label, label_from_folder, valid, pad, rows_per_file, Path(valid_list) if valid_list else None)
     watcher = WatchLoop(
         inputs=inputs, inbox=Path(inbox), clips=clips, workers=workers,
-        pca_params=store.location(pca_params) if pca_params else None, parquet=parquet, settle=settle, poll=poll, compact_after=compact_after,
+        pca_params=store.location(pca_params) if pca_params else None, parquet=parquet, settle=settle, poll=poll,
+        compact_after=compact_after,
     )
     return Watch(watcher)
