@@ -10,7 +10,10 @@ not what S3 gives. Two measures:
   as a GPU worker drives it (3 chunks in flight), with a STAND-IN model that returns zeros at
   once (bench/feed.py's): rows/s and bytes read per row, from the store and from local disk;
 - plan: `plan_job` of a --plan-rows input on the store (its scan reads every chunk once, in
-  parallel ranged parts), seconds and bytes read, against the same input on local disk.
+  parallel ranged parts), seconds and bytes read, against the same input on local disk;
+- outputs: a finished job of --plan-rows rows (random embeddings in the project's shards, over a
+  sparse .dat of zeros), its outputs written by `finalize`, then one more row and the `refresh` a
+  watch makes: on local disk it appends; on the store it writes and uploads the whole set again.
 
 Bytes read are counted in core.store.read_into, the one function every chunk read goes through.
 Embeddings are never checked here: tests do that with the real model.
@@ -96,6 +99,61 @@ def plan(spec, csv, out, tally: dict, chunk_rows: int) -> dict:
             "spec_bytes": job.rows * ROW_BYTES, "mb_per_s": round(tally["bytes"] / seconds / 1e6)}
 
 
+def finished(where, work: Path, rows: int):
+    """A job of `rows` rows in `where` (a folder or a prefix) with every shard, the pair local and sparse."""
+    import numpy as np
+
+    from vggish_pipeline.core.job import Chunk, Job, JobDir
+    from vggish_pipeline.core.shard import ShardMeta, write_shard
+    from vggish_pipeline.core.spectrogram import NEW_DIGEST, digest
+
+    spec, frame = work / "wavfile_spec.dat", work / "wavfile_df.csv"
+    with open(spec, "wb") as f:
+        f.truncate(rows * ROW_BYTES)
+    with open(frame, "w") as f:
+        f.write(",file_name,label,valid\n")
+        f.writelines(f"{i},old/c{i}.wav,yes,False\n" for i in range(rows))
+    jobdir = JobDir(where)
+    jobdir.ensure()
+    jobdir.pin_model(InstantModel.fingerprint)
+    zeros = {n: digest(np.zeros((n, 96, 64)), NEW_DIGEST) for n in {1024, rows % 1024 or 1024, 1}}
+    chunks = [Chunk(s, min(s + 1024, rows), zeros[min(1024, rows - s)]) for s in range(0, rows, 1024)]
+    rng = np.random.default_rng(0)
+    for c in chunks:
+        emb = np.maximum(rng.standard_normal((c.rows, 128), dtype=np.float32), 0)
+        write_shard(jobdir.shards, ShardMeta(c.start, c.stop, c.digest, "relu", InstantModel.fingerprint, "bench", 1.0), emb)
+    job = Job("bench", str(where), str(spec), str(frame), rows, 1024, "relu", chunks, NEW_DIGEST)
+    job.save()
+    return job, zeros[1]
+
+
+def outputs_cost(where, work: Path, rows: int) -> dict:
+    """finalize of a finished job, then one more row and a watch's refresh."""
+    import numpy as np
+
+    from producer.finalize import finalize, refresh
+    from vggish_pipeline.core.job import Chunk
+    from vggish_pipeline.core.shard import ShardMeta, write_shard
+
+    work.mkdir(parents=True, exist_ok=True)
+    job, one = finished(where, work, rows)
+    began = time.perf_counter()
+    finalize(job)
+    whole = time.perf_counter() - began
+    with open(job.source, "r+b") as f:
+        f.truncate((rows + 1) * ROW_BYTES)
+    with open(job.csv, "a") as f:
+        f.write(f"{rows},new/c.wav,yes,False\n")
+    job.rows += 1
+    job.chunks.append(Chunk(rows, rows + 1, one))
+    write_shard(job.dir.shards, ShardMeta(rows, rows + 1, one, "relu", InstantModel.fingerprint, "bench", 1.0), np.zeros((1, 128), np.float32))
+    job.save()
+    began = time.perf_counter()
+    written = refresh(job)
+    return {"rows": rows, "finalize_seconds": round(whole, 2), "refresh_one_row_seconds": round(time.perf_counter() - began, 2),
+            "refresh_appended": written.appended}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=16_384)
@@ -137,6 +195,9 @@ def main() -> None:
         results["plan_local"] = plan(work / "plan" / "wavfile_spec.dat", work / "plan" / "wavfile_df.csv", work / "plan", tally, big.chunk_rows)
         bucket = location("s3://bench/plan")
         results["plan_store"] = plan(bucket / "wavfile_spec.dat", bucket / "wavfile_df.csv", bucket / "job", tally, big.chunk_rows)
+        shutil.rmtree(work / "plan")
+        results["outputs_local"] = outputs_cost(work / "out", work / "out", args.plan_rows)
+        results["outputs_store"] = outputs_cost(location("s3://bench/out"), work / "pair", args.plan_rows)
     finally:
         server.kill()
         server.wait()

@@ -4,6 +4,7 @@ schemas (kubernetes-validate) and against what a GPU worker needs. No cluster ru
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -14,8 +15,10 @@ K8S_VERSION = "1.30.0"
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 
 
-def manifests() -> list[dict]:
-    return [doc for path in sorted(DEPLOY.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+def manifests(worker: Path = DEPLOY / "worker.yaml") -> list[dict]:
+    """The set applied together: a worker Deployment (the shared-volume one, or bucket/'s) and the rest of DEPLOY."""
+    paths = [worker, *(p for p in sorted(DEPLOY.glob("*.yaml")) if p.name != "worker.yaml")]
+    return [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
 def problems(docs: list[dict]) -> list[str]:
@@ -48,6 +51,13 @@ def problems(docs: list[dict]) -> list[str]:
             env = {e["name"]: e for e in c.get("env", [])}
             if "VGGISH_BROKER_URL" in env and ":" in env["VGGISH_BROKER_URL"].get("value", "").split("@")[0].split("//")[-1]:
                 found.append(f"{name}/{c['name']}: the broker password belongs in a Secret, not in the URL")
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                if key in env and "value" in env[key]:
+                    found.append(f"{name}/{c['name']}: {key} belongs in a Secret, not in the manifest")
+            mounted = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            for root in re.split(r":(?!//)", env.get("VGGISH_DATA_ROOTS", {}).get("value", "")):  # as settings splits it
+                if root.startswith("/") and not any(root == m or root.startswith(m + "/") for m in mounted):
+                    found.append(f"{name}/{c['name']}: data root {root} is on no volume the pod mounts")
     for s in (d for d in docs if d["kind"] == "ScaledObject"):
         spec = s["spec"]
         if spec["scaleTargetRef"]["name"] not in deployments:
@@ -63,9 +73,15 @@ def problems(docs: list[dict]) -> list[str]:
 
 
 def test_the_manifests_validate_against_the_api_and_the_workers_needs():
-    docs = manifests()
-    assert {d["kind"] for d in docs} == {"Deployment", "ScaledObject", "TriggerAuthentication"}
-    assert problems(docs) == []
+    for worker in (DEPLOY / "worker.yaml", DEPLOY / "bucket" / "worker.yaml"):
+        docs = manifests(worker)
+        assert {d["kind"] for d in docs} == {"Deployment", "ScaledObject", "TriggerAuthentication"}
+        assert problems(docs) == [], worker
+    bucket = next(d for d in manifests(DEPLOY / "bucket" / "worker.yaml") if d["kind"] == "Deployment")
+    pod = bucket["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["VGGISH_DATA_ROOTS"]["value"].startswith("s3://") and env["VGGISH_CHECKPOINT"]["value"].startswith("s3://")
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])  # nothing but the broker and the bucket
 
 
 def test_a_gpu_in_requests_only_or_a_schema_error_is_caught_by_the_same_check():
@@ -78,6 +94,11 @@ def test_a_gpu_in_requests_only_or_a_schema_error_is_caught_by_the_same_check():
     bad_schema = copy.deepcopy(docs)
     next(d for d in bad_schema if d["kind"] == "Deployment")["spec"]["replicas"] = "two"
     assert any(p.startswith("Deployment/vggish-worker:") for p in problems(bad_schema))
+
+    literal = manifests(DEPLOY / "bucket" / "worker.yaml")
+    env = next(d for d in literal if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    next(e for e in env if e["name"] == "AWS_SECRET_ACCESS_KEY").update(value="written-into-the-manifest")
+    assert any("AWS_SECRET_ACCESS_KEY belongs in a Secret" in p for p in problems(literal))
 
     no_zero = copy.deepcopy(docs)
     next(d for d in no_zero if d["kind"] == "ScaledObject")["spec"]["minReplicaCount"] = 1

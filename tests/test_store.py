@@ -31,9 +31,9 @@ def stored_inputs(bucket, sample: dict, model_files: dict, prefix: str = "in") -
     }
 
 
-def fetched_outputs(bucket, job: str, into) -> None:
+def fetched_outputs(bucket, job: str, into, pca: bool = True) -> None:
     into.mkdir(exist_ok=True)
-    for name in ("wavfile_embed.dat", "wavfile_embed.csv", "wavfile_embed_pca.dat"):
+    for name in ("wavfile_embed.dat", "wavfile_embed.csv", *(["wavfile_embed_pca.dat"] * pca)):
         bucket.get(f"{job}/{name}", into / name)
 
 
@@ -159,3 +159,29 @@ def test_a_store_that_refuses_is_one_line_at_start_and_nothing_is_written(bucket
             assert s3_server["secret"] not in said
     assert bucket.keys("") == before  # no probe, job.json or shard left behind
     shutil.rmtree(tmp_path / "cwd", ignore_errors=True)
+
+
+def test_a_watch_keeps_its_job_folder_and_outputs_on_a_store(bucket, sample, model_files, weights, expected, tmp_path):
+    """`watch --out s3://…` appends recordings to its local pair and publishes the outputs whole
+    to the bucket at each refresh; they equal the NumPy reference, and a second look embeds only
+    its new clips."""
+    from reference import vggish
+    from wavs import tone, write_wav
+
+    from producer import audio
+
+    out = f"{bucket.url}/jobs/w"
+    inbox = tmp_path / "inbox"
+    clips = []
+    for look, count in enumerate((3, 2)):
+        for i in range(count):
+            clip = write_wav(tmp_path / "made" / f"c{look}{i}.wav", tone(1.0, 300 + 90 * len(clips)))
+            clips.append(audio.file_examples(clip))
+            inbox.mkdir(exist_ok=True)
+            clip.rename(inbox / clip.name)
+        watched = cli("producer", "watch", str(inbox), "--label", "tick", "--spec", str(sample["spec"]), "--out", out,
+                      "--checkpoint", str(model_files["checkpoint"]), "--workers", "1", "--chunk-rows", "64", "--settle", "0", "--once")
+        assert watched.returncode == 0, watched.stderr
+        assert f"outputs refreshed: {200 + len(clips)} rows ({count} embedded" in watched.stderr, watched.stderr
+    fetched_outputs(bucket, "jobs/w", tmp_path / "got", pca=False)
+    check_outputs(tmp_path / "got", sample["csv"], np.concatenate([expected["relu"], vggish(weights, np.concatenate(clips), relu_embedding=True)]))

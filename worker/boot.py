@@ -48,7 +48,9 @@ def data_roots(settings: Settings) -> list[Location]:
     roots = list(settings.data_roots) or [Path.cwd()]
     for root in roots:
         if store.remote(root):
-            store.check_writable(root)
+            if not store.check_writable(root):
+                log.warning("%s: the store ignores conditional writes (If-None-Match): a chunk two workers race for may have "
+                            "its shard written twice (the same rows by the same model), the last copy kept", root)
         elif not root.is_dir():
             raise PipelineError(f"data root {root} is not a folder this worker can see (shared storage mounted?)")
     return roots

@@ -166,8 +166,10 @@ def remove(loc: Location) -> None:
             loc.fs.rm_file(loc.path)
 
 
-def check_writable(folder: Location) -> None:
-    """Refuse, in one line and before anything is written, a folder or prefix this process cannot write."""
+def check_writable(folder: Location) -> bool:
+    """Refuse, in one line and before anything is written, a folder or prefix this process cannot
+    write. Returns whether it honours a write-once (`create`): a store that ignores If-None-Match
+    lets a second PUT replace the first."""
     if isinstance(folder, Path):
         if folder.exists() and not folder.is_dir():
             raise InputError(f"{folder}: is a file, expected an output folder")
@@ -179,13 +181,15 @@ def check_writable(folder: Location) -> None:
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
             raise InputError(f"{folder}: output folder is not writable ({e.strerror})") from e
-        return
+        return True
     probe = folder / f".write-probe-{secrets.token_hex(6)}"
     try:
-        write(probe, b"")
+        create(probe, b"")
+        once = not create(probe, b"")
         remove(probe)
     except Exception as e:  # noqa: BLE001 - any refusal of the store is this one line
         raise failure(folder, e) from e
+    return once
 
 
 def failure(loc: Location, e: BaseException) -> PipelineError:
