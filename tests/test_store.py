@@ -185,3 +185,17 @@ def test_a_watch_keeps_its_job_folder_and_outputs_on_a_store(bucket, sample, mod
         assert f"outputs refreshed: {200 + len(clips)} rows ({count} embedded" in watched.stderr, watched.stderr
     fetched_outputs(bucket, "jobs/w", tmp_path / "got", pca=False)
     check_outputs(tmp_path / "got", sample["csv"], np.concatenate([expected["relu"], vggish(weights, np.concatenate(clips), relu_embedding=True)]))
+
+
+def test_a_shard_on_a_store_is_written_once_and_read_back_as_written(bucket):
+    """Two workers' copies of one chunk: the store's conditional PUT keeps the first, whole."""
+    from vggish_pipeline.core.shard import ShardMeta, read_shard, write_shard
+
+    shards = location(f"{bucket.url}/jobs/a/shards")
+    meta = ShardMeta(0, 3, "d" * 32, "relu", "model", "first", 1.0)
+    first, second = np.arange(384, dtype=np.float32).reshape(3, 128), np.zeros((3, 128), np.float32)
+    assert write_shard(shards, meta, first)
+    assert not write_shard(shards, ShardMeta(0, 3, "d" * 32, "relu", "model", "second", 1.0), second)
+    got_meta, got = read_shard(shards / meta.name)
+    assert got_meta.worker == "first"
+    np.testing.assert_array_equal(got, first)
