@@ -192,7 +192,7 @@ def manifest(job: Job, pca: PCA | None, sizes: dict[str, int], csv_bytes: int, c
 def publish(job: Job, pca: PCA | None = None, parquet: bool = False, threads: int | None = None) -> Written:
     """The outputs of a job whose folder is on a store: finalized whole into a local temp folder,
     then uploaded, the data objects first and the manifest last (a PUT is atomic: the commit point).
-    Its `sizes` then name each object's size, so a reader can tell a set being replaced."""
+    It names each object's size and ETag, so a reader can tell a set being replaced (outputs.fetched)."""
     began = time.perf_counter()
     target = job.dir.path
     assert store.remote(target) and not isinstance(target, Path)
@@ -201,9 +201,9 @@ def publish(job: Job, pca: PCA | None = None, parquet: bool = False, threads: in
         local = Path(staging)
         written = finalize(job, pca, threads, out=local)
         files = [Path(p) for p in written.outputs] + ([write_parquet(job, local)] if parquet else [])
-        for file in files:  # one at a time, each with its parts in parallel: bounded memory
-            store.upload(file, target / file.name)
-        store.upload(local / MANIFEST, target / MANIFEST)
+        etags = {f.name: store.upload(f, target / f.name) for f in files}  # one at a time, each in parallel parts
+        record = {**json.loads((local / MANIFEST).read_bytes()), "etags": etags}
+        store.write(target / MANIFEST, json.dumps(record, separators=(",", ":")).encode())
     return Written(job.rows, [str(target / f.name) for f in files], appended=False, seconds=round(time.perf_counter() - began, 3))
 
 

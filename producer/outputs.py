@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
+from vggish_pipeline.core import store
 from vggish_pipeline.core.errors import InputError
 from vggish_pipeline.core.files import SET_JOURNAL
 from vggish_pipeline.core.shard import EMBEDDING_SIZE
@@ -161,24 +162,28 @@ def snapshot(out: Location, timeout: float = 30.0) -> Snapshot:
 
 def fetched(out: UPath, timeout: float = 30.0) -> Snapshot:
     """The outputs of a job folder on a store as one complete set, copied to this machine: the
-    manifest, each object it names (each at the size it names), then the manifest again, unchanged
-    (else a set was being published meanwhile: again). The copies are held open, their folder gone."""
+    manifest, each object it names, each then still at the ETag it names (its content as published
+    with that manifest), and the manifest again unchanged; else a set was being published meanwhile:
+    again. The copies are held open, their folder gone."""
     deadline = time.monotonic() + timeout
     while True:
         with tempfile.TemporaryDirectory(prefix="vggish-outputs-") as staging:
             local = Path(staging)
             try:
                 manifest = (out / MANIFEST).read_bytes()
-                sizes = {str(name): int(size) for name, size in json.loads(manifest)["sizes"].items()}
+                record = json.loads(manifest)
+                sizes = {str(name): int(size) for name, size in record["sizes"].items()}
                 for name in sizes:
                     out.fs.get_file((out / name).path, str(local / name))
+                same = all(store.etag(out / name) == record["etags"][name] for name in sizes)
             except FileNotFoundError:
                 raise InputError(f"{out}: no outputs yet (no {MANIFEST}); run `producer finalize {out}`") from None
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise InputError(f"{out / MANIFEST}: unreadable ({type(e).__name__}: {e}); `producer finalize {out}` "
                                  "writes it again") from e
             (local / MANIFEST).write_bytes(manifest)
-            if all((local / name).stat().st_size == size for name, size in sizes.items()) and (out / MANIFEST).read_bytes() == manifest:
+            whole = all((local / name).stat().st_size == size for name, size in sizes.items())
+            if same and whole and (out / MANIFEST).read_bytes() == manifest:
                 return replace(snapshot(local), out=out)
         if time.monotonic() > deadline:
             raise InputError(f"{out}: no complete set of outputs for {timeout:g} s: they kept changing")

@@ -199,3 +199,55 @@ def test_a_shard_on_a_store_is_written_once_and_read_back_as_written(bucket):
     got_meta, got = read_shard(shards / meta.name)
     assert got_meta.worker == "first"
     np.testing.assert_array_equal(got, first)
+
+
+def test_a_reader_of_a_stored_set_never_mixes_two_publications(bucket, tmp_path):
+    """While a finalize publishes the outputs again and again, alternating between two versions of
+    one chunk's embeddings (objects of the same sizes), every result() read is one whole set: its
+    .dat is one version, and its CSV's e-columns are that .dat, bit for bit."""
+    import threading
+
+    import pandas as pd
+
+    from producer.finalize import finalize
+    from vggish_pipeline.core.job import Chunk, Job, JobDir
+    from vggish_pipeline.core.shard import ShardMeta, write_shard
+
+    rows = 300
+    spec, frame = tmp_path / "wavfile_spec.dat", tmp_path / "wavfile_df.csv"
+    np.zeros((rows, 96, 64)).tofile(spec)
+    frame.write_text(",file_name,label,valid\n" + "".join(f"{i},c{i}.wav,yes,False\n" for i in range(rows)))
+    out = location(f"{bucket.url}/jobs/r")
+    JobDir(out).pin_model("stand-in")
+    rng = np.random.default_rng(0)
+    versions = [rng.standard_normal((rows, 128)).astype(np.float32) for _ in range(2)]
+    for v, emb in enumerate(versions):  # one chunk, two shards of the same rows under two names
+        write_shard(JobDir(out).shards, ShardMeta(0, rows, f"{v:032d}", "relu", "stand-in", "test", 1.0), emb)
+    job = Job("r", str(out), str(spec), str(frame), rows, rows, "relu", [Chunk(0, rows, f"{0:032d}")])
+    stop, failures = threading.Event(), []
+
+    def publish() -> None:
+        try:
+            for i in range(1, 16):
+                job.chunks[0] = Chunk(0, rows, f"{i % 2:032d}")
+                job.save()
+                finalize(job)
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            failures.append(e)
+        finally:
+            stop.set()
+
+    job.save()
+    finalize(job)
+    writer = threading.Thread(target=publish)
+    writer.start()
+    reads = 0
+    while not stop.is_set():
+        with vggish_pipeline.result(out) as got:
+            dat = np.asarray(got.embeddings)
+            assert any(np.array_equal(dat, v.astype(np.float64)) for v in versions)
+            table = pd.read_csv(got.snapshot.csv(), index_col=0)
+            np.testing.assert_array_equal(table[[f"e{i}" for i in range(128)]].to_numpy().view(np.int64), dat.view(np.int64))
+            reads += 1
+    writer.join()
+    assert not failures and reads >= 3, (failures, reads)

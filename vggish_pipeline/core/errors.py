@@ -48,6 +48,10 @@ class BrokerError(PipelineError):
     """The broker cannot be reached or is not configured."""
 
 
+class StoreError(PipelineError):
+    """An object store refused or could not be reached: no bucket, wrong credentials, a denied prefix, no answer."""
+
+
 class DeviceError(PipelineError):
     """A GPU asked for is not one this process is granted."""
 
@@ -106,12 +110,12 @@ def redact(url: str) -> str:
 STORE_CLIENTS = ("botocore", "aiobotocore", "s3fs", "fsspec", "aiohttp", "gcsfs", "adlfs")
 
 
-def store_failure(e: Exception) -> PipelineError | None:
+def store_failure(e: Exception) -> StoreError | None:
     """An error raised by an object store's client (an endpoint out of reach, a refused request)
     as one line; None for any other. The clients never put a credential in their messages."""
     if type(e).__module__.split(".")[0] not in STORE_CLIENTS:
         return None
-    return PipelineError(f"object store: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return StoreError(f"object store: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 def broker_failure(e: Exception) -> BrokerError | None:

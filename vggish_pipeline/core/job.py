@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 from vggish_pipeline.core import store
 from vggish_pipeline.core.errors import InputError
@@ -207,14 +206,13 @@ class Job:
 
     def found_at(self, out_dir: Location) -> Job:
         """The job as found in `out_dir`: a folder moved, renamed or copied since job.json was written
-        is this job's folder now, and inputs that were inside the old one are inside this one.
-        (A job on a store is where it was planned: objects are not moved.)"""
-        here = store.resolved(out_dir)
-        if str(here) == self.out_dir or store.remote(here) or store.is_url(self.out_dir):
+        is this job's folder now, and inputs that were inside the old one are inside this one (a
+        folder or a prefix: a job copied from a bucket to a disk is the copy's)."""
+        here, then = str(store.resolved(out_dir)), self.out_dir
+        if here == then:
             return self
-        then = Path(self.out_dir)
-        inside = lambda p: str(here / Path(p).relative_to(then)) if Path(p).is_relative_to(then) else p  # noqa: E731
-        return replace(self, out_dir=str(here), source=inside(self.source), csv=inside(self.csv))
+        inside = lambda p: here + p[len(then) :] if p.startswith(then + "/") else p  # noqa: E731
+        return replace(self, out_dir=here, source=inside(self.source), csv=inside(self.csv))
 
     @classmethod
     def load_if_any(cls, out_dir: Location) -> Job | None:

@@ -9,8 +9,9 @@ its config files, AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 for an S3-compatible s
 flag, and never in a message, since a location is only a bucket and a key.
 
 On a store, a PUT is atomic (a reader sees the old object or the whole new one); a shard is
-written once by a conditional PUT (If-None-Match: *), which a store without it refuses, so the
-pipeline never silently overwrites one (README, "A bucket instead of a shared folder").
+written once by a conditional PUT (If-None-Match: *). A store that ignores the header lets a later
+copy replace the first; `check_writable` finds that out at start (README, "A bucket instead of a
+shared folder").
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import os
 import re
 import secrets
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Union
 
-from vggish_pipeline.core.errors import InputError, PipelineError
+from vggish_pipeline.core.errors import InputError, PipelineError, StoreError
 from vggish_pipeline.core.files import atomic_write, create_bytes
 
 if TYPE_CHECKING:
@@ -36,10 +36,6 @@ Location = Union[Path, "UPath"]
 PART_BYTES = 8 << 20  # a ranged read is split into parts this size, fetched at once (a 1,024-row chunk: 7 parts)
 PARALLEL_PARTS = 8
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-class StoreError(PipelineError):
-    """The object store refused or could not be reached: no bucket, wrong credentials, a denied prefix."""
 
 
 def is_url(value: str | os.PathLike) -> bool:
@@ -203,12 +199,14 @@ def failure(loc: Location, e: BaseException) -> PipelineError:
     return StoreError(f"{loc}: {reason + ' - ' if reason else ''}{detail}")
 
 
-def upload(local: Path, loc: UPath, threads: int = PARALLEL_PARTS) -> None:
-    """Copy a local file to `loc` (multipart for a large one, parts in parallel): the object appears whole, at the end."""
+def upload(local: Path, loc: UPath, threads: int = PARALLEL_PARTS) -> str:
+    """Copy a local file to `loc` (multipart for a large one, parts in parallel): the object
+    appears whole, at the end. Returns its ETag, which names this content of it."""
     loc.fs.put_file(str(local), loc.path, max_concurrency=threads)
+    return etag(loc)
 
 
-def in_parallel(calls: list, threads: int = PARALLEL_PARTS) -> list:
-    """Run the no-argument callables on a few threads (a store answers each request after a round trip); results in order."""
-    with ThreadPoolExecutor(max(1, min(threads, len(calls)))) as pool:
-        return list(pool.map(lambda call: call(), calls))
+def etag(loc: UPath) -> str:
+    """The store's tag of the object's content now (asked afresh)."""
+    return str(loc.fs.info(loc.path, refresh=True).get("ETag"))
+
