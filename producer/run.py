@@ -79,6 +79,18 @@ class JobInputs:
         checkpoint_files(self.checkpoint)
         return self.checkpoint
 
+    def check_present(self) -> None:
+        """The spectrograms and the CSV are there (a size, a header line): before any worker starts.
+        The plan checks them whole (rows, NaNs) while the workers load."""
+        from producer.dataset import csv_header
+        from vggish_pipeline.core.spectrogram import row_count
+
+        for loc, check in ((self.spec, row_count), (self.csv, csv_header)):
+            try:
+                check(loc)
+            except Exception as e:  # a store's refusal names the location (PipelineErrors pass as they are)
+                raise store.failure(loc, e) from e
+
     def model(self) -> str | None:
         """The model id the job is pinned to: the checkpoint's digest (and +tf32), if one is given."""
         if self.checkpoint is None:
@@ -238,6 +250,7 @@ def run(
     if app is None:  # usage first, then the files, then the workers
         check_workers(workers)
         inputs.required_checkpoint()
+        inputs.check_present()
     pca = PCA(pca_params) if pca_params else None
     with crew(inputs, app, workers) as team:
         # The plan scans the inputs while local workers start. A worker checks the checkpoint as

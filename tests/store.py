@@ -80,3 +80,28 @@ class Bucket:
 
     def keys(self, prefix: str) -> list[str]:
         return sorted(p.split("/", 1)[1] for p in self.fs.find(f"{self.name}/{prefix}"))
+
+
+@contextlib.contextmanager
+def s3rver(binary: str, data: Path, port: int) -> Iterator[dict]:
+    """s3rver (npm), an S3-compatible server that keeps objects in files and ignores If-None-Match:
+    the store without conditional writes. Its credentials are its fixed defaults."""
+    import socket
+    import time
+
+    data.mkdir(exist_ok=True)
+    proc = subprocess.Popen([binary, "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--silent"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "s3rver did not start"
+                time.sleep(0.05)
+        yield {"env": aws_env(f"http://127.0.0.1:{port}", "S3RVER", "S3RVER")}
+    finally:
+        proc.kill()
+        proc.wait()

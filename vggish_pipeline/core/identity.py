@@ -4,15 +4,20 @@ bytes, and the model id (that digest, marked when TF32 computes it)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vggish_pipeline.core import store
 from vggish_pipeline.core.errors import CheckpointError
 from vggish_pipeline.core.files import atomic_write, write_json
 from vggish_pipeline.core.store import Location
+
+if TYPE_CHECKING:
+    from upath import UPath
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -32,33 +37,40 @@ def checkpoint_files(path: Path) -> list[Path]:
 def local_checkpoint(loc: Location, cache_dir: Path) -> Path:
     """The checkpoint on this machine: a local one as it is; one on a store (its V1 file, or its
     .index and .data-* objects) copied into the cache once, and again only when an object's ETag
-    or size changes. A missing or unreadable one is one CheckpointError line."""
+    or size changes; the workers of one machine starting together copy it once, in turn (a lock).
+    A missing or unreadable one is one CheckpointError line."""
     if isinstance(loc, Path):
         return loc
     prefix = loc.with_suffix("") if loc.suffix == ".index" else loc
+    folder = cache_dir / "checkpoints" / hashlib.sha256(str(prefix.parent).encode()).hexdigest()[:16]
     try:
         present = store.names(prefix.parent)
         wanted = [prefix.name] if prefix.name in present else sorted(
             n for n in present if n == prefix.name + ".index" or n.startswith(prefix.name + ".data-"))
         if not any(n == prefix.name or n.endswith(".index") for n in wanted):
             raise CheckpointError(f"{loc}: no such checkpoint")
-        folder = cache_dir / "checkpoints" / hashlib.sha256(str(prefix.parent).encode()).hexdigest()[:16]
         folder.mkdir(parents=True, exist_ok=True)
-        for name in wanted:
-            remote, local, tag = prefix.parent / name, folder / name, folder / f".{name}.etag"
-            info = remote.fs.info(remote.path)
-            key = f"{info.get('ETag')}:{info['size']}"
-            if local.exists() and tag.exists() and tag.read_text() == key:
-                continue
-            with atomic_write(local) as f:
-                for start in range(0, info["size"], store.PART_BYTES):
-                    f.write(remote.fs.cat_file(remote.path, start=start, end=min(start + store.PART_BYTES, info["size"])))
-            tag.write_text(key)
+        with open(folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released if this process dies
+            for name in wanted:
+                fetch(prefix.parent / name, folder / name)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - the store's refusal, one line
         raise CheckpointError(str(store.failure(loc, e))) from e
     return folder / prefix.name
+
+
+def fetch(remote: UPath, local: Path) -> None:
+    """Copy an object to `local` in parts, unless the copy there has its ETag and size already."""
+    info = remote.fs.info(remote.path)
+    key, tag = f"{info.get('ETag')}:{info['size']}", local.with_name(f".{local.name}.etag")
+    if local.exists() and tag.exists() and tag.read_text() == key:
+        return
+    with atomic_write(local) as f:
+        for start in range(0, info["size"], store.PART_BYTES):
+            f.write(remote.fs.cat_file(remote.path, start=start, end=min(start + store.PART_BYTES, info["size"])))
+    tag.write_text(key)
 
 
 def checkpoint_prefix(path: Path) -> Path:

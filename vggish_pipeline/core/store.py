@@ -20,7 +20,6 @@ import contextlib
 import io
 import os
 import re
-import secrets
 import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Union
@@ -178,10 +177,10 @@ def check_writable(folder: Location) -> bool:
         except OSError as e:
             raise InputError(f"{folder}: output folder is not writable ({e.strerror})") from e
         return True
-    probe = folder / f".write-probe-{secrets.token_hex(6)}"
+    probe = folder / ".write-probe"  # one name: a process killed mid-probe leaves one, which the next removes
     try:
         create(probe, b"")
-        once = not create(probe, b"")
+        once = not create(probe, b"")  # whoever made it, a store that honours If-None-Match refuses this one
         remove(probe)
     except Exception as e:  # noqa: BLE001 - any refusal of the store is this one line
         raise failure(folder, e) from e
