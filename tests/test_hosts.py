@@ -116,6 +116,21 @@ def freeze_holding_a_chunk(cluster: dict, host: str, proc: subprocess.Popen) -> 
     raise AssertionError(f"{host} was never caught holding a chunk")
 
 
+def stop_all(cluster: dict, procs: dict[str, subprocess.Popen], *logs: str) -> None:
+    """Stop the workers (thawed first, killed if they will not go), and print the end of their logs and LOGS."""
+    for proc in procs.values():
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+    for proc in procs.values():
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for name in (*procs, *logs):
+        print(f"----- {name}\n{log_of(cluster, name)[-3000:]}")
+
+
 def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
     """gpu1 is cut off (and frozen) holding a chunk; the producer's link is cut while `wait`
     needs the broker to find that chunk; once back, `wait` re-sends it and gpu2 runs it; gpu1,
@@ -191,17 +206,7 @@ def test_a_job_across_hosts_survives_a_cut_link_on_each_side(cluster, expected):
         for host in procs:
             assert "Traceback" not in log_of(cluster, host), host
     finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for name in ("gpu1", "gpu2", "wait", "wait2"):
-            print(f"----- {name}\n{log_of(cluster, name)[-3000:]}")
+        stop_all(cluster, procs, "wait", "wait2")
 
 
 STORE_PORT = 9000
@@ -291,14 +296,4 @@ def test_a_job_across_hosts_that_share_no_folder_runs_from_a_bucket_and_survives
             assert "Traceback" not in log_of(cluster, host), host
             assert list((tmp_path / host).iterdir()) == [tmp_path / host / "cache"], host  # a worker host wrote only its cache
     finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for name in ("gpu1", "gpu2", "wait"):
-            print(f"----- {name}\n{log_of(cluster, name)[-3000:]}")
+        stop_all(cluster, procs, "wait")
