@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -266,15 +265,13 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.finalize import finalize, write_parquet
+    from producer.finalize import finalize
     from vggish_pipeline.core.job import Job
     from vggish_pipeline.core.postprocess import PCA
 
     pca = PCA(args.pca_params) if args.pca_params else None
     job = Job.load(args.dir)
-    written = finalize(job, pca)
-    if args.parquet:
-        written = replace(written, outputs=[*written.outputs, str(write_parquet(job))])
+    written = finalize(job, pca, parquet=args.parquet)
     report(written.to_dict(), args.json)
     return 0
 

@@ -127,18 +127,20 @@ def warm_up() -> None:
 
 
 def finalize(
-    job: Job, pca: PCA | None = None, threads: int | None = None, known: Known | None = None, out: Path | None = None
+    job: Job, pca: PCA | None = None, threads: int | None = None, known: Known | None = None, out: Path | None = None,
+    parquet: bool = False,
 ) -> Written:
     """Write wavfile_embed.dat (N x 128 float64), wavfile_embed.csv (frame + e0..e127) and,
     with PCA params, wavfile_embed_pca.dat (N x 128 uint8), and their manifest, in the job's
-    folder (or `out`). Returns a summary. A job folder on a store: see `publish`.
+    folder (or `out`); with `parquet`, then wavfile_embed.parquet. Returns a summary. A job
+    folder on a store: see `publish`.
 
     Formatting 13.5 M floats as text is most of the work, so blocks of CSV are formatted on
     `threads` threads (default: one per core; Arrow releases the GIL) and written in order;
     at most two blocks per thread wait in memory, whatever N is. `known`: see refresh.
     """
     if out is None and store.remote(job.dir.path):
-        return publish(job, pca, threads=threads)
+        return publish(job, pca, parquet, threads)
     began = time.perf_counter()
     check_complete(job)
     out = out or Path(job.out_dir)
@@ -172,7 +174,8 @@ def finalize(
         csv_bytes, csv_hash = known.csv_digest(csv_path)
         files[-1].write(manifest(job, pca, sizes, csv_bytes, csv_hash.hexdigest()))
     known.remember(csv_path, csv_bytes, csv_hash)
-    return Written(rows, [str(p) for p in paths], appended=False, seconds=round(time.perf_counter() - began, 3))
+    written = [*paths, write_parquet(job, out)] if parquet else paths
+    return Written(rows, [str(p) for p in written], appended=False, seconds=round(time.perf_counter() - began, 3))
 
 
 def manifest(job: Job, pca: PCA | None, sizes: dict[str, int], csv_bytes: int, csv_digest: str) -> bytes:
@@ -199,8 +202,7 @@ def publish(job: Job, pca: PCA | None = None, parquet: bool = False, threads: in
     check_complete(job)  # before anything is staged
     with tempfile.TemporaryDirectory(prefix="vggish-outputs-") as staging:
         local = Path(staging)
-        written = finalize(job, pca, threads, out=local)
-        files = [Path(p) for p in written.outputs] + ([write_parquet(job, local)] if parquet else [])
+        files = [Path(p) for p in finalize(job, pca, threads, out=local, parquet=parquet).outputs]
         etags = {f.name: store.upload(f, target / f.name) for f in files}  # one at a time, each in parallel parts
         record = {**json.loads((local / MANIFEST).read_bytes()), "etags": etags}
         store.write(target / MANIFEST, json.dumps(record, separators=(",", ":")).encode())
@@ -218,7 +220,9 @@ def refresh(job: Job, pca: PCA | None = None, parquet: bool = False, known: Know
         return publish(job, pca, parquet)
     repair(Path(job.out_dir))
     known = known or Known()
-    written = extend(job, pca, known) or finalize(job, pca, known=known)
+    written = extend(job, pca, known)
+    if written is None:
+        return finalize(job, pca, known=known, parquet=parquet)
     if parquet:
         written = replace(written, outputs=[*written.outputs, str(write_parquet(job))])
     return written

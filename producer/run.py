@@ -86,10 +86,8 @@ class JobInputs:
         from vggish_pipeline.core.spectrogram import row_count
 
         for loc, check in ((self.spec, row_count), (self.csv, csv_header)):
-            try:
+            with store.reporting(loc):
                 check(loc)
-            except Exception as e:  # a store's refusal names the location (PipelineErrors pass as they are)
-                raise store.failure(loc, e) from e
 
     def model(self) -> str | None:
         """The model id the job is pinned to: the checkpoint's digest (and +tf32), if one is given."""
@@ -250,7 +248,7 @@ def run(
     if app is None:  # usage first, then the files, then the workers
         check_workers(workers)
         inputs.required_checkpoint()
-        inputs.check_present()
+    inputs.check_present()
     pca = PCA(pca_params) if pca_params else None
     with crew(inputs, app, workers) as team:
         # The plan scans the inputs while local workers start. A worker checks the checkpoint as
@@ -276,6 +274,7 @@ def enqueue_job(inputs: JobInputs, app: Celery) -> RunSummary:
     """`producer enqueue`: plan the job for the broker's workers and enqueue what has no shard."""
     from producer.plan import enqueue
 
+    inputs.check_present()
     with crew(inputs, app) as team:
         planned = inputs.plan(team.capacity, inputs.model())
         enqueue(team.app, planned.job, planned.to_embed)

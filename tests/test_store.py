@@ -130,7 +130,8 @@ def test_a_worker_confined_to_a_prefix_refuses_messages_naming_anything_else(buc
 def test_a_store_that_refuses_is_one_line_at_start_and_nothing_is_written(bucket, sample, model_files, s3_server, tmp_path):
     """A missing bucket, a denied prefix, wrong credentials, an unreachable endpoint, a missing
     input: for `producer run` and `worker start`, each one line and exit 3 before anything is
-    written, and the secret is never printed."""
+    written, and the secret is never printed. A worker only warns of a prefix it may not write
+    (an input prefix may be read-only), and then stops on its broker (here none answers)."""
     from conftest import free_port
 
     urls = stored_inputs(bucket, sample, model_files)
@@ -152,6 +153,9 @@ def test_a_store_that_refuses_is_one_line_at_start_and_nothing_is_written(bucket
     for (case, role), ran in done.items():
         said = ran.stdout + ran.stderr
         errors = [line for line in said.splitlines() if line.startswith(f"{role}: error:")]
+        if (case, role) == ("denied prefix", "worker"):
+            assert ran.returncode == 3 and "read-only for this worker" in said and "broker" in errors[0], said
+            continue
         assert ran.returncode == 3 and len(errors) == 1 and cases[case][3] in errors[0].lower(), (case, role, said)
         assert "Traceback" not in said and s3_server["secret"] not in said, (case, role, said)
     assert bucket.keys("") == before  # no probe, job.json or shard left behind
@@ -274,3 +278,23 @@ def test_a_store_that_ignores_conditional_writes_is_named_at_start_and_the_job_s
             assert done.returncode == 0, done.stderr
         fetched_outputs(bucket, "jobs/a", tmp_path / "got", pca=False)
         check_outputs(tmp_path / "got", sample["csv"], expected["relu"])
+
+
+def test_confinement_by_bucket_and_prefix_and_the_urls_refused_outright():
+    """What a worker's data roots admit, by name: a bucket root admits its keys; a prefix admits
+    its own keys, not a sibling's; a URL without a bucket, with '..' or fsspec's '::' chaining, or
+    of a scheme no back end serves is refused before anything is asked of a store."""
+    import pytest
+
+    from vggish_pipeline.core.errors import InputError
+    from vggish_pipeline.core.store import within
+
+    bucket, prefix = location("s3://vggish"), location("s3://vggish/jobs")
+    assert within(location("s3://vggish/jobs/a/job.json"), bucket) and within(location("s3://vggish/jobs/a"), prefix)
+    assert within(prefix, prefix) and within(location("s3://vggish/jobs/"), prefix)
+    for outside in ("s3://vggish/jobsX/a", "s3://vggish2/jobs/a", "s3://other/vggish/jobs", "memory://vggish/jobs/a"):
+        assert not within(location(outside), prefix), outside
+    assert not within(location("/vggish/jobs/a"), prefix) and not within(location("s3://vggish/jobs/a"), location("/vggish"))
+    for refused in ("s3:///jobs/a", "s3://vggish/jobs/../x", "s3://vggish/./jobs", "s3://vggish/jobs/a::file:///etc", "nosuch://b/k"):
+        with pytest.raises(InputError):
+            location(refused)

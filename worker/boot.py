@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from vggish_pipeline.core import store
-from vggish_pipeline.core.errors import PipelineError, UsageError
+from vggish_pipeline.core.errors import PipelineError, StoreError, UsageError
 from vggish_pipeline.core.identity import local_checkpoint
 from vggish_pipeline.core.settings import CHECKPOINT_ENV, CPU_FALLBACK_ENV, Settings
 from vggish_pipeline.core.store import Location
@@ -43,14 +43,22 @@ class StartOptions:
 
 def data_roots(settings: Settings) -> list[Location]:
     """The folders and bucket prefixes this worker may read and write, each checked at start: a
-    folder it can see, a prefix it can write (a missing bucket, wrong credentials, a denied prefix
-    or an unreachable store is one line)."""
+    folder it can see; a prefix whose bucket answers (a missing bucket, wrong credentials or an
+    unreachable store is one line), written to if it may be (else it is named read-only: inputs)."""
     roots = list(settings.data_roots) or [Path.cwd()]
     for root in roots:
         if store.remote(root):
-            if not store.check_writable(root):
+            store.check_bucket(root)
+            try:
+                once = store.check_writable(root)
+            except StoreError as e:
+                if not isinstance(e.__cause__, PermissionError):
+                    raise
+                log.warning("%s: read-only for this worker (%s): it reads inputs there, and a job folder there fails its chunks", root, e)
+                continue
+            if not once:
                 log.warning("%s: the store ignores conditional writes (If-None-Match): a chunk two workers race for may have "
-                            "its shard written twice (the same rows by the same model), the last copy kept", root)
+                            "its shard written twice, the last copy kept, and model.json too is the last writer's", root)
         elif not root.is_dir():
             raise PipelineError(f"data root {root} is not a folder this worker can see (shared storage mounted?)")
     return roots

@@ -115,7 +115,7 @@ def store_failure(e: Exception) -> StoreError | None:
     as one line; None for any other. The clients never put a credential in their messages."""
     if type(e).__module__.split(".")[0] not in STORE_CLIENTS:
         return None
-    return StoreError(f"object store: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return StoreError(f"object store: {type(e).__name__}: {redact(str(e).splitlines()[0]) if str(e) else ''}")
 
 
 def broker_failure(e: Exception) -> BrokerError | None:

@@ -43,7 +43,7 @@ def local_checkpoint(loc: Location, cache_dir: Path) -> Path:
         return loc
     prefix = loc.with_suffix("") if loc.suffix == ".index" else loc
     folder = cache_dir / "checkpoints" / hashlib.sha256(str(prefix.parent).encode()).hexdigest()[:16]
-    try:
+    with store.reporting(loc):
         present = store.names(prefix.parent)
         wanted = [prefix.name] if prefix.name in present else sorted(
             n for n in present if n == prefix.name + ".index" or n.startswith(prefix.name + ".data-"))
@@ -54,23 +54,25 @@ def local_checkpoint(loc: Location, cache_dir: Path) -> Path:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released if this process dies
             for name in wanted:
                 fetch(prefix.parent / name, folder / name)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the store's refusal, one line
-        raise CheckpointError(str(store.failure(loc, e))) from e
     return folder / prefix.name
 
 
-def fetch(remote: UPath, local: Path) -> None:
-    """Copy an object to `local` in parts, unless the copy there has its ETag and size already."""
-    info = remote.fs.info(remote.path)
-    key, tag = f"{info.get('ETag')}:{info['size']}", local.with_name(f".{local.name}.etag")
-    if local.exists() and tag.exists() and tag.read_text() == key:
-        return
-    with atomic_write(local) as f:
-        for start in range(0, info["size"], store.PART_BYTES):
-            f.write(remote.fs.cat_file(remote.path, start=start, end=min(start + store.PART_BYTES, info["size"])))
-    tag.write_text(key)
+def fetch(remote: UPath, local: Path, attempts: int = 3) -> None:
+    """Copy an object to `local` in parts, unless the copy there has its ETag and size already;
+    a copy during which the object was replaced (its ETag changed) is made again."""
+    tag = local.with_name(f".{local.name}.etag")
+    for _ in range(attempts):
+        info = remote.fs.info(remote.path, refresh=True)
+        key = f"{info.get('ETag')}:{info['size']}"
+        if local.exists() and tag.exists() and tag.read_text() == key:
+            return
+        with atomic_write(local) as f:
+            for start in range(0, info["size"], store.PART_BYTES):
+                f.write(remote.fs.cat_file(remote.path, start=start, end=min(start + store.PART_BYTES, info["size"])))
+        if store.etag(remote) == str(info.get("ETag")):
+            tag.write_text(key)
+            return
+    raise CheckpointError(f"{remote}: replaced while it was copied, {attempts} times")
 
 
 def checkpoint_prefix(path: Path) -> Path:

@@ -194,6 +194,8 @@ class Job:
             return cls(**record)
         except FileNotFoundError:
             raise InputError(f"{path.parent}: not a job folder (no job.json); run `producer enqueue` first") from None
+        except PermissionError as e:
+            raise store.failure(path, e) from e
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(f"{path}: corrupt job record ({type(e).__name__}: {e})") from e
 

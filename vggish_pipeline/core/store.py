@@ -17,14 +17,16 @@ shared folder").
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Union
 
-from vggish_pipeline.core.errors import InputError, PipelineError, StoreError
+from vggish_pipeline.core.errors import InputError, PipelineError, StoreError, redact, store_failure
 from vggish_pipeline.core.files import atomic_write, create_bytes
 
 if TYPE_CHECKING:
@@ -38,7 +40,7 @@ URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_url(value: str | os.PathLike) -> bool:
-    """A URL other than file://, which fsspec reads (a plain path is local)."""
+    """A URL other than file:// (which stays a local path, as it always was)."""
     text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
     return bool(URL.match(text)) and not text.startswith("file://")
 
@@ -53,9 +55,13 @@ def location(value: str | os.PathLike | Location) -> Location:
     from upath import UPath
 
     text = str(value)
-    if any(part in (".", "..") for part in text.split("://", 1)[1].split("/")):
-        raise InputError(f"{text}: a URL with '.' or '..' in its path is refused")
-    return UPath(text.rstrip("/"), use_listings_cache=False)
+    bucket, *keys = text.split("://", 1)[1].split("/")
+    if not bucket or "::" in text or any(part in (".", "..") for part in keys):
+        raise InputError(f"{text}: refused: a URL needs a bucket, and no '.', '..' or '::' (fsspec's chaining) in its path")
+    try:
+        return UPath(text.rstrip("/"), use_listings_cache=False)
+    except (ValueError, TypeError, ImportError) as e:  # a scheme no installed fsspec back end serves
+        raise InputError(f"{text}: {e}") from e
 
 
 def roots(text: str) -> list[Location]:
@@ -88,8 +94,13 @@ def within(loc: Location, root: Location) -> bool:
     """Whether resolved `loc` is `root` or lies under it: a folder, or a bucket and prefix."""
     if isinstance(loc, Path) or isinstance(root, Path):
         return isinstance(loc, Path) and isinstance(root, Path) and loc.is_relative_to(root)
-    here, top = str(loc), str(root)
+    here, top = named(loc), named(root)
     return here == top or here.startswith(top + "/")
+
+
+def named(loc: Location) -> str:
+    """A location as text, without a trailing '/' (UPath writes a bucket as s3://bucket/)."""
+    return str(loc) if isinstance(loc, Path) else str(loc).rstrip("/")
 
 
 def names(folder: Location) -> set[str]:
@@ -119,8 +130,14 @@ def read_into(loc: Location, offset: int, buffer: memoryview) -> int:
         return got
     starts = list(range(0, size, PART_BYTES))
     ends = [min(s + PART_BYTES, size) for s in starts]
-    parts = loc.fs.cat_ranges([loc.path] * len(starts), [offset + s for s in starts], [offset + e for e in ends],
-                              max_gap=None, batch_size=PARALLEL_PARTS, on_error="raise")
+    try:
+        parts = loc.fs.cat_ranges([loc.path] * len(starts), [offset + s for s in starts], [offset + e for e in ends],
+                                  max_gap=None, batch_size=PARALLEL_PARTS, on_error="raise")
+    except OSError as e:  # a part past the end (416, as EINVAL): read only what the object holds, as a file would
+        if e.errno != errno.EINVAL:
+            raise
+        there = max(0, loc.fs.info(loc.path, refresh=True)["size"] - offset)
+        return read_into(loc, offset, buffer[:there]) if there < size else 0
     got = 0
     for start, part in zip(starts, parts, strict=True):
         buffer[start : start + len(part)] = part
@@ -178,23 +195,48 @@ def check_writable(folder: Location) -> bool:
             raise InputError(f"{folder}: output folder is not writable ({e.strerror})") from e
         return True
     probe = folder / ".write-probe"  # one name: a process killed mid-probe leaves one, which the next removes
+    with reporting(folder):
+        try:
+            create(probe, b"")
+            return not create(probe, b"")  # whoever made it, a store that honours If-None-Match refuses this one
+        finally:
+            remove(probe)
+
+
+def check_bucket(root: Location) -> None:
+    """Refuse, in one line, a prefix whose bucket is missing, whose credentials are wrong, or whose
+    store does not answer (a HEAD of the bucket); a local root is checked by its caller."""
+    if isinstance(root, Path):
+        return
+    with reporting(root):
+        root.fs.info(named(root).split("://", 1)[1].split("/")[0], refresh=True)
+
+
+@contextlib.contextmanager
+def reporting(loc: Location) -> Iterator[None]:
+    """Turn an OS failure or a store client's error in the block into one line naming `loc`; the
+    project's errors pass as they are, and any other exception (a bug) keeps its traceback."""
     try:
-        create(probe, b"")
-        once = not create(probe, b"")  # whoever made it, a store that honours If-None-Match refuses this one
-        remove(probe)
-    except Exception as e:  # noqa: BLE001 - any refusal of the store is this one line
-        raise failure(folder, e) from e
-    return once
+        yield
+    except PipelineError:
+        raise
+    except Exception as e:
+        if not isinstance(e, OSError) and store_failure(e) is None:
+            raise
+        raise failure(loc, e) from e
 
 
 def failure(loc: Location, e: BaseException) -> PipelineError:
-    """A store's refusal as one line naming the location (never a credential: the message is the store's reason)."""
+    """An OS failure or a store's refusal as one line naming the location (never a credential: the
+    message is the store's reason, any URL in it redacted)."""
     if isinstance(e, PipelineError):
         return e
+    if isinstance(loc, Path):
+        return PipelineError(f"{loc}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
     reasons: dict[type, str] = {FileNotFoundError: "no such bucket or key",
                                 PermissionError: "access denied (credentials or the bucket's policy)"}
     reason = reasons.get(type(e))
-    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    detail = redact(str(e).splitlines()[0]) if str(e) else type(e).__name__
     return StoreError(f"{loc}: {reason + ' - ' if reason else ''}{detail}")
 
 
