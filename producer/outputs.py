@@ -8,6 +8,7 @@ params `wavfile_embed_pca.dat` (N x 128 uint8), with --parquet `wavfile_embed.pa
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -69,7 +70,7 @@ def read_manifest(out: Location) -> dict | None:
     """What the outputs hold, from their manifest (written whole, so never half of one); None
     without outputs or with an unreadable manifest (a finalize writes it again)."""
     try:
-        record = json.loads((out / MANIFEST).read_bytes())
+        record = json.loads(store.read(out / MANIFEST))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
@@ -170,7 +171,7 @@ def fetched(out: UPath, timeout: float = 30.0) -> Snapshot:
         with tempfile.TemporaryDirectory(prefix="vggish-outputs-") as staging:
             local = Path(staging)
             try:
-                manifest = (out / MANIFEST).read_bytes()
+                manifest = store.read(out / MANIFEST)
                 record = json.loads(manifest)
                 sizes = {str(name): int(size) for name, size in record["sizes"].items()}
                 for name in sizes:
@@ -181,9 +182,13 @@ def fetched(out: UPath, timeout: float = 30.0) -> Snapshot:
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise InputError(f"{out / MANIFEST}: unreadable ({type(e).__name__}: {e}); `producer finalize {out}` "
                                  "writes it again") from e
-            (local / MANIFEST).write_bytes(manifest)
-            whole = all((local / name).stat().st_size == size for name, size in sizes.items())
-            if same and whole and (out / MANIFEST).read_bytes() == manifest:
+            except OSError as e:
+                if e.errno != errno.EBUSY:  # s3fs's word for an object replaced while it was read: again
+                    raise
+                same = False
+            if same and all((local / name).stat().st_size == size for name, size in sizes.items()) \
+                    and store.read(out / MANIFEST) == manifest:
+                (local / MANIFEST).write_bytes(manifest)
                 return replace(snapshot(local), out=out)
         if time.monotonic() > deadline:
             raise InputError(f"{out}: no complete set of outputs for {timeout:g} s: they kept changing")

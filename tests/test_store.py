@@ -182,7 +182,8 @@ def test_a_watch_keeps_its_job_folder_and_outputs_on_a_store(bucket, sample, mod
         watched = cli("producer", "watch", str(inbox), "--label", "tick", "--spec", str(sample["spec"]), "--out", out,
                       "--checkpoint", str(model_files["checkpoint"]), "--workers", "1", "--chunk-rows", "64", "--settle", "0", "--once")
         assert watched.returncode == 0, watched.stderr
-        assert f"outputs refreshed: {200 + len(clips)} rows ({count} embedded" in watched.stderr, watched.stderr
+        embedded, reused = (200 + count, 0) if look == 0 else (count, 200 + len(clips) - count)  # the job folder is new at the first look
+        assert f"outputs refreshed: {200 + len(clips)} rows ({embedded} embedded, {reused} reused)" in watched.stderr, watched.stderr
     fetched_outputs(bucket, "jobs/w", tmp_path / "got", pca=False)
     check_outputs(tmp_path / "got", sample["csv"], np.concatenate([expected["relu"], vggish(weights, np.concatenate(clips), relu_embedding=True)]))
 

@@ -47,7 +47,7 @@ class Failure:
     def read(cls, path: Location) -> Failure | None:
         """The record at `path`; None for one that is unreadable or not a failure record."""
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(store.read(path))
             return cls(int(record["start"]), int(record["stop"]), str(record["reason"]), str(record["worker"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -78,7 +78,7 @@ class JobDir:
 
     def pinned_model(self) -> str | None:
         try:
-            return json.loads(self.model_file.read_text())["fingerprint"]
+            return json.loads(store.read(self.model_file))["fingerprint"]
         except FileNotFoundError:
             return None
 
@@ -189,7 +189,7 @@ class Job:
     def read(cls, path: Location) -> Job:
         """The record in job.json at `path`, as written."""
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(store.read(path))
             record["chunks"] = [Chunk(int(a), int(b), str(d)) for a, b, d in record["chunks"]]
             return cls(**record)
         except FileNotFoundError:

@@ -69,9 +69,15 @@ def roots(text: str) -> list[Location]:
     return [location(part) for part in re.split(r":(?!//)", text) if part]
 
 
+def read(loc: Location) -> bytes:
+    """A whole small file: on a store one GET, which returns one version of the object whole (a
+    buffered UPath read checks the ETag between its reads, and fails if the object is replaced)."""
+    return loc.read_bytes() if isinstance(loc, Path) else loc.fs.cat_file(loc.path)
+
+
 def opened(loc: Location) -> Path | IO[bytes]:
     """What a reader of a whole small file (np.load of a shard, PCA params) takes: a local path, or the object fetched in one GET."""
-    return loc if isinstance(loc, Path) else io.BytesIO(loc.read_bytes())
+    return loc if isinstance(loc, Path) else io.BytesIO(read(loc))
 
 
 def remote(loc: Location) -> bool:
