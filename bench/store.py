@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.feed import InstantModel, in_flight, make_job  # noqa: E402
-
-ROW_BYTES = 96 * 64 * 8
+from bench.watch import synthetic_job  # noqa: E402
+from vggish_pipeline.core.spectrogram import ROW_BYTES  # noqa: E402
 
 
 def start_store(port: int, s3rver: str | None, work: Path) -> subprocess.Popen:
@@ -106,34 +106,6 @@ def plan(spec, csv, out, tally: dict, chunk_rows: int) -> dict:
             "spec_bytes": job.rows * ROW_BYTES, "mb_per_s": round(tally["bytes"] / seconds / 1e6)}
 
 
-def finished(where, work: Path, rows: int):
-    """A job of `rows` rows in `where` (a folder or a prefix) with every shard, the pair local and sparse."""
-    import numpy as np
-
-    from vggish_pipeline.core.job import Chunk, Job, JobDir
-    from vggish_pipeline.core.shard import ShardMeta, write_shard
-    from vggish_pipeline.core.spectrogram import NEW_DIGEST, digest
-
-    spec, frame = work / "wavfile_spec.dat", work / "wavfile_df.csv"
-    with open(spec, "wb") as f:
-        f.truncate(rows * ROW_BYTES)
-    with open(frame, "w") as f:
-        f.write(",file_name,label,valid\n")
-        f.writelines(f"{i},old/c{i}.wav,yes,False\n" for i in range(rows))
-    jobdir = JobDir(where)
-    jobdir.ensure()
-    jobdir.pin_model(InstantModel.fingerprint)
-    zeros = {n: digest(np.zeros((n, 96, 64)), NEW_DIGEST) for n in {1024, rows % 1024 or 1024, 1}}
-    chunks = [Chunk(s, min(s + 1024, rows), zeros[min(1024, rows - s)]) for s in range(0, rows, 1024)]
-    rng = np.random.default_rng(0)
-    for c in chunks:
-        emb = np.maximum(rng.standard_normal((c.rows, 128), dtype=np.float32), 0)
-        write_shard(jobdir.shards, ShardMeta(c.start, c.stop, c.digest, "relu", InstantModel.fingerprint, "bench", 1.0), emb)
-    job = Job("bench", str(where), str(spec), str(frame), rows, 1024, "relu", chunks, NEW_DIGEST)
-    job.save()
-    return job, zeros[1]
-
-
 def outputs_cost(where, work: Path, rows: int) -> dict:
     """finalize of a finished job, then one more row and a watch's refresh."""
     import numpy as np
@@ -141,9 +113,10 @@ def outputs_cost(where, work: Path, rows: int) -> dict:
     from producer.finalize import finalize, refresh
     from vggish_pipeline.core.job import Chunk
     from vggish_pipeline.core.shard import ShardMeta, write_shard
+    from vggish_pipeline.core.spectrogram import NEW_DIGEST, digest
 
-    work.mkdir(parents=True, exist_ok=True)
-    job, one = finished(where, work, rows)
+    job = synthetic_job(where, work, rows, InstantModel.fingerprint)
+    one = digest(np.zeros((1, 96, 64)), NEW_DIGEST)
     began = time.perf_counter()
     finalize(job)
     whole = time.perf_counter() - began

@@ -34,22 +34,21 @@ SETTLE = 0.2  # --settle: how long a file must stay unchanged before it is read
 POLL = 0.1  # --poll
 
 
-def finished_job(directory: Path, rows: int, ckpt: Path, pca: Path, py: str, env: dict) -> None:
-    """A job of `rows` rows whose shards (random embeddings) and outputs exist, as after a long run."""
-    from vggish_pipeline.core.identity import fingerprint
+def synthetic_job(where, pair: Path, rows: int, model: str):
+    """A job of `rows` rows in `where` (a folder or a store's prefix) with every shard (random
+    embeddings by `model`), over a pair in `pair`: a sparse .dat of zeros and its CSV."""
     from vggish_pipeline.core.job import Chunk, Job, JobDir
     from vggish_pipeline.core.shard import ShardMeta, write_shard
     from vggish_pipeline.core.spectrogram import NEW_DIGEST, digest
 
-    directory.mkdir(parents=True)
-    spec, frame = directory / "wavfile_spec.dat", directory / "wavfile_df.csv"
+    pair.mkdir(parents=True, exist_ok=True)
+    spec, frame = pair / "wavfile_spec.dat", pair / "wavfile_df.csv"
     with open(spec, "wb") as f:
         f.truncate(rows * ROW_BYTES)  # sparse zeros: valid spectrograms, no disk
     with open(frame, "w") as f:
         f.write(",file_name,label,valid\n")
         f.writelines(f"{i},old/c{i}.wav,yes,False\n" for i in range(rows))
-    model = fingerprint(ckpt, Path(env["VGGISH_CACHE_DIR"]))
-    jobdir = JobDir(directory)
+    jobdir = JobDir(where)
     jobdir.ensure()
     jobdir.pin_model(model)
     zeros = {n: digest(np.zeros((n, 96, 64)), NEW_DIGEST) for n in {1024, rows % 1024 or 1024}}
@@ -58,7 +57,17 @@ def finished_job(directory: Path, rows: int, ckpt: Path, pca: Path, py: str, env
     for c in chunks:
         emb = np.maximum(rng.standard_normal((c.rows, 128), dtype=np.float32), 0)
         write_shard(jobdir.shards, ShardMeta(c.start, c.stop, c.digest, "relu", model, "bench", 1.0), emb)
-    Job("bench", str(directory), str(spec), str(frame), rows, 1024, "relu", chunks, NEW_DIGEST).save()
+    job = Job("bench", str(where), str(spec), str(frame), rows, 1024, "relu", chunks, NEW_DIGEST)
+    job.save()
+    return job
+
+
+def finished_job(directory: Path, rows: int, ckpt: Path, pca: Path, py: str, env: dict) -> None:
+    """A job of `rows` rows whose shards (random embeddings) and outputs exist, as after a long run."""
+    from vggish_pipeline.core.identity import fingerprint
+
+    directory.mkdir(parents=True)
+    synthetic_job(directory, directory, rows, fingerprint(ckpt, Path(env["VGGISH_CACHE_DIR"])))
     subprocess.run([py, "-m", "producer", "finalize", str(directory), "--pca-params", str(pca)], check=True, env=env, capture_output=True)
 
 
